@@ -587,7 +587,7 @@ def write_csv_atomic(path: str | os.PathLike, rows: list[dict], columns: list[st
 # ---- tokenizer (demo: trained on the training reports, so nothing is downloaded) ----
 
 def train_wordpiece(texts: list[str], vocab_size: int = 2000):
-    """A lowercase WordPiece vocabulary fitted on `texts`, wrapped as a transformers BertTokenizerFast."""
+    """A lowercase WordPiece vocabulary fitted on `texts`, wrapped as a transformers tokenizer (BERT-style)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -595,21 +595,27 @@ def train_wordpiece(texts: list[str], vocab_size: int = 2000):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1,
                                         special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     return tokenizer_from_vocab([w for w, _ in vocab])
 
 
 def tokenizer_from_vocab(vocab: list[str]):
-    """Rebuild the demo tokenizer from its vocabulary list (stored in every checkpoint)."""
-    import tempfile
+    """Rebuild the demo tokenizer from its vocabulary list (stored in every checkpoint): BERT's lowercase
+    normaliser and pre-tokeniser, WordPiece, "[CLS] text [SEP]", as a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    from transformers import BertTokenizerFast
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "vocab.txt"
-        p.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        return BertTokenizerFast(vocab_file=str(p), do_lower_case=True)
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
 
 
 def tokenizer_vocab(tokenizer) -> list[str]:
