@@ -320,7 +320,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 a = np.asarray(im, dtype=np.float64)
                 lo, hi = a.min(), a.max()
                 return np.round((a - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8)
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+            return np.array(im.convert("L"), dtype=np.uint8)  # a writable copy
     except BadImageError:
         raise
     except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), pydicom errors, ...
@@ -587,17 +587,29 @@ def write_csv_atomic(path: str | os.PathLike, rows: list[dict], columns: list[st
 # ---- tokenizer (demo: trained on the training reports, so nothing is downloaded) ----
 
 def train_wordpiece(texts: list[str], vocab_size: int = 2000):
-    """A lowercase WordPiece vocabulary fitted on `texts`, wrapped as a transformers tokenizer (BERT-style)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A lowercase WordPiece vocabulary fitted on `texts`, wrapped as a transformers tokenizer (BERT-style).
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(texts, trainer=trainer)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return tokenizer_from_vocab([w for w, _ in vocab])
+    Deterministic by construction (the `tokenizers` trainer is not: its merges depend on hash order, so two
+    ranks or two runs could get different vocabularies): the special tokens, every character seen (alone and
+    as a "##" continuation, so any word of known characters can be spelled), then whole words by frequency,
+    ties broken alphabetically, up to `vocab_size`.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for t in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    seen = set(vocab)
+    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if w not in seen:
+            vocab.append(w)
+            seen.add(w)
+    return tokenizer_from_vocab(vocab)
 
 
 def tokenizer_from_vocab(vocab: list[str]):
@@ -1027,8 +1039,8 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
                     put(name, hilum * lungmask, 0.2, mode="add")
             elif name == "Pneumoperitoneum":
                 ly, lx, ry, rx, _ = lungs[0]
-                outer = _ellipse(yy, xx, ly + ry * 0.95, lx, 0.06, rx * 0.9, 0.2)
-                inner = _ellipse(yy, xx, ly + ry * 1.0, lx, 0.045, rx * 0.8, 0.2)
+                outer = _ellipse(yy, xx, ly + ry * 0.95, lx, 0.08, rx * 0.95, 0.2)
+                inner = _ellipse(yy, xx, ly + ry * 1.05, lx, 0.04, rx * 0.75, 0.2)
                 put(name, np.clip(outer - inner, 0, 1) * (yy > ly + ry * 0.9), 0.0)
     else:
         bones, joint = _bone_layout(part, view, s, rng)

@@ -265,6 +265,10 @@ class CXRCLIP(nn.Module):
         feat = h[torch.arange(h.shape[0], device=h.device), eos]
         return F.normalize(self.text_proj(feat), dim=-1)
 
+    def forward(self, images: torch.Tensor, texts1: dict, texts2: dict):
+        """Training forward (through DDP): both image views in one pass, [2b, 3, H, W] -> v [2b, D]; u1, u2 [b, D]."""
+        return self.encode_image(images), self.encode_text(texts1), self.encode_text(texts2)
+
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder.tokens(images)
 
@@ -660,11 +664,10 @@ def train(cfg: Config) -> dict:
         x1, x2 = batch["x1"].to(dev, non_blocking=True), batch["x2"].to(dev, non_blocking=True)
         t1 = {k: v.to(dev, non_blocking=True) for k, v in batch["t1"].items()}
         t2 = {k: v.to(dev, non_blocking=True) for k, v in batch["t2"].items()}
-        m = model.module if di.ddp else model
         with autocast():
-            # one pass per encoder over both views: [2b, ...] keeps the GPU busy and DDP hooks fire once
-            v = m.encode_image(torch.cat([x1, x2]))
-            u1, u2 = m.encode_text(t1), m.encode_text(t2)
+            # one pass per encoder over both views: [2b, ...] keeps the GPU busy; called through the DDP
+            # wrapper (not .module) so its gradient hooks are armed for this forward
+            v, u1, u2 = model(torch.cat([x1, x2]), t1, t2)
         b = x1.shape[0]
         v1, v2 = v[:b].float(), v[b:].float()
         return cxrclip_loss(u1.float(), u2.float(), v1, v2, raw_model.scale(), cfg.lambda_icl, cfg.lambda_tcl)
@@ -724,7 +727,7 @@ def train(cfg: Config) -> dict:
             if step % cfg.log_every == 0 or step == 1:
                 row = {"step": step, "epoch": epoch, "loss": common.all_reduce_mean(loss.detach()),
                        **{k: common.all_reduce_mean(v) for k, v in parts.items()},
-                       "lr": sched.get_last_lr()[0], "temperature": 1 / float(raw_model.scale()),
+                       "lr": sched.get_last_lr()[0], "temperature": 1 / float(raw_model.scale().detach()),
                        "elapsed_s": round(time.time() - t_start, 2)}
                 logger.log(**row)
                 if pbar:
