@@ -40,6 +40,31 @@ import torch.nn.functional as F
 LABEL_PREFIX = "label:"  # CSV columns "label:<Name>" hold 1 / 0 / -1 / blank (CheXpert convention)
 
 
+def _check_torchvision() -> str | None:
+    """Import torchvision once; if it is installed but cannot load, hide it and remember why.
+
+    PyPI's torchvision wheels are CUDA builds: next to a CPU-only torch their C++ ops fail to load and
+    `import torchvision` raises. transformers imports torchvision whenever it is installed, so one broken
+    wheel would break every BERT / CLIP import too. Only the paper presets' ImageNet encoders need
+    torchvision; everything else runs without it, so a broken one is marked absent (None in sys.modules,
+    which `importlib.util.find_spec` reports as not installed) and `require_torchvision` explains.
+    """
+    if "torchvision" in sys.modules:
+        return None if sys.modules["torchvision"] is not None else _TORCHVISION_ERROR
+    try:
+        import torchvision  # noqa: F401
+        return None
+    except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", ImportError, ...
+        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[k]
+        sys.modules["torchvision"] = None
+        return f"{type(e).__name__}: {e}"
+
+
+_TORCHVISION_ERROR = None
+_TORCHVISION_ERROR = _check_torchvision()
+
+
 # ----------------------------------------------------------------------------------------------------
 # ---- config / CLI ----
 # A paper file declares `@dataclass class Config` with one trailing comment per field; that comment is the
@@ -640,16 +665,19 @@ def tokenizer_vocab(tokenizer) -> list[str]:
 
 def require_torchvision():
     """torchvision, or a clear error (a CUDA-only torchvision wheel next to a CPU torch cannot import)."""
-    try:
-        import torchvision  # noqa: F401
+    if _TORCHVISION_ERROR is None:
+        try:
+            import torchvision
 
-        return torchvision
-    except Exception as e:  # RuntimeError "operator torchvision::nms does not exist", ImportError, ...
-        raise RuntimeError(
-            f"torchvision cannot be imported here ({type(e).__name__}: {e}). The paper presets' image encoders "
-            f"(ResNet-50, Swin-T, ViT-B/16 from torchvision) need a torchvision build matching torch "
-            f"{torch.__version__}; with a CPU-only torch install the CPU wheel from the PyTorch index. "
-            f"The demo presets do not use torchvision.") from e
+            return torchvision
+        except ImportError as e:
+            err = f"{type(e).__name__}: {e}"
+    else:
+        err = _TORCHVISION_ERROR
+    raise RuntimeError(
+        f"torchvision cannot be imported here ({err}). The paper presets' image encoders (ResNet-50, Swin-T, "
+        f"ViT-B/16 weights from torchvision) need a torchvision build matching torch {torch.__version__}: with a "
+        f"CPU-only torch, the CPU wheel from the PyTorch package index. The demo presets do not use torchvision.")
 
 
 def load_torchvision_model(builder: str, weights: str | None):
@@ -841,8 +869,16 @@ def truncate_log(path: str | os.PathLike, step: int):
     p = Path(path)
     if not p.exists() or not is_main_process():
         return
-    keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    p.write_text("".join(l + "\n" for l in keep))
+    keep = []
+    for line in p.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill -9
+            pass
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, p)
 
 
 def write_json_atomic(path: str | os.PathLike, obj):

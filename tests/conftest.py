@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # noqa: E402,F401  (first: it hides a torchvision wheel that cannot load, before transformers looks)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,109 @@
+"""Faults: SIGTERM, kill -9 + exact resume, NaN on one rank of two, bad images during training."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+TINY = ["--image_size=32", "--tiny_width=32", "--embed_dim=32", "--vocab_size=400", "--num_workers=0",
+        "--eval_batch_size=64", "--log_every=1", "--batch_size=16", "--lr=1e-3"]
+
+
+def _weights(p):
+    return common.load_checkpoint(p)["model"]
+
+
+def _log(p):
+    return [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in open(p)]
+
+
+def _wait_for_steps(log, n, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
+        if log.exists() and sum(1 for l in open(log) if '"loss"' in l) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path, phantom_csv):
+    import cxrclip
+
+    args = [f"--data={phantom_csv}", "--epochs=4", "--ckpt_every=1", *TINY]
+    cxrclip.main([*args, f"--out_dir={tmp_path / 'ref'}"])
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "cxrclip.py", *args, f"--out_dir={run}"]
+    # 1) SIGTERM (pre-emption): the step finishes, a checkpoint is written, the message names it
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run / "log.jsonl", 3, p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "SIGTERM" in out + err and "ckpt.pt" in out + err and "--resume" in out + err
+    step_at_term = common.load_checkpoint(run / "ckpt.pt")["step"]
+    assert step_at_term >= 3
+
+    # 2) kill -9 at an arbitrary later moment (maybe mid-checkpoint): the last whole checkpoint survives
+    p = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run / "log.jsonl", step_at_term + 3, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert common.load_checkpoint(run / "ckpt.pt")["step"] > step_at_term
+
+    # 3) resume to the end: same weights and same log as the run that was never interrupted
+    cxrclip.main([*args, f"--out_dir={run}", "--resume"])
+    wa, wb = _weights(tmp_path / "ref" / "ckpt.pt"), _weights(run / "ckpt.pt")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    assert _log(tmp_path / "ref" / "log.jsonl") == _log(run / "log.jsonl")
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, phantom_csv):
+    out = tmp_path / "nan"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "cxrclip.py", f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=2", "--fault_nan_step=2",
+                        *TINY], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _log(out / "log.jsonl")
+    assert [r["step"] for r in rows if r.get("skipped_nonfinite")] == [2]
+    assert json.load(open(out / "metrics.json"))["skipped_nonfinite_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in _weights(out / "ckpt.pt").values() if w.is_floating_point())
+
+
+def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path, phantom_csv):
+    import cxrclip
+
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as e:
+        cxrclip.main([f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=2", "--fault_nan_step=1",
+                      "--max_bad_steps=1", *TINY])
+    assert "non-finite" in str(e.value) and "ckpt.pt" in str(e.value)
+    assert common.load_checkpoint(out / "ckpt.pt")["step"] == 1
+
+
+def test_unreadable_images_are_counted_and_fail_past_the_limit(tmp_path, phantom_csv):
+    import cxrclip
+
+    d = tmp_path / "data"
+    shutil.copytree(os.path.dirname(phantom_csv), d)
+    tr = common.XrayCSV(d / "phantoms.csv", split="train")
+    for i in tr.studies[0] + tr.studies[1]:
+        with open(tr.rows[i]["_path"], "r+b") as f:
+            f.truncate(40)  # truncated PNGs
+    m = cxrclip.main([f"--data={d / 'phantoms.csv'}", f"--out_dir={tmp_path / 'a'}", "--epochs=1",
+                      "--max_bad_frac=0.5", *TINY])
+    assert m["bad_samples"].get("unreadable image", 0) >= 1
+    with pytest.raises(RuntimeError, match="max_bad_frac"):
+        cxrclip.main([f"--data={d / 'phantoms.csv'}", f"--out_dir={tmp_path / 'b'}", "--epochs=1",
+                      "--max_bad_frac=0.0001", *TINY])
