@@ -131,6 +131,8 @@ def parse_config(cls, presets: dict[str, dict], argv: list[str] | None = None, d
         if not eq:  # a bare --flag means true for booleans
             if key in fields and hints[key] is bool:
                 val = "true"
+            elif key == "benchmark" and key in fields:  # bare --benchmark: time the model (--benchmark=data: the loader)
+                val = "model"
             elif key == "preset":
                 raise ConfigError("--preset needs a value, e.g. --preset=paper")
             else:
@@ -1057,22 +1059,22 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
             elif name == "Pneumothorax":
                 ly, lx, ry, rx, _ = side_lung(d["side"])
                 off = 0 if lat else (-1 if d["side"] == "right" else 1) * rx * 0.35
-                m = _ellipse(yy, xx, ly - ry * 0.55, lx + off, ry * 0.42, rx * 0.75, 0.05) * (lungmask > 0.3)
-                put(name, m, 0.015)
+                m = _ellipse(yy, xx, ly - ry * 0.5, lx + off, ry * 0.5, rx * 0.85, 0.05) * (lungmask > 0.3)
+                put(name, m, 0.0)
             elif name == "Consolidation":
                 ly, lx, ry, rx, _ = side_lung(d["side"])
-                m = np.maximum(_ellipse(yy, xx, ly + ry * 0.35, lx, 0.08 * s, 0.06 * s, 0.4),
-                               _ellipse(yy, xx, ly + ry * 0.25, lx + 0.03, 0.05 * s, 0.05 * s, 0.4))
-                put(name, m, 0.46)
+                m = np.maximum(_ellipse(yy, xx, ly + ry * 0.35, lx, 0.1 * s, 0.075 * s, 0.4),
+                               _ellipse(yy, xx, ly + ry * 0.2, lx + 0.03, 0.06 * s, 0.06 * s, 0.4))
+                put(name, m, 0.5)
             elif name == "Nodule":
                 ly, lx, ry, rx, _ = side_lung(d["side"])
                 m = _ellipse(yy, xx, ly + rng.uniform(-0.5, 0.3) * ry, lx + rng.uniform(-0.4, 0.4) * rx,
-                             0.035, 0.035, 0.3)
-                put(name, m, 0.7)
+                             0.05, 0.05, 0.3)
+                put(name, m, 0.8)
             elif name == "Edema":
                 for (ly, lx, ry, rx, _) in lungs:
                     hilum = _ellipse(yy, xx, ly + 0.02, 0.5 if not lat else lx, ry * 0.9, rx * 1.6, 0.9)
-                    put(name, hilum * lungmask, 0.2, mode="add")
+                    put(name, hilum * lungmask, 0.25, mode="add")
             elif name == "Pneumoperitoneum":
                 ly, lx, ry, rx, _ = lungs[0]
                 outer = _ellipse(yy, xx, ly + ry * 0.95, lx, 0.08, rx * 0.95, 0.2)
@@ -1089,12 +1091,12 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
                              * (1 - _ellipse(yy, xx, 0.25, 0.5, 0.1, 0.25, 0.2)))  # pelvic ring
         if "Soft Tissue Swelling" in findings:
             p0, p1, r, _ = bones[0]
-            sw = _capsule(yy, xx, p0, p1, r * 3.6, 0.3) * (1 - tissue)
-            put("Soft Tissue Swelling", sw, 0.3)
+            sw = _capsule(yy, xx, p0, p1, r * 4.5, 0.3) * (1 - tissue)
+            put("Soft Tissue Swelling", sw, 0.36)
         img = np.maximum(img, 0.26 * tissue)
         if "Joint Effusion" in findings:
             m = _ellipse(yy, xx, joint[0], joint[1], 0.13 * s, 0.17 * s, 0.3)
-            put("Joint Effusion", m, 0.12, mode="add")
+            put("Joint Effusion", m, 0.22, mode="add")
         for (p0, p1, r, name) in bones:
             bm = _capsule(yy, xx, p0, p1, r, 0.25)
             img = img * (1 - bm) + 0.62 * bm
@@ -1118,8 +1120,8 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
             cy0, cx0 = p0[0] + (p1[0] - p0[0]) * t, p0[1] + (p1[1] - p0[1]) * t
             L = max(math.hypot(p1[0] - p0[0], p1[1] - p0[1]), 1e-6)
             along = ((yy - cy0) * (p1[0] - p0[0]) + (xx - cx0) * (p1[1] - p0[1])) / L
-            line = _soft(np.abs(along + 0.5 * (xx - cx0) * 0.6) / 0.022, 0.6) * _capsule(yy, xx, p0, p1, r * 1.15, 0.2)
-            put("Fracture", line, 0.2)
+            line = _soft(np.abs(along + 0.5 * (xx - cx0) * 0.6) / 0.035, 0.6) * _capsule(yy, xx, p0, p1, r * 1.2, 0.2)
+            put("Fracture", line, 0.08)
     if "Foreign Body" in findings:
         fy, fx = findings["Foreign Body"]["pos"]
         m = (_soft(np.abs(yy - fy) / 0.035, 0.2) * _soft(np.abs(xx - fx) / 0.018, 0.2))
@@ -1260,3 +1262,95 @@ def ensure_phantoms(csv_path: str | os.PathLike, n: int, seed: int, size: int) -
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- benchmark: samples/s, step-time percentiles, peak memory, FLOPs (FlopCounterMode), MFU ----
+
+# Dense bf16 tensor-core peaks in FLOP/s (no 2:4 sparsity), from the vendors' data sheets.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12,
+                   "A10": 125e12, "RTX 4090": 165e12, "RTX 6000 Ada": 364e12, "A6000": 155e12, "RTX 3090": 71e12,
+                   "V100": 125e12, "T4": 65e12, "B200": 2250e12}
+
+
+def device_peak_flops(device: str) -> tuple[str, float | None]:
+    """(device name, its peak dense bf16 FLOP/s or None when unknown / CPU)."""
+    if not device.startswith("cuda"):
+        import platform
+
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # longest match first ("H100 NVL" before "H100")
+        if key.lower() in name.lower():
+            return name, PEAK_BF16_FLOPS[key]
+    return name, None
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn() (forward + backward if fn does both), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def run_benchmark(step, samples_per_step: int, device: str, warmup: int = 3, steps: int = 10,
+                  flops_per_step: int | None = None, label: str = "") -> dict:
+    """Time `step()` (one full training step) after `warmup` calls; print and return the figures."""
+    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    t = np.array(times)
+    name, peak = device_peak_flops(device)
+    if device.startswith("cuda"):
+        mem = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+    res = {"label": label, "device": name, "samples_per_step": samples_per_step,
+           "samples_per_s": samples_per_step / t.mean(), "step_ms_mean": 1e3 * t.mean(),
+           "step_ms_p50": 1e3 * float(np.percentile(t, 50)), "step_ms_p90": 1e3 * float(np.percentile(t, 90)),
+           "peak_mem_gib": mem}
+    if flops_per_step:
+        res["flops_per_sample"] = flops_per_step / samples_per_step
+        res["achieved_tflops"] = flops_per_step / t.mean() / 1e12
+        res["mfu"] = (flops_per_step / t.mean() / peak) if peak else None
+    print0(f"benchmark {label} on {name}: {res['samples_per_s']:.1f} samples/s | step {res['step_ms_mean']:.1f} ms "
+           f"(p50 {res['step_ms_p50']:.1f}, p90 {res['step_ms_p90']:.1f}) | peak memory {mem:.2f} GiB"
+           + (f" | {res['flops_per_sample'] / 1e9:.2f} GFLOP/sample, {res['achieved_tflops']:.2f} TFLOP/s"
+              + (f", MFU {100 * res['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16" if res.get("mfu") else
+                 " (MFU: no bf16 peak for this device)") if flops_per_step else ""))
+    return res
+
+
+def benchmark_data(dataset, collate, batch_size: int, workers=(0, 1, 2, 4), n_batches: int = 20) -> list[dict]:
+    """Input-pipeline throughput (decode + augment + collate) per DataLoader worker count."""
+    out = []
+    for w in workers:
+        dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=w,
+                                         collate_fn=collate, prefetch_factor=4 if w else None)
+        it = iter(dl)
+        next(it)  # worker start-up is not throughput
+        t0, n = time.perf_counter(), 0
+        for _ in range(n_batches):
+            try:
+                next(it)
+            except StopIteration:
+                break
+            n += batch_size
+        dt = time.perf_counter() - t0
+        out.append({"workers": w, "images_per_s": n / dt if dt > 0 else float("nan")})
+        print0(f"data pipeline: {w} workers -> {out[-1]['images_per_s']:.0f} samples/s")
+    return out

@@ -100,6 +100,8 @@ class Config:
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     fault_nan_step: int = -1  # TESTS ONLY: make rank 0's loss NaN at this step
     eval_batch_size: int = 256  # images per forward pass in the final zero-shot evaluation
+    benchmark: str = "off"  # off | model (or bare --benchmark): time training steps on synthetic tensors | data
+    benchmark_steps: int = 10  # timed steps of --benchmark (after 3 warm-up steps)
     preset: str = "demo"  # filled in by the CLI: demo | paper
 
 
@@ -165,18 +167,20 @@ def all_prompt_texts(labels: list[str]) -> list[str]:
 
 
 class TinyCNN(nn.Module):
-    """Demo image encoder: four strided conv blocks, 64 px -> an 8x8 map. GroupNorm, not BatchNorm, so a
-    sample's features do not depend on which rank's batch it sits in (the DDP equality test needs that)."""
+    """Demo image encoder: three strided 3x3 conv blocks (64 px -> an 8x8 map) and a 1x1 conv, ~7 MMAC per
+    64 px image. GroupNorm, not BatchNorm, so a sample's features do not depend on which rank's batch it sits
+    in (the DDP equality test needs that)."""
 
     def __init__(self, width: int = 64):
         super().__init__()
-        chans = [3, width // 2, width, width * 2, width * 2]
+        chans = [3, width // 4 + 8, width // 2 + 16, width + 32]
         blocks = []
-        for i in range(4):
-            blocks += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2 if i < 3 else 1, padding=1, bias=False),
+        for i in range(3):
+            blocks += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False),
                        nn.GroupNorm(8, chans[i + 1]), nn.GELU()]
+        blocks += [nn.Conv2d(chans[3], 2 * width, 1, bias=False), nn.GroupNorm(8, 2 * width), nn.GELU()]
         self.body = nn.Sequential(*blocks)
-        self.out_dim = chans[-1]
+        self.out_dim = 2 * width
 
     def tokens(self, x):  # [B, 3, H, W] -> [B, N, C]
         return self.body(x).flatten(2).transpose(1, 2)
@@ -792,8 +796,69 @@ def validate(model, loader, forward_loss) -> float:
     return tot / max(n, 1)
 
 
+# ----------------------------------------------------------------------------------------------------
+# ---- benchmark (python cxrclip.py --preset=paper --benchmark) ----
+
+
+def benchmark(cfg: Config) -> dict:
+    """Training steps of the preset's model and batch on synthetic tensors of the real shapes (random init,
+    no data loading): samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode on the eager
+    model), MFU against the GPU's bf16 peak. `--benchmark=data` times the input pipeline instead."""
+    di = common.setup_distributed(cfg.device)
+    common.seed_everything(cfg.seed)
+    if cfg.benchmark == "data":
+        if cfg.data == Config.data:
+            common.ensure_phantoms(cfg.data, cfg.n_phantoms, seed=0, size=64)
+        tr = common.XrayCSV(cfg.data, split="train", require=("image", "study_id"))
+        tok = build_tokenizer(cfg, tr)
+        ds = StudyDataset(tr, cfg, train=True)
+        keyed = [(i, i) for i in range(len(ds))]
+        res = common.benchmark_data(torch.utils.data.Subset(ds, keyed), Collate(lambda t: dict(
+            tok(list(t), padding=True, truncation=True, max_length=cfg.max_tokens, return_tensors="pt"))),
+            batch_size=min(64, cfg.batch_size), n_batches=10)
+        common.cleanup_distributed()
+        return {"data": res}
+    if di.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cfg.pretrained = False  # random init: the benchmark measures speed, not accuracy
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(cfg.vocab_size - 5)]
+    model = CXRCLIP(cfg, common.tokenizer_from_vocab(vocab)).to(di.device)
+    if cfg.image_encoder != "tiny" and di.device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    b = cfg.batch_size // di.world_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * b, 3, cfg.image_size, cfg.image_size, generator=g).to(di.device)
+    if di.device.startswith("cuda") and cfg.image_encoder != "tiny":
+        x = x.contiguous(memory_format=torch.channels_last)
+    texts = [{"input_ids": torch.randint(5, cfg.vocab_size, (b, cfg.max_tokens), generator=g).to(di.device),
+              "attention_mask": torch.ones(b, cfg.max_tokens, dtype=torch.long, device=di.device)} for _ in range(2)]
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=di.device.startswith("cuda"))
+    autocast, scaler = amp_context(cfg, di.device)
+    fwd = torch.compile(model) if cfg.compile else model
+    net = nn.parallel.DistributedDataParallel(fwd) if di.ddp else fwd
+
+    def step(m=net):
+        with autocast():
+            v, u1, u2 = m(x, texts[0], texts[1])
+        loss, _ = cxrclip_loss(u1.float(), u2.float(), v[:b].float(), v[b:].float(), model.scale(), 1.0, 0.5)
+        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = common.count_flops(lambda: step(model))  # counted on the eager model, one process's share
+    res = common.run_benchmark(step, 2 * b, di.device, warmup=3, steps=cfg.benchmark_steps, flops_per_step=flops,
+                               label=f"cxrclip {cfg.image_encoder}+{cfg.text_encoder.split('/')[-1]} "
+                                     f"{cfg.image_size}px, {b} studies ({2 * b} image-text pairs) per process"
+                                     + (", compiled" if cfg.compile else ""))
+    common.cleanup_distributed()
+    return res
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
+    if cfg.benchmark != "off":
+        return benchmark(cfg)
     return train(cfg)
 
 
