@@ -464,7 +464,6 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    dp._hide_broken_torchvision()
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -478,7 +477,6 @@ def tiny_lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_marian(tmp_path_factory):
-    dp._hide_broken_torchvision()
     import torch
     from transformers import MarianConfig, MarianMTModel
     torch.manual_seed(0)
