@@ -63,6 +63,8 @@ class Config:
     image_size: int = 64  # input resolution (224 in the paper, Sec. 4.2)
     text_source: str = "auto"  # auto: report sections, label prompts where a study has none | labels: prompts only
     prompt_negatives: int = 3  # negative classes sampled into a label prompt (3 for ChestX-ray14, Sec. 4.1)
+    label_prompt_frac: float = 0.0  # share of training studies used as image-label data (reports withheld), like
+    #                                 the paper's MIMIC + CheXpert mix (Table 2, "M,C"); the demo uses 0.5
     # model (Sec. 3.2)
     image_encoder: str = "tiny"  # tiny | resnet50 | swin_t
     text_encoder: str = "tiny"  # tiny | a Hugging Face BERT name or path, e.g. emilyalsentzer/Bio_ClinicalBERT
@@ -108,7 +110,8 @@ class Config:
 PRESETS = {
     # Demo: phantoms at 64 px, tiny encoders from scratch. 3000 images -> ~1050 training studies;
     # 64 studies per batch -> 16 steps/epoch; 24 epochs -> ~380 steps, about 2 minutes on 2 CPU cores.
-    "demo": dict(batch_size=64, epochs=24, lr=2e-3, weight_decay=1e-4, warmup_epochs=1.0, embed_dim=128),
+    "demo": dict(batch_size=64, epochs=24, lr=2e-3, weight_decay=1e-4, warmup_epochs=1.0, embed_dim=128,
+                 label_prompt_frac=0.5),
     # Paper (Sec. 4.2): ResNet-50 + BioClinicalBERT, 224 px, 128 studies x 2 = 256 pairs per global batch
     # (e.g. 4 GPUs x 32 studies), lr 5e-5, wd 1e-4, cosine with 1 warm-up epoch, 15 epochs.
     "paper": dict(image_encoder="resnet50", text_encoder="emilyalsentzer/Bio_ClinicalBERT", pretrained=True,
@@ -395,9 +398,12 @@ class StudyDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.t.studies)
 
-    def _texts(self, rows: list[int], rng) -> tuple[str, str]:
+    def _texts(self, idx: int, rows: list[int], rng) -> tuple[str, str]:
         r0 = self.t.rows[rows[0]]
         sections = self.t.texts(rows[0]) if self.cfg.text_source == "auto" else []
+        # a fixed subset of studies plays the image-label data set (the same studies in every epoch)
+        if self.train and self.t.label_names and (idx * 2654435761 % 2**32) / 2**32 < self.cfg.label_prompt_frac:
+            sections = []
         if not sections:  # image-label study: two independently sampled prompt texts
             lab = self.t.rows[rows[0]]["_labels"]
             return (label_prompt_text(self.t.label_names, lab, rng, self.cfg.prompt_negatives),
@@ -447,7 +453,7 @@ class StudyDataset(torch.utils.data.Dataset):
         else:
             raise RuntimeError(f"8 studies in a row around study {idx} have no readable image: is the image "
                                f"folder next to {self.t.path}? First error: {bad[0][1]}")
-        t1, t2 = self._texts(rows, rng)
+        t1, t2 = self._texts((idx + attempt * 7919) % len(self.t.studies), rows, rng)
         x1, x2 = self.transform(imgs[0], rng), self.transform(imgs[1], rng)
         return {"x1": x1, "x2": x2, "t1": t1, "t2": t2, "bad": bad}
 
