@@ -91,14 +91,11 @@ def _parse_bool(s: str) -> bool:
 
 
 class ConfigError(SystemExit):
-    """A bad flag: printed as a clear message and exits with status 2 (like argparse)."""
+    """A bad flag: uncaught, Python prints the message to stderr and exits with status 1."""
 
     def __init__(self, msg: str):
-        super().__init__(2)
+        super().__init__(msg)
         self.msg = msg
-
-    def __str__(self):
-        return self.msg
 
 
 def parse_config(cls, presets: dict[str, dict], argv: list[str] | None = None, default_preset: str = "demo"):
@@ -149,7 +146,9 @@ def parse_config(cls, presets: dict[str, dict], argv: list[str] | None = None, d
         if k == "preset":
             continue
         if k not in fields:
-            close = [n for n in fields if n.startswith(k[:3])]
+            import difflib
+
+            close = difflib.get_close_matches(k, list(fields), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join('--' + c for c in close[:3])}?)" if close else ""
             raise ConfigError(f"unknown flag --{k}{hint}. Valid flags: --preset, "
                               + ", ".join("--" + n for n in fields))

@@ -92,6 +92,8 @@ class Config:
     amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
     num_workers: int = 2  # DataLoader workers per rank
+    threads: int = 1  # CPU only: torch intra-op threads per process (0: torch's default); 1 avoids OpenMP spin-waits
+    #                   fighting the DataLoader workers for 2 cores (measured several times faster on a busy machine)
     out_dir: str = "out/cxrclip"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, data position, RNG)
     overwrite: bool = False  # allow a new run to replace an existing run's checkpoint in out_dir
@@ -116,7 +118,7 @@ PRESETS = {
     # (e.g. 4 GPUs x 32 studies), lr 5e-5, wd 1e-4, cosine with 1 warm-up epoch, 15 epochs.
     "paper": dict(image_encoder="resnet50", text_encoder="emilyalsentzer/Bio_ClinicalBERT", pretrained=True,
                   image_size=224, embed_dim=512, batch_size=128, epochs=15, lr=5e-5, weight_decay=1e-4,
-                  warmup_epochs=1.0, vocab_size=30522, num_workers=8, data=""),
+                  warmup_epochs=1.0, vocab_size=30522, num_workers=8, threads=0, data=""),
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -591,6 +593,8 @@ def param_groups(model: nn.Module, wd: float):
 
 def train(cfg: Config) -> dict:
     di = common.setup_distributed(cfg.device)
+    if cfg.threads > 0 and not di.device.startswith("cuda"):
+        torch.set_num_threads(cfg.threads)
     if cfg.batch_size % di.world_size:
         raise common.ConfigError(f"--batch_size={cfg.batch_size} (global) must divide by the {di.world_size} processes")
     local_batch = cfg.batch_size // di.world_size
@@ -811,6 +815,8 @@ def benchmark(cfg: Config) -> dict:
     no data loading): samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode on the eager
     model), MFU against the GPU's bf16 peak. `--benchmark=data` times the input pipeline instead."""
     di = common.setup_distributed(cfg.device)
+    if cfg.threads > 0 and not di.device.startswith("cuda"):
+        torch.set_num_threads(cfg.threads)
     common.seed_everything(cfg.seed)
     if cfg.benchmark == "data":
         if cfg.data == Config.data:
