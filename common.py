@@ -1058,13 +1058,17 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
             elif name == "Pneumothorax":
                 ly, lx, ry, rx, _ = side_lung(d["side"])
                 off = 0 if lat else (-1 if d["side"] == "right" else 1) * rx * 0.35
-                m = _ellipse(yy, xx, ly - ry * 0.5, lx + off, ry * 0.5, rx * 0.85, 0.05) * (lungmask > 0.3)
-                put(name, m, 0.0)
+                e = _ellipse(yy, xx, ly - ry * 0.5, lx + off, ry * 0.5, rx * 0.85, 0.05)
+                put(name, e * (lungmask > 0.3), 0.0)
+                # the visceral pleural line: the bright edge of the collapsed lung, the sign radiologists look for
+                edge = np.clip(_ellipse(yy, xx, ly - ry * 0.5, lx + off, ry * 0.62, rx * 1.0, 0.05) - e, 0, 1)
+                put(name, edge * (lungmask > 0.3), 0.45)
             elif name == "Consolidation":
                 ly, lx, ry, rx, _ = side_lung(d["side"])
                 m = np.maximum(_ellipse(yy, xx, ly + ry * 0.35, lx, 0.1 * s, 0.075 * s, 0.4),
                                _ellipse(yy, xx, ly + ry * 0.2, lx + 0.03, 0.06 * s, 0.06 * s, 0.4))
-                put(name, m, 0.5)
+                patchy = 0.5 + 0.5 * (np.sin(xx * 90 + 1.3) * np.sin(yy * 70) > -0.3)  # mottled airspace opacity
+                put(name, m * patchy, 0.62)
             elif name == "Nodule":
                 ly, lx, ry, rx, _ = side_lung(d["side"])
                 m = _ellipse(yy, xx, ly + rng.uniform(-0.5, 0.3) * ry, lx + rng.uniform(-0.4, 0.4) * rx,
@@ -1094,8 +1098,8 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
             put("Soft Tissue Swelling", sw, 0.36)
         img = np.maximum(img, 0.26 * tissue)
         if "Joint Effusion" in findings:
-            m = _ellipse(yy, xx, joint[0], joint[1], 0.13 * s, 0.17 * s, 0.3)
-            put("Joint Effusion", m, 0.22, mode="add")
+            m = _ellipse(yy, xx, joint[0], joint[1], 0.15 * s, 0.2 * s, 0.3)
+            put("Joint Effusion", m, 0.3, mode="add")
         for (p0, p1, r, name) in bones:
             bm = _capsule(yy, xx, p0, p1, r, 0.25)
             img = img * (1 - bm) + 0.62 * bm
@@ -1123,8 +1127,9 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
             put("Fracture", line, 0.08)
     if "Foreign Body" in findings:
         fy, fx = findings["Foreign Body"]["pos"]
-        m = (_soft(np.abs(yy - fy) / 0.035, 0.2) * _soft(np.abs(xx - fx) / 0.018, 0.2))
+        m = (_soft(np.abs(yy - fy) / 0.05, 0.2) * _soft(np.abs(xx - fx) / 0.028, 0.2))
         put("Foreign Body", m, 1.0)
+        put("Foreign Body", m * _soft(np.abs(yy - fy) / 0.025, 0.2) * _soft(np.abs(xx - fx) / 0.012, 0.2), 0.05)
     img = img.astype(np.float32)
     import cv2
 
@@ -1154,8 +1159,11 @@ def _phantom_report(part, findings, uncertain, rng):
             imp.append(name.lower() if rng.random() < 0.6 else p)
         s = p if rng.random() < 0.5 or name in uncertain else "there is " + p
         sents.append(s[0].upper() + s[1:] + ".")
-    for name, (parts, _) in PHANTOM_FINDINGS.items():
-        if part in parts and name not in findings and rng.random() < 0.35:
+    for name, (parts, prev) in PHANTOM_FINDINGS.items():
+        # Negations ("no pneumothorax") are kept rarer than positive mentions of the same finding: with a 10%
+        # finding negated in a third of all reports, the word itself would point at its absence, and a small
+        # text encoder trained from scratch for minutes has not learnt negation yet (real models see millions).
+        if part in parts and name not in findings and rng.random() < min(0.35, 0.5 * prev / (1 - prev)):
             s = _phrase(_NEG, rng, x=name.lower())
             sents.append(s[0].upper() + s[1:] + ".")
     order = rng.permutation(len(sents))
