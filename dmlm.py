@@ -168,6 +168,8 @@ class Config:
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     fault_nan_step: int = -1  # TESTS ONLY: make rank 0's loss NaN at this step
     eval_batch_size: int = 256  # images per forward pass in the final zero-shot evaluation
+    benchmark: str = "off"  # off | model (or bare --benchmark): time training steps on synthetic tensors | data
+    benchmark_steps: int = 10  # timed steps per phase of --benchmark (after 3 warm-up steps)
     preset: str = "demo"  # filled in by the CLI: demo | paper
 
 
@@ -518,11 +520,16 @@ class DMLM(nn.Module):
         m = attention_mask.to(h.dtype)[..., None]
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask):
+    def forward(self, images, input_ids, attention_mask, masked_ids=None, patch_mask=None):
         """One training pass: unmasked Gaussians (alignment; stop-gradient targets) and the fusion transformer's
-        predictions for every position of the masked pass (Eq. 2; the loss picks the masked ones)."""
+        predictions for every position of the masked pass (Eq. 2; the loss picks the masked ones).
+        Without masked_ids: the global Gaussians alone (a CLIP-like alignment pass; --benchmark compares)."""
         hv0 = self.visual(images)  # [B, 1+N, Cv] unmasked
         ht0 = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, Ct]
+        if masked_ids is None:
+            ig_mu, ig_var = self.image_gauss(self.pool_image(hv0))
+            tg_mu, tg_var = self.text_gauss(self.pool_text(ht0, attention_mask))
+            return {"img_g_mu": ig_mu, "img_g_var": ig_var, "txt_g_mu": tg_mu, "txt_g_var": tg_var}
         img_mu, img_var = self.image_gauss(hv0)  # [B, 1+N, D] every patch (Eq. 1)
         txt_mu, txt_var = self.text_gauss(ht0)  # [B, L, D] every token (Eq. 1)
         ig_mu, ig_var = self.image_gauss(self.pool_image(hv0))  # [B, D] global image Gaussian
@@ -1129,8 +1136,127 @@ def train(cfg: Config) -> dict:
     return metrics
 
 
+# ----------------------------------------------------------------------------------------------------
+# ---- benchmark (python dmlm.py --preset=paper --pretrained=false --benchmark) ----
+
+
+def benchmark(cfg: Config) -> dict:
+    """Training steps of the preset's model and batch on synthetic tensors of the real shapes (random init, no
+    data loading): samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode on the eager model), MFU
+    against the GPU's bf16 peak; once for the full D-MLM step (unmasked pass = alignment + Eq. 3 targets, masked
+    pass, fusion transformer, Eq. 3-5) and once, on the same model and batch, for the alignment loss alone (a
+    CLIP-like step), with the time and FLOPs ratios. `--benchmark=data` times the input pipeline instead."""
+    _check(cfg)
+    di = common.setup_distributed(cfg.device)
+    if cfg.threads > 0 and not di.device.startswith("cuda"):
+        torch.set_num_threads(cfg.threads)
+    common.seed_everything(cfg.seed)
+    if cfg.benchmark == "data":
+        if cfg.data == Config.data:
+            common.ensure_phantoms(cfg.data, cfg.n_phantoms, seed=0, size=64)
+        if not cfg.data:
+            raise common.ConfigError("--benchmark=data needs --data=<csv>")
+        tr = common.XrayCSV(cfg.data, split="train", require=("image",), require_text=True)
+        know = load_knowledge(cfg.knowledge)
+        tok = build_tokenizer(cfg, tr, know)
+        tok.truncation_side = "left"
+        ds = PairDataset(tr, cfg, know, train=True)
+        keyed = [(i, i) for i in range(len(ds))]
+        res = common.benchmark_data(torch.utils.data.Subset(ds, keyed), Collate(lambda t: dict(tok(
+            list(t), padding=True, truncation=True, max_length=cfg.max_tokens, return_tensors="pt",
+            return_token_type_ids=False)), tok, cfg.text_mask_ratio), batch_size=min(64, cfg.batch_size), n_batches=10)
+        common.cleanup_distributed()
+        return {"data": res}
+    if cfg.benchmark != "model":
+        raise common.ConfigError(f"--benchmark={cfg.benchmark}: expected off | model | data")
+    if di.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cfg.pretrained = False  # random init: the benchmark measures speed, not accuracy
+    # a named BERT is built at BERT-base shape; its vocabulary is ClinicalBERT's (bert-base-cased, 28996 tokens)
+    n_vocab = cfg.vocab_size if cfg.text_encoder == "tiny" else 28996
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(n_vocab - 5)]
+    tok = common.tokenizer_from_vocab(vocab)
+    model = build(cfg, tok, knowledge={}).to(di.device)
+    ema = EMATarget(model).to(di.device) if cfg.target == "ema" else None
+    b = cfg.batch_size // di.world_size
+    grid = cfg.image_size // cfg.vit_patch
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)
+    # structured reports are long: every row at --max_tokens ([CLS] ... [SEP]), 30% of its tokens masked
+    ids = torch.randint(5, n_vocab, (b, cfg.max_tokens), generator=g)
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    am = torch.ones_like(ids)
+    tmask = text_token_mask(ids, am, [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id], cfg.text_mask_ratio,
+                            [np.random.default_rng(i) for i in range(b)])
+    pmask = torch.from_numpy(np.stack([image_patch_mask("", grid, cfg.image_mask_ratio, "random", 0.0, rng)
+                                       for _ in range(b)]))
+    x, ids, am, tmask, pmask = (t.to(di.device) for t in (x, ids, am, tmask, pmask))
+    mids = ids.masked_fill(tmask, tok.mask_token_id)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, fused=di.device.startswith("cuda"))
+    autocast, scaler = amp_context(cfg, di.device)
+    fwd = torch.compile(model) if cfg.compile else model
+    # the alignment-only step leaves the fusion transformer unused, which DDP must be told about
+    net = nn.parallel.DistributedDataParallel(fwd, find_unused_parameters=True) if di.ddp else fwd
+
+    def backward_step(loss):
+        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def dmlm_step(m=net):  # the training loop's forward_loss + AdamW
+        with autocast():
+            out = m(x, ids, am, mids, pmask)
+            if ema is not None:
+                targets = ema(x, ids, am)
+            else:
+                targets = ((out["img_mu"].detach(), out["img_var"].detach()),
+                           (out["txt_mu"].detach(), out["txt_var"].detach()))
+        out = {k: v.float() for k, v in out.items()}
+        targets = tuple((mu.float(), var.float()) for mu, var in targets)
+        backward_step(dmlm_objective(out, targets, tmask, pmask, cfg, model.scale())[0])
+        if ema is not None:
+            ema.update(model, cfg.ema_decay)
+
+    def align_step(m=net):  # the same encoders, heads and Eq. (4) alone: one unmasked pass, no fusion, no targets
+        with autocast():
+            out = m(x, ids, am)
+        i_mu, i_var, t_mu, t_var = (out[k].float() for k in ("img_g_mu", "img_g_var", "txt_g_mu", "txt_g_var"))
+        if cfg.align_norm_means:
+            i_mu, t_mu = F.normalize(i_mu, dim=-1), F.normalize(t_mu, dim=-1)
+        if cfg.align == "contrastive":
+            loss = align_contrastive_loss(i_mu, i_var, t_mu, t_var, model.scale())
+        else:
+            loss = align_pairs_loss(i_mu, i_var, t_mu, t_var)
+        backward_step(loss)
+
+    size = (f"ViT {cfg.vit_width}x{cfg.vit_layers}/{cfg.vit_patch} {cfg.image_size}px + "
+            f"{'tiny BERT' if cfg.text_encoder == 'tiny' else cfg.text_encoder.split('/')[-1]} {cfg.max_tokens} "
+            f"tokens, fusion {cfg.fusion_width}x{cfg.fusion_layers}, {b} pairs per process, target={cfg.target}"
+            + (", compiled" if cfg.compile else ""))
+    out = {}
+    for phase, step in (("dmlm", dmlm_step), ("align_only", align_step)):
+        flops = common.count_flops(lambda: step(model))  # counted on the eager model, one process's share
+        out[phase] = common.run_benchmark(step, b, di.device, warmup=3, steps=cfg.benchmark_steps,
+                                          flops_per_step=flops, label=f"dmlm {cfg.preset} {phase} {size}")
+    full, base = out["dmlm"], out["align_only"]
+    out["time_ratio"] = full["step_ms_mean"] / base["step_ms_mean"]
+    out["flops_ratio"] = full["flops_per_sample"] / base["flops_per_sample"]
+    common.print0(f"benchmark dmlm vs alignment only (CLIP-like) on the same model and batch: step time x"
+                  f"{out['time_ratio']:.2f} ({full['step_ms_mean']:.1f} / {base['step_ms_mean']:.1f} ms), FLOPs x"
+                  f"{out['flops_ratio']:.2f} ({full['flops_per_sample'] / 1e9:.2f} / "
+                  f"{base['flops_per_sample'] / 1e9:.2f} GFLOP/sample): the masked pass through both encoders, "
+                  f"the fusion transformer and the per-token Gaussians"
+                  + (" and the EMA target pass" if ema is not None else " (the targets reuse the unmasked pass)"))
+    common.cleanup_distributed()
+    return out
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
+    if cfg.benchmark != "off":
+        return benchmark(cfg)
     return train(cfg)
 
 
