@@ -157,9 +157,9 @@ class Config:
 
 PRESETS = {
     # Demo: phantoms at 64 px, a 4-layer ViT (8 px patches: 64 tokens + [IMG]) whose last 2 MLPs are MoBE with
-    # the phantoms' 6 body parts as experts, and a 2-layer BERT, from scratch. 2106 training images / 64 per
-    # batch = 32 steps/epoch x 10 epochs = 320 steps; epochs 0-1 teacher-forced (the paper's 10/50 ratio).
-    "demo": dict(),
+    # the phantoms' 6 body parts as experts, and a 2-layer BERT, from scratch. 2106 training images / 32 per
+    # batch = 65 steps/epoch x 15 epochs = 975 steps; epochs 0-2 teacher-forced (the paper's 10/50 ratio).
+    "demo": dict(epochs=15, teacher_epochs=3, batch_size=32, lr=2e-3),
     # Paper (Sec. 3.1): ViT-B/16 (ImageNet) + BioClinicalBERT, 224 px, 23 experts in the last 4 of 12 layers,
     # 50 epochs (10 teacher-forced), lr 1e-5, global batch 256 (the paper's 2 GPUs x 128).
     "paper": dict(image_size=224, body_parts="pexr23", pretrained=True, patch_size=16, vit_width=768, vit_depth=12,
@@ -1020,22 +1020,30 @@ def benchmark(cfg: Config) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.pretrained = False  # random init: the benchmark measures speed, not accuracy
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(cfg.vocab_size - 5)]
-    model = build(cfg, common.tokenizer_from_vocab(vocab)).to(di.device)
+    tok = common.tokenizer_from_vocab(vocab)
     b = cfg.batch_size // di.world_size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g).to(di.device)
     ids = torch.randint(5, cfg.vocab_size, (b, cfg.max_tokens), generator=g).to(di.device)
     mask = torch.ones_like(ids)
-    xb = torch.randint(0, len(model.body_parts), (b,), generator=g).to(di.device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=di.device.startswith("cuda"))
+    n_parts = len(build(cfg, tok).body_parts)
+    xb = torch.randint(0, n_parts, (b,), generator=g).to(di.device)
     autocast, scaler = amp_context(cfg, di.device)
-    fwd = torch.compile(model) if cfg.compile else model
-    net = nn.parallel.DistributedDataParallel(fwd) if di.ddp else fwd
+    # the same batch through: the dense ViT (no MoBE), MoBE teacher-forced, MoBE soft (Eq. 2), MoBE top-2 routing
+    variants = {"dense": (dataclasses.replace(cfg, moe_layers="none"), False),
+                "teacher": (cfg, True), "soft": (dataclasses.replace(cfg, moe_topk=0), False),
+                "soft_top2": (dataclasses.replace(cfg, moe_topk=min(2, n_parts)), False)}
     out = {}
-    for phase in ("teacher", "soft"):
-        def step(m=net, phase=phase):
+    for phase, (vcfg, teacher) in variants.items():
+        torch.manual_seed(cfg.seed)
+        model = build(vcfg, tok).to(di.device)
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=di.device.startswith("cuda"))
+        fwd = torch.compile(model) if cfg.compile else model
+        net = nn.parallel.DistributedDataParallel(fwd) if di.ddp else fwd
+
+        def step(m=net, model=model, opt=opt, teacher=teacher):
             with autocast():
-                v, t, gl = m(x, ids, mask, expert_index=xb if phase == "teacher" else None)
+                v, t, gl = m(x, ids, mask, expert_index=xb if teacher else None)
             l_v2t, l_t2v = infonce_losses(v.float(), t.float(), model.logit_scale)
             loss = total_loss(l_v2t, l_t2v, gate_loss(gl, xb), 1.0)
             (scaler.scale(loss) if scaler else loss).backward()
@@ -1045,6 +1053,14 @@ def benchmark(cfg: Config) -> dict:
         flops = common.count_flops(lambda: step(model))  # counted on the eager model, one process's share
         out[phase] = common.run_benchmark(step, b, di.device, warmup=3, steps=cfg.benchmark_steps,
                                           flops_per_step=flops, label=f"pedclip {cfg.preset} {phase}")
+    d, t, s_, k = out["dense"], out["teacher"], out["soft"], out["soft_top2"]
+    out["ratios"] = {"teacher_vs_dense_time": t["step_ms_mean"] / d["step_ms_mean"],
+                     "soft_vs_dense_flops_per_s": s_["achieved_tflops"] / d["achieved_tflops"],
+                     "top2_speedup_vs_soft": s_["step_ms_mean"] / k["step_ms_mean"]}
+    r = out["ratios"]
+    common.print0(f"benchmark pedclip ratios: teacher-forced / dense step time {r['teacher_vs_dense_time']:.2f} "
+                  f"(target <= 1.1) | soft-phase / dense achieved FLOP/s {r['soft_vs_dense_flops_per_s']:.2f} "
+                  f"(target >= 0.9) | top-2 routing speed-up over soft {r['top2_speedup_vs_soft']:.2f}x")
     common.cleanup_distributed()
     return out
 
