@@ -729,6 +729,8 @@ def train(cfg: Config) -> dict:
                 logger.log(step=step, skipped_nonfinite=True)
                 if bad_run >= cfg.max_bad_steps:
                     save(epoch, bi)
+                    if pbar:
+                        pbar.close()
                     raise SystemExit(f"stopping: {bad_run} non-finite steps in a row (--max_bad_steps="
                                      f"{cfg.max_bad_steps}); last good state saved in {cfg.out_dir}/ckpt.pt. Lower "
                                      f"--lr, check the data, or try --amp=off.")
@@ -765,6 +767,8 @@ def train(cfg: Config) -> dict:
             break
         # -- end of epoch: bad-sample report, validation loss (sharded over ranks), checkpoint
         common.print0(counter.summary())
+        if pbar and counter.seen and counter.total / counter.seen > counter.max_bad_frac:
+            pbar.close()  # the check below raises: close the bar first so it is not printed at exit
         counter.check()
         val = validate(model, val_loader, forward_loss) if val_loader is not None else None
         if val is not None:

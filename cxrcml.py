@@ -138,6 +138,7 @@ class Config:
     ckpt_every: int = 200  # steps between checkpoints (and at every epoch end)
     max_bad_frac: float = 0.01  # fail when more than this share of samples are unreadable
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    fault_nan_step: int = -1  # TESTS ONLY: make rank 0's loss NaN at this step
     benchmark: str = "off"  # off | model (or bare --benchmark): time training steps on synthetic tensors | data
     benchmark_steps: int = 10  # timed steps of --benchmark (after 3 warm-up steps)
     preset: str = "demo"  # filled in by the CLI: demo | paper
@@ -1152,7 +1153,7 @@ def train(cfg: Config) -> dict:
                   f"{len(train_ds)} training images ({len(val_ds)} validation), {len(label_idx)} classes "
                   f"({len(rare)} rare: {', '.join(rare)}), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
                   f"global batch {cfg.batch_size} on {di.world_size} process(es), device {di.device}")
-    t_start, bad_run, n_skipped, stop_reason = time.time(), 0, 0, None
+    t_start, bad_run, n_skipped, stop_reason, fault_done = time.time(), 0, 0, None, False
     total_steps = cfg.epochs * steps_per_epoch
     pbar = None
     if di.is_main:
@@ -1173,6 +1174,8 @@ def train(cfg: Config) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * (step + 1) / cfg.warmup_steps
             loss, parts, dt_cluster = forward_loss(batch, train_mode=True)
+            if cfg.fault_nan_step == step and di.rank == 0 and not fault_done:  # test hook: one NaN, rank 0 only
+                loss, fault_done = loss * float("nan"), True
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -1184,7 +1187,7 @@ def train(cfg: Config) -> dict:
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()
-                bad_run, n_skipped = bad_run + 1, n_skipped + 1
+                bad_run, n_skipped, bi = bad_run + 1, n_skipped + 1, bi + 1  # the batch is consumed all the same
                 common.print0(f"warning: non-finite loss/gradient at step {step}: step skipped "
                               f"({bad_run} in a row, {n_skipped} in all)")
                 logger.log(step=step, skipped_nonfinite=True)

@@ -1035,7 +1035,7 @@ def train(cfg: Config) -> dict:
                   f"{len(tr)} training images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
                   f"global batch {cfg.batch_size} on {di.world_size} process(es), device {di.device}, "
                   f"align={cfg.align} target={cfg.target} image_mask={cfg.image_mask}")
-    t_start, bad_run, n_skipped, stop_reason = time.time(), 0, 0, None
+    t_start, bad_run, n_skipped, stop_reason, fault_done = time.time(), 0, 0, None, False
     pbar = None
     if di.is_main:
         from tqdm import tqdm
@@ -1051,8 +1051,8 @@ def train(cfg: Config) -> dict:
                 counter.add(kind, detail)
             counter.seen += local_batch
             loss, parts = forward_loss(batch)
-            if cfg.fault_nan_step == step and di.rank == 0:
-                loss = loss * float("nan")
+            if cfg.fault_nan_step == step and di.rank == 0 and not fault_done:  # test hook: one NaN, rank 0 only
+                loss, fault_done = loss * float("nan"), True
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -1064,7 +1064,7 @@ def train(cfg: Config) -> dict:
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()
-                bad_run, n_skipped = bad_run + 1, n_skipped + 1
+                bad_run, n_skipped, bi = bad_run + 1, n_skipped + 1, bi + 1  # the batch is consumed all the same
                 common.print0(f"warning: non-finite loss/gradient at step {step}: step skipped "
                               f"({bad_run} in a row, {n_skipped} in all)")
                 logger.log(step=step, skipped_nonfinite=True)

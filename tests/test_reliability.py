@@ -107,3 +107,37 @@ def test_unreadable_images_are_counted_and_fail_past_the_limit(tmp_path, phantom
     with pytest.raises(RuntimeError, match="max_bad_frac"):
         cxrclip.main([f"--data={d / 'phantoms.csv'}", f"--out_dir={tmp_path / 'b'}", "--epochs=1",
                       "--max_bad_frac=0.0001", *TINY])
+
+
+# ---- the same faults in the other three paper files (each copies cxrclip.py's loop on purpose) ----
+
+OTHER = {
+    "pedclip": ["--image_size=32", "--vit_width=32", "--vit_mlp_dim=64", "--tiny_width=32", "--tiny_layers=1",
+                "--vocab_size=400", "--embed_dim=32", "--batch_size=16", "--log_every=1", "--teacher_epochs=1"],
+    "cxrcml": ["--image_size=32", "--patch_size=8", "--batch_size=16", "--bank_size=64", "--refit_every=3",
+               "--n_clusters=4", "--num_workers=0", "--folds=2", "--log_every=1", "--vocab_size=300"],
+    "dmlm": ["--image_size=32", "--vit_width=32", "--vit_layers=1", "--vit_heads=2", "--bert_width=32",
+             "--bert_layers=1", "--embed_dim=32", "--fusion_width=32", "--fusion_heads=2", "--vocab_size=400",
+             "--max_tokens=64", "--batch_size=16", "--num_workers=0", "--log_every=1"],
+}
+
+
+@pytest.mark.parametrize("paper", list(OTHER))
+def test_other_papers_nan_on_one_rank_and_sigterm(paper, tmp_path, phantom_csv):
+    out = tmp_path / "nan"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        f"{paper}.py", f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=2", "--fault_nan_step=2",
+                        *OTHER[paper]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in _log(out / "log.jsonl") if r.get("skipped_nonfinite")] == [2]
+
+    run = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, f"{paper}.py", f"--data={phantom_csv}", f"--out_dir={run}",
+                             "--epochs=50", *OTHER[paper]], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_steps(run / "log.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    o, e = proc.communicate(timeout=120)
+    assert proc.returncode == 0, e[-2000:]
+    assert "SIGTERM" in o + e and "ckpt.pt" in o + e
+    assert common.load_checkpoint(run / "ckpt.pt")["step"] >= 2
