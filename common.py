@@ -478,7 +478,7 @@ class XrayCSV:
     """
 
     def __init__(self, path: str | os.PathLike, split: str | None = None, require=("image",),
-                 require_text: bool = False, counter: BadSampleCounter | None = None):
+                 require_text: bool = False, counter: BadSampleCounter | None = None, require_frontal: bool = False):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"data CSV {self.path} does not exist (the demo makes one with "
@@ -525,6 +525,19 @@ class XrayCSV:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(self.rows):
             groups[r.get("study_id") or f"_row{i}"].append(i)
+        if require_frontal and "view" in cols:  # frontal-only protocols (CheXzero, CXR-LT): lateral-only studies out
+            keep = {}
+            for sid, idx in groups.items():
+                if any(self.rows[i].get("view", "").strip().upper() in FRONTAL_VIEWS for i in idx):
+                    keep[sid] = idx
+                else:
+                    self.counter.add("study with no frontal view", f"{self.path} study {sid}", len(idx))
+            order = [i for idx in keep.values() for i in idx]
+            self.rows = [self.rows[i] for i in order]
+            groups = defaultdict(list)
+            for i, r in enumerate(self.rows):
+                groups[r.get("study_id") or f"_row{i}"].append(i)
+            self.counter.check()
         self.studies = list(groups.values())
 
     def __len__(self):

@@ -388,3 +388,18 @@ def test_jsonl_logger_and_truncate(tmp_path):
     common.truncate_log(tmp_path / "log.jsonl", 3)
     rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_studies_with_no_frontal_view_are_counted(tmp_path):
+    cols = ["image", "study_id", "split", "view"]
+    rows = [{"image": "a.png", "study_id": "s1", "split": "train", "view": "PA"},
+            {"image": "b.png", "study_id": "s1", "split": "train", "view": "LATERAL"},
+            {"image": "c.png", "study_id": "s2", "split": "train", "view": "LATERAL"},
+            {"image": "d.png", "study_id": "s3", "split": "train", "view": "AP"}]
+    _write_csv(tmp_path / "d.csv", rows, cols)
+    c = common.BadSampleCounter(max_bad_frac=0.5)
+    t = common.XrayCSV(tmp_path / "d.csv", counter=c, require_frontal=True)
+    assert [r["image"] for r in t.rows] == ["a.png", "b.png", "d.png"] and t.studies == [[0, 1], [2]]
+    assert c.counts["study with no frontal view"] == 1
+    with pytest.raises(RuntimeError, match="max_bad_frac"):
+        common.XrayCSV(tmp_path / "d.csv", counter=common.BadSampleCounter(0.1), require_frontal=True)
