@@ -141,3 +141,19 @@ def test_other_papers_nan_on_one_rank_and_sigterm(paper, tmp_path, phantom_csv):
     assert proc.returncode == 0, e[-2000:]
     assert "SIGTERM" in o + e and "ckpt.pt" in o + e
     assert common.load_checkpoint(run / "ckpt.pt")["step"] >= 2
+
+
+def test_cxrcml_resume_is_exact(tmp_path, phantom_csv):
+    """CXR-CML also checkpoints its embedding bank and mixture: stop mid-run, resume, same weights and log."""
+    import cxrcml
+
+    args = [f"--data={phantom_csv}", "--epochs=3", "--ckpt_every=2", *OTHER["cxrcml"]]
+    cxrcml.main([*args, f"--out_dir={tmp_path / 'a'}"])
+    cxrcml.main([*args, f"--out_dir={tmp_path / 'b'}", "--max_steps=7"])
+    cxrcml.main([*args, f"--out_dir={tmp_path / 'b'}", "--resume"])
+    wa, wb = _weights(tmp_path / "a" / "ckpt.pt"), _weights(tmp_path / "b" / "ckpt.pt")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    drop = ("elapsed_s", "cluster_share", "step_ms", "cluster_ms")
+    strip = lambda p: [{k: v for k, v in r.items() if k not in drop} for r in _log(p)]  # noqa: E731
+    assert strip(tmp_path / "a" / "log.jsonl") == strip(tmp_path / "b" / "log.jsonl")
