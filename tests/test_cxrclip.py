@@ -76,7 +76,7 @@ def test_sentence_shuffle_really_shuffles():
     t = "A b. C d. E f."
     for _ in range(5):
         s = cxrclip.sentence_shuffle(t, rng)
-        assert s != t and sorted(s.split(". ")) != [] and set(x.strip(". ") for x in s.split(".")) == {"A b", "C d", "E f", ""}
+        assert s != t and set(x.strip(". ") for x in s.split(".")) == {"A b", "C d", "E f", ""}
 
 
 def test_study_sampling_two_views_and_texts(phantom_csv):
@@ -88,10 +88,11 @@ def test_study_sampling_two_views_and_texts(phantom_csv):
     assert not torch.equal(item["x1"], item["x2"])
     again = ds[(0, 123)]
     assert torch.equal(item["x1"], again["x1"]) and item["t1"] == again["t1"]  # a function of (index, seed)
-    secs = set(tr.texts(tr.studies[0][0]))
-    if len(secs) == 2:
-        assert {item["t1"], item["t2"]} <= secs | {cxrclip.sentence_shuffle(s, np.random.default_rng(0)) for s in secs} or True
-        assert item["t1"] in secs
+    # t^1 is one of the study's report sections; t^2 is the other one or a sentence-shuffled copy (same sentences)
+    secs = tr.texts(tr.studies[0][0])
+    assert item["t1"] in secs
+    sents = lambda s: sorted(x.strip() for x in s.split(".") if x.strip())  # noqa: E731
+    assert any(sents(item["t2"]) == sents(s) for s in secs)
     # distinct views: the two images come from two different rows with different views
     chosen = []
     orig = common.load_image
