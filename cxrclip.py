@@ -18,7 +18,7 @@ What this file implements, top to bottom (one file, sharing only common.py):
 
 Run it:
 
-    python cxrclip.py                                        # demo: phantom data, tiny encoders, ~2 min on 2 CPU cores
+    python cxrclip.py                                        # demo: phantom data, tiny encoders, ~3 min on 2 CPU cores
     python cxrclip.py --preset=paper --data=data/mimic.csv   # the paper: ResNet-50 + BioClinicalBERT, 224 px
     python cxrclip.py --preset=paper --image_encoder=swin_t --data=data/mimic.csv
     torchrun --nproc_per_node=2 cxrclip.py                   # 2 processes (GPUs, or gloo on CPU); --batch_size is global
