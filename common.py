@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 LABEL_PREFIX = "label:"  # CSV columns "label:<Name>" hold 1 / 0 / -1 / blank (CheXpert convention)
@@ -452,6 +453,47 @@ def to_tensor(img: np.ndarray, channels: int = 3) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
+# ---- demo image encoders: a convolutional stem for tiny ViTs trained from scratch ----
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a [B, C, H, W] map: no statistic mixes positions or samples."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvStem(nn.Sequential):
+    """Patch embedding of a hybrid ViT: log2(patch) stride-2 conv blocks, then a 1x1 conv to the token width.
+
+    [B, 3, H, W] -> [B, dim, H/patch, W/patch], the shape of ViT's one patch_size x patch_size conv. A ViT
+    trained from scratch for minutes on a few thousand images learns little through a single linear
+    patchify; strided 3x3 convolutions in its place make it train far faster and more stably (Xiao et al.,
+    "Early convolutions help transformers see better", NeurIPS 2021). The demos use it; the paper presets
+    keep the pretrained linear patchify. `overlap=False` uses 2x2 kernels instead (the hMLP stem of Touvron
+    et al., ECCV 2022): each token then sees only its own patch, so masking a token hides all of its pixels
+    (what masked modelling needs). The norm is per pixel (ChannelNorm), so neither other positions nor other
+    samples leak in. `weight` is the last conv's, for code that reads the embedding's dtype from it
+    (transformers' CLIPVisionEmbeddings).
+    """
+
+    def __init__(self, dim: int, patch: int, in_ch: int = 3, overlap: bool = True):
+        n = int(round(math.log2(patch))) if patch > 0 else 0
+        if patch < 2 or 2 ** n != patch:
+            raise ValueError(f"a conv stem needs a power-of-two patch size >= 2, got {patch}")
+        chans = [in_ch] + [max(8, dim >> (n - i)) for i in range(1, n + 1)]  # ..., dim/4, dim/2, dim
+        k, pad = (3, 1) if overlap else (2, 0)
+        layers = []
+        for i in range(n):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], k, stride=2, padding=pad, bias=False),
+                       ChannelNorm(chans[i + 1]), nn.GELU()]
+        layers.append(nn.Conv2d(chans[-1], dim, 1))
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[-1].weight
+
+
 # ---- data: the CSV schema ----
 
 def parse_label(v) -> tuple[float, bool]:
@@ -747,6 +789,18 @@ def hf_from_pretrained(cls, name: str, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------
+def hf_grad_ckpt(model):
+    """Gradient (activation) checkpointing on a transformers model, under the name its version uses
+    (activation_checkpointing_enable from transformers 5.x, gradient_checkpointing_enable before)."""
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache and recomputation do not mix (and encoders do not need one)
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 # ---- checkpoints ----
 
 def rng_state() -> dict:

@@ -93,6 +93,7 @@ class Config:
     vision_width: int = 64  # random CLIP only: ViT hidden size (768 in ViT-B/32)
     vision_layers: int = 2  # random CLIP only: ViT layers (12)
     patch_size: int = 8  # random CLIP only: ViT patch size (32)
+    stem: str = "patch"  # random CLIP only: patch (CLIP's one-conv patchify) | conv (strided 3x3 convs, a hybrid ViT: the demo)
     text_width: int = 64  # random CLIP only: text transformer hidden size (512)
     text_layers: int = 2  # random CLIP only: text transformer layers (12)
     heads: int = 2  # random CLIP only: attention heads in both towers (12 / 8 in ViT-B/32)
@@ -129,6 +130,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
+    grad_ckpt: bool = False  # gradient checkpointing: recompute each encoder layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 2  # DataLoader workers per rank
     out_dir: str = "out/cxrcml"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, bank, mixture, RNG, data)
@@ -274,6 +276,16 @@ class CXRCML(nn.Module):
         _, CLIPModel = _clip_classes()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.clip = CLIPModel(clip_config)
+        if cfg.stem == "conv":  # demo: tokens from strided 3x3 convs instead of one patchify conv (common.ConvStem)
+            if cfg.clip_name or cfg.init_ckpt:
+                raise common.ConfigError("--stem=conv replaces CLIP's pretrained patch embedding: it is for random "
+                                         "CLIPs only (leave --clip_name and --init_ckpt empty, or use --stem=patch)")
+            vc = clip_config.vision_config
+            self.clip.vision_model.embeddings.patch_embedding = common.ConvStem(vc.hidden_size, vc.patch_size)
+        elif cfg.stem != "patch":
+            raise common.ConfigError(f"--stem={cfg.stem}: expected patch | conv")
+        if cfg.grad_ckpt:  # for batches that do not fit: CLIP's layers are recomputed in the backward
+            common.hf_grad_ckpt(self.clip)
         self.max_tokens = min(cfg.max_tokens, clip_config.text_config.max_position_embeddings)
         self.image_size = clip_config.vision_config.image_size
         self.class_names: list[str] = []  # the training classes (set by train / load; used by zeroshot_prompts)

@@ -96,6 +96,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import common
 
@@ -113,6 +114,7 @@ class Config:
     image_size: int = 224  # input resolution (224 in the paper, Sec. 3.5)
     # model (Sec. 2.2, 3.5)
     vit_patch: int = 16  # ViT patch size (ViT-B/16)
+    stem: str = "patch"  # patch embedding: patch (ViT's one conv) | hmlp (non-overlapping 2x2 conv stack: a masked patch stays hidden; demo) | conv (3x3, overlapping)
     vit_width: int = 768  # ViT hidden size
     vit_layers: int = 12  # ViT blocks
     vit_heads: int = 12  # ViT attention heads
@@ -156,6 +158,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
+    grad_ckpt: bool = False  # gradient checkpointing: recompute each encoder layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 2  # DataLoader workers per rank
     threads: int = 0  # torch CPU threads per process (0: torch's default); 1 keeps a shared CPU from thrashing
     out_dir: str = "out/dmlm"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
@@ -399,11 +402,13 @@ class ViTEncoder(nn.Module):
         self.pos_embedding = nn.Parameter(torch.empty(1, seq_len, dim).normal_(std=0.02))
         self.layers = nn.Sequential(OrderedDict((f"encoder_layer_{i}", Block(dim, heads, 4 * dim)) for i in range(layers)))
         self.ln = nn.LayerNorm(dim, eps=1e-6)
+        self.grad_ckpt = False  # --grad_ckpt: keep each block's input only, recompute the block in the backward
 
     def forward(self, x):
         x = x + self.pos_embedding
+        recompute = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for blk in self.layers:
-            x = blk(x)
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
         return self.ln(x)
 
 
@@ -411,14 +416,19 @@ class ViT(nn.Module):
     """E^i: ViT with torchvision VisionTransformer's state-dict names (class_token, conv_proj, encoder.*), so
     ViT_B_16_Weights.IMAGENET1K_V1 loads with load_state_dict; the demo builds the same class tiny."""
 
-    def __init__(self, image_size: int, patch: int, dim: int, layers: int, heads: int):
+    def __init__(self, image_size: int, patch: int, dim: int, layers: int, heads: int, stem: str = "patch"):
         super().__init__()
         self.grid = image_size // patch
-        self.conv_proj = nn.Conv2d(3, dim, patch, patch)
+        if stem == "patch":
+            self.conv_proj = nn.Conv2d(3, dim, patch, patch)
+            nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * patch * patch)))
+            nn.init.zeros_(self.conv_proj.bias)
+        elif stem in ("hmlp", "conv"):  # demo: a convolutional stem (common.ConvStem says why and what hmlp is)
+            self.conv_proj = common.ConvStem(dim, patch, overlap=stem == "conv")
+        else:
+            raise common.ConfigError(f"--stem={stem}: expected patch | hmlp | conv")
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.encoder = ViTEncoder(self.grid ** 2 + 1, dim, layers, heads)
-        nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * patch * patch)))
-        nn.init.zeros_(self.conv_proj.bias)
 
     def forward(self, x, patch_mask=None, mask_token=None):
         """x [B, 3, H, W] -> [B, 1 + N, C]; patches where patch_mask [B, N] is True are replaced by mask_token."""
@@ -430,10 +440,10 @@ class ViT(nn.Module):
 
 
 def build_image_encoder(cfg: Config) -> ViT:
-    vit = ViT(cfg.image_size, cfg.vit_patch, cfg.vit_width, cfg.vit_layers, cfg.vit_heads)
+    vit = ViT(cfg.image_size, cfg.vit_patch, cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.stem)
     if cfg.pretrained:
-        if (cfg.image_size, cfg.vit_patch, cfg.vit_width, cfg.vit_layers) != (224, 16, 768, 12):
-            raise common.ConfigError("--pretrained ViT-B/16 weights need --image_size=224 --vit_patch=16 "
+        if (cfg.image_size, cfg.vit_patch, cfg.stem, cfg.vit_width, cfg.vit_layers) != (224, 16, "patch", 768, 12):
+            raise common.ConfigError("--pretrained ViT-B/16 weights need --image_size=224 --vit_patch=16 --stem=patch "
                                      "--vit_width=768 --vit_layers=12 --vit_heads=12")
         tv = common.load_torchvision_model("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1")
         sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("heads.")}  # drop the ImageNet classifier
@@ -499,6 +509,9 @@ class DMLM(nn.Module):
         self.pred_image = GaussianHead(fw, cfg.embed_dim, cfg.var_param, cfg.var_floor)  # N(μ̂_p, σ̂_p²)
         self.pred_text = GaussianHead(fw, cfg.embed_dim, cfg.var_param, cfg.var_floor)  # N(μ̂_t, σ̂_t²)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        if cfg.grad_ckpt:  # for batches that do not fit: both encoders recompute their layers in the backward
+            self.visual.encoder.grad_ckpt = True
+            common.hf_grad_ckpt(self.text)
 
     def encoder_parameters(self):
         """The parameters trained at --encoder_lr (Sec. 3.5)."""

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import common
 
@@ -110,6 +111,7 @@ class Config:
     # image encoder phi_v (Sec. 2.2, 3.1: ViT-B/16 pretrained on ImageNet)
     pretrained: bool = False  # ImageNet ViT-B/16 (torchvision) and BioClinicalBERT weights (paper preset)
     patch_size: int = 8  # ViT patch size (16 in the paper)
+    stem: str = "patch"  # patch embedding: patch (one patch_size^2 conv, ViT's; the paper) | conv (strided 3x3 convs: a hybrid ViT, the demo)
     vit_width: int = 64  # C, the token feature size (768 in ViT-B)
     vit_depth: int = 4  # L transformer layers (12 in ViT-B)
     vit_heads: int = 2  # attention heads (12 in ViT-B)
@@ -138,6 +140,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
+    grad_ckpt: bool = False  # gradient checkpointing: recompute each ViT / BERT layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 0  # DataLoader workers per rank
     threads: int = 1  # CPU only: intra-op threads per process (0: torch's default). 1 avoids OpenMP spin-waiting on a shared CPU
     out_dir: str = "out/pedclip"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
@@ -159,10 +162,10 @@ PRESETS = {
     # Demo: phantoms at 64 px, a 4-layer ViT (8 px patches: 64 tokens + [IMG]) whose last 2 MLPs are MoBE with
     # the phantoms' 6 body parts as experts, and a 2-layer BERT, from scratch. 2106 training images / 32 per
     # batch = 65 steps/epoch x 15 epochs = 975 steps; epochs 0-2 teacher-forced (the paper's 10/50 ratio).
-    "demo": dict(epochs=15, teacher_epochs=3, batch_size=32, lr=2e-3),
+    "demo": dict(epochs=15, teacher_epochs=3, batch_size=32, lr=2e-3, stem="conv"),
     # Paper (Sec. 3.1): ViT-B/16 (ImageNet) + BioClinicalBERT, 224 px, 23 experts in the last 4 of 12 layers,
     # 50 epochs (10 teacher-forced), lr 1e-5, global batch 256 (the paper's 2 GPUs x 128).
-    "paper": dict(image_size=224, body_parts="pexr23", pretrained=True, patch_size=16, vit_width=768, vit_depth=12,
+    "paper": dict(image_size=224, body_parts="pexr23", pretrained=True, patch_size=16, stem="patch", vit_width=768, vit_depth=12,
                   vit_heads=12, vit_mlp_dim=3072, moe_layers="8,9,10,11",
                   text_encoder="emilyalsentzer/Bio_ClinicalBERT", embed_dim=512, epochs=50, teacher_epochs=10,
                   batch_size=256, lr=1e-5, weight_decay=1e-4, warmup_epochs=1.0, num_workers=8, threads=0, data=""),
@@ -315,23 +318,33 @@ class ViT(nn.Module):
     """Vision transformer phi_v (Sec. 2.2). forward -> (tokens [B, 1+N, C] with [IMG] first, gate logits per MoBE layer)."""
 
     def __init__(self, image_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072,
-                 moe_layers=(), n_experts=0, topk=0):
+                 moe_layers=(), n_experts=0, topk=0, stem="patch"):
         super().__init__()
         self.image_size, self.patch_size = image_size, patch_size
         n_patches = (image_size // patch_size) ** 2
-        self.conv_proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-        nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * patch_size ** 2)))
-        nn.init.zeros_(self.conv_proj.bias)
+        if stem == "conv":  # demo: a hybrid ViT, tokens from strided 3x3 convs (common.ConvStem says why)
+            self.conv_proj = common.ConvStem(dim, patch_size)
+        elif stem == "patch":
+            self.conv_proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+            nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * patch_size ** 2)))
+            nn.init.zeros_(self.conv_proj.bias)
+        else:
+            raise common.ConfigError(f"--stem={stem}: expected patch | conv")
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))  # the global image token [IMG]
         self.encoder = Encoder(n_patches + 1, dim, depth, heads, mlp_dim, set(moe_layers), n_experts, topk)
         self.moe_layers = sorted(moe_layers)
+        self.grad_ckpt = False  # --grad_ckpt: keep only each layer's input, recompute the layer in the backward
 
     def forward(self, images, expert_index=None):
         x = self.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C]
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.encoder.pos_embedding
         gate_logits = []
+        recompute = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layers:
-            x, logits = layer(x, expert_index)
+            if recompute:
+                x, logits = torch.utils.checkpoint.checkpoint(layer, x, expert_index, use_reentrant=False)
+            else:
+                x, logits = layer(x, expert_index)
             if logits is not None:
                 gate_logits.append(logits)
         return self.encoder.ln(x), gate_logits
@@ -392,7 +405,7 @@ class PedCLIP(nn.Module):
         self.cfg, self.tokenizer, self.body_parts = cfg, tokenizer, body_parts
         self.visual = ViT(cfg.image_size, cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
                           cfg.vit_mlp_dim, parse_moe_layers(cfg.moe_layers, cfg.vit_depth), len(body_parts),
-                          cfg.moe_topk)
+                          cfg.moe_topk, cfg.stem)
         self.text = text_encoder
         self.image_proj = nn.Linear(cfg.vit_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim, bias=False)
@@ -663,9 +676,13 @@ def build(cfg: Config, tokenizer=None, table: common.XrayCSV | None = None, bert
     of the pretrained MLP of its layer, Sec. 3.1) and the text encoder BioClinicalBERT."""
     tokenizer = tokenizer or build_tokenizer(cfg, table)
     model = PedCLIP(cfg, build_text_encoder(cfg, len(tokenizer), bert_config), tokenizer, body_part_list(cfg))
+    if cfg.grad_ckpt:  # for batches that do not fit: activations of one layer at a time, recomputed in the backward
+        model.visual.grad_ckpt = True
+        common.hf_grad_ckpt(model.text)
     if cfg.pretrained:
-        if (cfg.patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads, cfg.vit_mlp_dim) != (16, 768, 12, 12, 3072):
-            raise common.ConfigError("--pretrained loads ViT-B/16: it needs --patch_size=16 --vit_width=768 "
+        if (cfg.patch_size, cfg.stem, cfg.vit_width, cfg.vit_depth, cfg.vit_heads, cfg.vit_mlp_dim) != \
+                (16, "patch", 768, 12, 12, 3072):
+            raise common.ConfigError("--pretrained loads ViT-B/16: it needs --patch_size=16 --stem=patch --vit_width=768 "
                                      "--vit_depth=12 --vit_heads=12 --vit_mlp_dim=3072 (or --pretrained=false)")
         tv = common.load_torchvision_model("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1")
         model.visual.load_state_dict(vit_state_from_torchvision(tv.state_dict(), model.visual))
