@@ -471,9 +471,11 @@ class ConvStem(nn.Sequential):
     "Early convolutions help transformers see better", NeurIPS 2021). The demos use it; the paper presets
     keep the pretrained linear patchify. `overlap=False` uses 2x2 kernels instead (the hMLP stem of Touvron
     et al., ECCV 2022): each token then sees only its own patch, so masking a token hides all of its pixels
-    (what masked modelling needs). The norm is per pixel (ChannelNorm), so neither other positions nor other
-    samples leak in. `weight` is the last conv's, for code that reads the embedding's dtype from it
-    (transformers' CLIPVisionEmbeddings).
+    (what masked modelling needs), and its norm is per pixel (ChannelNorm) so that no statistic carries a
+    masked patch's pixels into the other tokens. The overlapping stem uses GroupNorm, whose per-image
+    statistics learned much faster in the CXR-CML demo (zero-shot AUC 0.92 against 0.73 with ChannelNorm).
+    Neither norm mixes samples of a batch. `weight` is the last conv's, for code that reads the embedding's
+    dtype from it (transformers' CLIPVisionEmbeddings).
     """
 
     def __init__(self, dim: int, patch: int, in_ch: int = 3, overlap: bool = True):
@@ -484,8 +486,8 @@ class ConvStem(nn.Sequential):
         k, pad = (3, 1) if overlap else (2, 0)
         layers = []
         for i in range(n):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], k, stride=2, padding=pad, bias=False),
-                       ChannelNorm(chans[i + 1]), nn.GELU()]
+            norm = nn.GroupNorm(min(8, chans[i + 1]), chans[i + 1]) if overlap else ChannelNorm(chans[i + 1])
+            layers += [nn.Conv2d(chans[i], chans[i + 1], k, stride=2, padding=pad, bias=False), norm, nn.GELU()]
         layers.append(nn.Conv2d(chans[-1], dim, 1))
         super().__init__(*layers)
 

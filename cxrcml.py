@@ -151,7 +151,7 @@ PRESETS = {
     # 31 steps/epoch; 30 epochs -> ~930 steps; no augmentation (it slowed learning in the few minutes we have). K = 12 (one per phantom class, as N = 40 is one per CXR-LT class).
     # lr: 1e-6 only nudges pretrained CLIP weights; a random transformer learns nothing at that rate in minutes,
     # so the demo uses 1e-3 with a short warm-up (transformers from scratch diverge without one).
-    "demo": dict(batch_size=64, epochs=30, lr=1e-3, weight_decay=0.05, warmup_steps=30, n_clusters=12,
+    "demo": dict(batch_size=64, epochs=30, lr=1e-3, weight_decay=0.05, warmup_steps=30, n_clusters=12, stem="conv",
                  bank_size=512, refit_every=25, plateau_patience=3, augment=False,
                  rare_labels=",".join(common.PHANTOM_RARE)),
     # Paper (Sec. 3): CLIP ViT-B/32 from OpenAI weights (or CheXzero with --init_ckpt), 224 px, batch 32

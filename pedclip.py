@@ -162,7 +162,7 @@ PRESETS = {
     # Demo: phantoms at 64 px, a 4-layer ViT (8 px patches: 64 tokens + [IMG]) whose last 2 MLPs are MoBE with
     # the phantoms' 6 body parts as experts, and a 2-layer BERT, from scratch. 2106 training images / 32 per
     # batch = 65 steps/epoch x 15 epochs = 975 steps; epochs 0-2 teacher-forced (the paper's 10/50 ratio).
-    "demo": dict(epochs=15, teacher_epochs=3, batch_size=32, lr=2e-3, stem="conv"),
+    "demo": dict(epochs=15, teacher_epochs=3, batch_size=32, lr=2e-3),
     # Paper (Sec. 3.1): ViT-B/16 (ImageNet) + BioClinicalBERT, 224 px, 23 experts in the last 4 of 12 layers,
     # 50 epochs (10 teacher-forced), lr 1e-5, global batch 256 (the paper's 2 GPUs x 128).
     "paper": dict(image_size=224, body_parts="pexr23", pretrained=True, patch_size=16, stem="patch", vit_width=768, vit_depth=12,

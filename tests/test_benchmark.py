@@ -60,3 +60,87 @@ def test_compile_gives_the_eager_loss(phantom_csv):
     eager = loss_of(model)
     compiled = loss_of(torch.compile(model))
     assert abs(eager - compiled) < 1e-4, (eager, compiled)
+
+
+# --compile for the other three files: eager and torch.compile (inductor on CPU) give the same training loss on one
+# fixed batch of synthetic tensors, to 1e-4 (float32 sums re-associated by the fused kernels). Each uses the file's
+# own objective: a change in how the compiled graph runs a layer would show here.
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+
+
+def _eager_and_compiled(model, loss_of):
+    model.eval()  # no dropout; the same weights go through both
+    eager = loss_of(model)
+    compiled = loss_of(torch.compile(model))
+    return eager, compiled
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_loss_pedclip():
+    import common
+    import pedclip
+
+    torch.manual_seed(0)
+    model = pedclip.build(pedclip.Config(image_size=32, stem="conv"), common.tokenizer_from_vocab(VOCAB))
+    g = torch.Generator().manual_seed(1)
+    x, ids = torch.randn(8, 3, 32, 32, generator=g), torch.randint(5, 64, (8, 16), generator=g)
+    xb = torch.arange(8) % len(model.body_parts)
+    for teacher in (True, False):  # both phases: routed experts, and the dense soft mixture of Eq. (2)
+        def loss_of(m):
+            v, t, gl = m(x, ids, torch.ones_like(ids), xb if teacher else None)
+            return pedclip.total_loss(*pedclip.infonce_losses(v, t, model.logit_scale), pedclip.gate_loss(gl, xb),
+                                      1.0).item()
+        eager, compiled = _eager_and_compiled(model, loss_of)
+        assert abs(eager - compiled) < 1e-4, (teacher, eager, compiled)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_loss_cxrcml():
+    import common
+    import cxrcml
+
+    torch.manual_seed(0)
+    model = cxrcml.build(cxrcml.Config(image_size=32, stem="conv"), common.tokenizer_from_vocab(VOCAB))
+    g = torch.Generator().manual_seed(1)
+    x, ids = torch.randn(8, 3, 32, 32, generator=g), torch.randint(5, 63, (8, 12), generator=g)
+    ids[:, -1] = 3  # CLIP pools at the end-of-text token ([SEP] here)
+    t = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pseudo = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # cluster pseudo-labels for the triplet term
+
+    def loss_of(m):
+        v, u = m(x, t)
+        l_c = cxrcml.clip_loss(u, v, model.scale())
+        return cxrcml.cxrcml_loss(l_c, cxrcml.triplet_loss(v, pseudo, 0.2)[0]).item()
+
+    eager, compiled = _eager_and_compiled(model, loss_of)
+    assert abs(eager - compiled) < 1e-4, (eager, compiled)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_loss_dmlm():
+    import numpy as np
+
+    import common
+    import dmlm
+
+    torch.manual_seed(0)
+    cfg = dmlm.Config(**{**dmlm.PRESETS["demo"], "image_size": 32, "stem": "hmlp", "max_tokens": 16})
+    tok = common.tokenizer_from_vocab(VOCAB)
+    model = dmlm.build(cfg, tok, None, {})
+    g = torch.Generator().manual_seed(1)
+    x, ids = torch.randn(8, 3, 32, 32, generator=g), torch.randint(5, 64, (8, 16), generator=g)
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    am = torch.ones_like(ids)
+    tmask = dmlm.text_token_mask(ids, am, [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id], 0.3,
+                                 [np.random.default_rng(i) for i in range(8)])
+    rng = np.random.default_rng(0)
+    pmask = torch.from_numpy(np.stack([dmlm.image_patch_mask("", 4, 0.3, "random", 0.0, rng) for _ in range(8)]))
+    mids = ids.masked_fill(tmask, tok.mask_token_id)
+
+    def loss_of(m):
+        out = m(x, ids, am, mids, pmask)
+        targets = ((out["img_mu"].detach(), out["img_var"].detach()), (out["txt_mu"].detach(), out["txt_var"].detach()))
+        return dmlm.dmlm_objective(out, targets, tmask, pmask, cfg, model.scale())[0].item()
+
+    eager, compiled = _eager_and_compiled(model, loss_of)
+    assert abs(eager - compiled) < 1e-4, (eager, compiled)
