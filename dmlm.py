@@ -182,9 +182,9 @@ PRESETS = {
     # on one free CPU core. Encoders from scratch need the large lr, so encoder_lr = lr here. One torch thread and no
     # loader worker: these ops are too small to gain from threads, and OpenMP threads on an oversubscribed CPU
     # spin-wait (measured: 2 threads 7x SLOWER than 1 while other jobs shared the 2 cores).
-    "demo": dict(image_size=64, vit_patch=8, vit_width=64, vit_layers=2, vit_heads=2, text_encoder="tiny",
+    "demo": dict(image_size=64, vit_patch=8, stem="conv", vit_width=64, vit_layers=2, vit_heads=2, text_encoder="tiny",
                  bert_width=64, bert_layers=2, pretrained=False, embed_dim=64, fusion_width=64, fusion_layers=1,
-                 fusion_heads=2, max_tokens=96, vocab_size=1500, batch_size=64, epochs=12, lr=2e-3,
+                 fusion_heads=2, max_tokens=96, vocab_size=1500, batch_size=64, epochs=13, lr=2e-3,
                  encoder_lr=2e-3, weight_decay=0.05, warmup_epochs=1.0, num_workers=0, threads=1),
     # Paper (Sec. 3.5): ViT-B/16 (ImageNet) + ClinicalBERT, 224 px, dim 768, global batch 128 (e.g. 4 GPUs x 32),
     # AdamW wd 0.05, warm-up to 3e-4 then cosine, encoders at 1e-5, 100 epochs; 30% text masking, λ = 0.2.

@@ -403,3 +403,27 @@ def test_studies_with_no_frontal_view_are_counted(tmp_path):
     assert c.counts["study with no frontal view"] == 1
     with pytest.raises(RuntimeError, match="max_bad_frac"):
         common.XrayCSV(tmp_path / "d.csv", counter=common.BadSampleCounter(0.1), require_frontal=True)
+
+
+def test_conv_stem_shapes_and_receptive_fields():
+    """common.ConvStem gives the patchify conv's output shape; with overlap=False (hMLP) each token is a function
+    of its own patch's pixels only (checked with the per-image GroupNorms removed, which are the one place where
+    other patches enter: through a mean and a variance), with overlap=True neighbouring pixels reach it too."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    x2 = x.clone()
+    x2[:, :, :8, :8] += 1.0  # perturb the pixels of patch (0, 0) only
+    for overlap, expect_only_own in ((False, True), (True, False)):
+        stem = common.ConvStem(48, 8, overlap=overlap)
+        assert stem(x).shape == nn.Conv2d(3, 48, 8, 8)(x).shape == (2, 48, 4, 4)
+        assert stem.weight is stem[-1].weight  # what transformers' CLIPVisionEmbeddings reads the dtype from
+        plain = nn.Sequential(*[nn.Identity() if isinstance(m, nn.GroupNorm) else m for m in stem])
+        changed = ((plain(x2) - plain(x)).abs().amax(dim=(0, 1)) > 1e-6).nonzero().tolist()
+        if expect_only_own:
+            assert changed == [[0, 0]], changed
+        else:
+            assert [0, 0] in changed and len(changed) > 1, changed
+    with pytest.raises(ValueError, match="power-of-two"):
+        common.ConvStem(48, 12)
