@@ -150,7 +150,9 @@ class Config:
 
 PRESETS = {
     # Demo: phantoms at 64 px, a tiny random CLIP. 3000 images -> ~2000 training images; 64 per batch ->
-    # 31 steps/epoch; 30 epochs -> ~930 steps; a conv stem in place of the patchify conv (see the docstring); no augmentation (it slowed learning in the few minutes we have). K = 12 (one per phantom class, as N = 40 is one per CXR-LT class).
+    # 31 steps/epoch; 30 epochs -> ~930 steps; a conv stem in place of the patchify conv (see the docstring); no
+    # augmentation (it slowed learning in the few minutes we have). K = 12 (one per phantom class, as N = 40 is
+    # one per CXR-LT class).
     # lr: 1e-6 only nudges pretrained CLIP weights; a random transformer learns nothing at that rate in minutes,
     # so the demo uses 1e-3 with a short warm-up (transformers from scratch diverge without one).
     "demo": dict(batch_size=64, epochs=30, lr=1e-3, weight_decay=0.05, warmup_steps=30, n_clusters=12, stem="conv",

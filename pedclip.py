@@ -111,7 +111,7 @@ class Config:
     # image encoder phi_v (Sec. 2.2, 3.1: ViT-B/16 pretrained on ImageNet)
     pretrained: bool = False  # ImageNet ViT-B/16 (torchvision) and BioClinicalBERT weights (paper preset)
     patch_size: int = 8  # ViT patch size (16 in the paper)
-    stem: str = "patch"  # patch embedding: patch (one patch_size^2 conv, ViT's; the paper) | conv (strided 3x3 convs: a hybrid ViT, the demo)
+    stem: str = "patch"  # patch embedding: patch (one patch_size^2 conv, ViT's; paper and demo) | conv (strided 3x3 convs, a hybrid ViT; random init only)
     vit_width: int = 64  # C, the token feature size (768 in ViT-B)
     vit_depth: int = 4  # L transformer layers (12 in ViT-B)
     vit_heads: int = 2  # attention heads (12 in ViT-B)

@@ -70,3 +70,27 @@ def test_grad_ckpt_same_gradients_fewer_saved_activations(paper):
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{paper} {n}: {m}")
     assert b1 < 0.7 * b0, (paper, b0, b1)
+
+
+@pytest.mark.parametrize("encoder", ["resnet50", "swin_t"])
+def test_grad_ckpt_torchvision_encoders_same_gradients(encoder):
+    """CXR-CLIP's paper encoders (torchvision ResNet-50 / Swin-T, random init): the stage-by-stage recomputed
+    forward gives the ordinary forward's output and gradients. Eval mode, so BatchNorm uses (and does not
+    update) its running statistics in both runs. Needs a torchvision that imports (not this CPU-only machine)."""
+    try:
+        common.require_torchvision()
+    except RuntimeError as e:
+        pytest.skip(str(e)[:120])
+    import cxrclip
+
+    torch.manual_seed(0)
+    enc = cxrclip.ImageEncoder(cxrclip.Config(image_encoder=encoder, pretrained=False, grad_ckpt=True)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    y0 = enc.net(x)  # torchvision's own forward
+    g0 = torch.autograd.grad(y0.square().sum(), list(enc.parameters()), allow_unused=True)
+    y1 = enc._forward_recomputed(x)
+    g1 = torch.autograd.grad(y1.square().sum(), list(enc.parameters()), allow_unused=True)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
