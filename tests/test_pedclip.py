@@ -296,6 +296,33 @@ def test_unknown_body_part_in_csv_is_an_error_naming_it(tmp_path):
         pedclip.TripletDataset(table, pedclip.body_part_list(cfg), cfg)
 
 
+def test_text_sample_section_draws_one_section_and_augment_off_is_the_eval_transform(tmp_path):
+    import PIL.Image
+
+    PIL.Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)).save(tmp_path / "a.png")
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "split", "body_part", "findings", "impression", "report"])
+        w.writerow(["a.png", "train", "knee", "No fracture. Joint effusion.", "Joint effusion.",
+                    "No fracture. Joint effusion. Joint effusion."])
+        w.writerow(["a.png", "train", "hip", "No fracture.", "", "No fracture."])
+    table = common.XrayCSV(tmp_path / "d.csv", split="train")
+    parts = pedclip.body_part_list(pedclip.Config())
+    full = pedclip.TripletDataset(table, parts, pedclip.Config(text_sample="full"))
+    sec = pedclip.TripletDataset(table, parts, pedclip.Config(text_sample="section", augment=False))
+    drawn = {sec[(0, seed)]["text"] for seed in range(40)}
+    assert drawn == {"No fracture. Joint effusion.", "Joint effusion."}  # one whole section per draw, both drawn
+    assert {sec[(1, seed)]["text"] for seed in range(10)} == {"No fracture."}  # only one non-empty section
+    assert full[(0, 3)]["text"] == "No fracture. Joint effusion. Joint effusion."  # the paper: the whole excerpt
+    evald = pedclip.TripletDataset(table, parts, pedclip.Config(text_sample="section"), train=False)
+    assert evald[(0, 3)]["text"] == "No fracture. Joint effusion. Joint effusion."  # never sampled outside training
+    img = common.load_image(tmp_path / "a.png")
+    torch.testing.assert_close(sec[(0, 5)]["image"], pedclip.ImageTransform(64, False)(img))  # no augmentation
+    assert not torch.equal(full[(0, 5)]["image"], sec[(0, 5)]["image"])  # the default augments
+    with pytest.raises(SystemExit, match="--text_sample=sentence"):
+        pedclip.main(["--text_sample=sentence", f"--data={tmp_path / 'd.csv'}", f"--out_dir={tmp_path / 'o'}"])
+
+
 # ---- end to end: a short run on a small phantom set; the loss falls, metrics and the checkpoint load ----
 
 @pytest.fixture(scope="module")
