@@ -1102,8 +1102,8 @@ def benchmark(cfg: Config) -> dict:
 def cpu_threads(requested: int) -> int:
     """--threads, or for 0 the cores this process may run on divided among the processes on this node, so that
     `python pedclip.py` uses both cores of a 2-core machine and `torchrun --nproc_per_node=2` one each (torch's
-    own default would give every process all cores). The demo on an idle 2-core machine: 193 s of training
-    with 2 threads, 253 s with 1. With other jobs running, 2 threads spin-wait: pass --threads=1."""
+    own default would give every process all cores). The demo on an idle 2-core machine: 188 s of training
+    with 2 threads, 290 s with 1. With other jobs running, 2 threads spin-wait: pass --threads=1."""
     if requested > 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
