@@ -177,7 +177,7 @@ PRESETS = {
     "paper": dict(image_size=224, body_parts="pexr23", pretrained=True, patch_size=16, stem="patch", vit_width=768, vit_depth=12,
                   vit_heads=12, vit_mlp_dim=3072, moe_layers="8,9,10,11",
                   text_encoder="emilyalsentzer/Bio_ClinicalBERT", embed_dim=512, epochs=50, teacher_epochs=10,
-                  batch_size=256, lr=1e-5, weight_decay=1e-4, warmup_epochs=1.0, num_workers=8, threads=0, data="",
+                  batch_size=256, lr=1e-5, weight_decay=1e-4, warmup_epochs=1.0, num_workers=8, data="",
                   augment=True, text_sample="full"),
 }
 
@@ -612,8 +612,8 @@ class TripletDataset(torch.utils.data.Dataset):
         else:
             raise RuntimeError(f"8 rows in a row around row {idx} have no readable image: is the image folder next "
                                f"to {self.t.path}? First error: {bad[0][1]}")
-        return {"image": self.transform(img, rng), "text": self.text(i, rng if self.train else None), "body_part": int(self.body_part[i]),
-                "bad": bad}
+        return {"image": self.transform(img, rng), "text": self.text(i, rng if self.train else None),
+                "body_part": int(self.body_part[i]), "bad": bad}
 
 
 class Collate:
