@@ -23,6 +23,9 @@ Converters (one row per image; `image`/`mask` paths are written relative to the 
     --resize=N writes 8-bit PNG (or --resize_format=jpg) copies whose shorter side is N, once (existing
     files are kept), with --workers processes, and points the CSV at them; DICOM goes through
     common.load_image (MONOCHROME1 inverted, VOI LUT applied). Masks are resized with nearest neighbour.
+    --decode_device=cuda decodes the JPEGs (MIMIC-CXR-JPG, CheXpert) on the GPU with nvJPEG, in batches;
+    `python data_prep.py bench_decode [--images=<folder>] [--decode_device=cuda]` says whether that pays on
+    your machine (images/s per CPU process count, on the GPU, and for reading the resized copies back).
 
 Text steps (a local Hugging Face model: a folder or a cached name; nothing is downloaded here):
 
@@ -54,6 +57,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import common
@@ -702,6 +706,17 @@ CONVERTERS = {
 # ----------------------------------------------------------------------------------------------------
 # ---- writing: missing images, optional resized copies, relative paths, summary ----
 
+def _write_image(dst: str, img: np.ndarray, quality: int):
+    """PNG / JPEG by dst's suffix, through a temporary name: a killed run leaves no half-written file that a
+    rerun would trust (a rerun skips every dst that exists)."""
+    import cv2
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".tmp" + os.path.splitext(dst)[1]
+    if not cv2.imwrite(tmp, img, [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.endswith(".jpg") else []):
+        raise OSError(f"{dst}: cv2.imwrite failed (disk full or the folder is not writable?)")
+    os.replace(tmp, dst)
+
+
 def _resize_one(job):
     """Worker: (src, dst, mask_src, mask_dst, size, quality) -> (ok, message)."""
     import cv2
@@ -712,10 +727,7 @@ def _resize_one(job):
             s = size / min(img.shape)
             if s < 1:  # never upscale
                 img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            tmp = dst + ".tmp" + os.path.splitext(dst)[1]
-            cv2.imwrite(tmp, img, [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.endswith(".jpg") else [])
-            os.replace(tmp, dst)  # a killed run leaves no half-written file that a rerun would trust
+            _write_image(dst, img, quality)
         if msrc and not os.path.exists(mdst):
             h, w = cv2.imread(dst, cv2.IMREAD_GRAYSCALE).shape
             m = cv2.imread(msrc, cv2.IMREAD_GRAYSCALE)
@@ -726,8 +738,101 @@ def _resize_one(job):
         return False, str(e)
 
 
-def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, fmt: str, workers: int) -> list[str]:
-    """Write <out_dir>/<csv stem>_<size>/<path under root>.<fmt> once per image; return the error per row."""
+# --decode_device=cuda: JPEG decoding on the GPU (nvJPEG through torchvision.io.decode_jpeg).
+# At MIMIC scale the one-time resize is the slow step of the whole input pipeline: 377k JPEGs of about
+# 2500 x 3000 pixels, and libjpeg decodes one in tens of milliseconds per core (`bench_decode` below measures
+# it). Training afterwards reads the small copies, which decode hundreds of times faster, so this is where GPU
+# decoding pays. Batches of raw file bytes are read by threads, decoded in one call on the device, shrunk
+# there with an area filter (as cv2.INTER_AREA does on the CPU path) and encoded to PNG / JPEG by threads.
+# Anything the device cannot decode (a lossless or 12-bit JPEG, a corrupt file) is left to the CPU path, which
+# either reads it or reports it as unreadable by name: nothing is skipped silently.
+JPEG_EXTS = (".jpg", ".jpeg")
+
+
+def torchvision_decode_jpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """Raw JPEG bytes (1-D uint8 CPU tensors) -> [1, H, W] uint8 grayscale tensors on `device`.
+
+    One batched call: on CUDA a list is decoded much faster than one call per image (torchvision docs), and
+    a batch with one bad file raises for the whole batch, which `decode_shrink_batch` handles.
+    """
+    common.require_torchvision()
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(datas, mode=ImageReadMode.GRAY, device=device)
+
+
+def _read_bytes(path: str) -> torch.Tensor | None:
+    try:
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    except OSError:
+        return None  # the CPU path reads it again and reports the error with the file name
+
+
+def shrink(img: torch.Tensor, size: int) -> np.ndarray:
+    """[1, H, W] uint8 (any device) -> uint8 [h, w] numpy with shorter side `size`; never upscales.
+
+    mode="area" averages each output pixel's input footprint, the filter of the CPU path's cv2.INTER_AREA. At
+    non-integer scales torch's windows are whole pixels where OpenCV weights the partial edge pixels: on
+    radiograph-like (smooth) content the two differ by under one grey level on average (tested)."""
+    h, w = img.shape[-2:]
+    s = size / min(h, w)
+    if s < 1:
+        x = torch.nn.functional.interpolate(img[None].float(), size=(round(h * s), round(w * s)), mode="area")
+        img = x.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return img[0].cpu().numpy()
+
+
+def decode_shrink_batch(paths: list[str], size: int, device: str, decode=torchvision_decode_jpeg,
+                        io_pool=None) -> list[np.ndarray | None]:
+    """Read, decode on `device` and shrink a batch of JPEGs; None where the device could not (CPU retries)."""
+    datas = list(io_pool.map(_read_bytes, paths) if io_pool else map(_read_bytes, paths))
+    ok = [i for i, d in enumerate(datas) if d is not None and d.numel() > 0]
+    out: list[np.ndarray | None] = [None] * len(paths)
+    try:
+        imgs = decode([datas[i] for i in ok], device) if ok else []
+    except RuntimeError:  # one bad file fails the whole batched call: decode one by one to find it
+        imgs = []
+        for i in ok:
+            try:
+                imgs.append(decode([datas[i]], device)[0])
+            except RuntimeError:
+                imgs.append(None)
+    for i, im in zip(ok, imgs):
+        if im is not None:
+            out[i] = shrink(im, size)
+    return out
+
+
+def resize_on_device(jobs: list[tuple], size: int, device: str, workers: int, batch_size: int = 32,
+                     decode=torchvision_decode_jpeg) -> int:
+    """Write the resized copies of the JPEG jobs whose copy is missing, decoding on `device`; returns how many
+    were written. The rest (other formats, failures) is left for the CPU pass that follows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [j for j in jobs if j[0].lower().endswith(JPEG_EXTS) and not os.path.exists(j[1])]
+    written = 0
+    # threads, not processes: file reads and cv2's PNG / JPEG encoders release the GIL
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = []
+        for b in tqdm(range(0, len(todo), batch_size), desc=f"decode on {device}, resize to {size}",
+                      dynamic_ncols=True, disable=not todo):
+            batch = todo[b:b + batch_size]
+            imgs = decode_shrink_batch([j[0] for j in batch], size, device, decode, pool)
+            pending += [pool.submit(_write_image, j[1], im, j[5]) for j, im in zip(batch, imgs) if im is not None]
+            if len(pending) > 4 * batch_size:  # bound the decoded images held in memory
+                written += sum(f.result() is None for f in pending)
+                pending = []
+        written += sum(f.result() is None for f in pending)
+    return written
+
+
+def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, fmt: str, workers: int,
+                  decode_device: str = "", decode=torchvision_decode_jpeg) -> list[str]:
+    """Write <out_dir>/<csv stem>_<size>/<path under root>.<fmt> once per image; return the error per row.
+
+    decode_device="cuda": JPEGs are decoded there first (resize_on_device); the CPU pass then only does
+    masks, non-JPEG files and whatever the device could not decode."""
     jobs = []
     for r in rows:
         src = Path(r["image"])
@@ -736,6 +841,9 @@ def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, fmt: s
         mdst = out_dir / "masks" / rel.with_suffix(".png") if r.get("mask") else ""
         jobs.append((str(src), str(dst), r.get("mask") or "", str(mdst), size, 95))
     errors = [""] * len(rows)
+    if decode_device:
+        n = resize_on_device(jobs, size, decode_device, workers, decode=decode)
+        print(f"decoded and resized {n} JPEGs on {decode_device}; the CPU pass does the rest")
     pool = Pool(workers) if workers > 1 else None
     try:
         it = pool.imap(_resize_one, jobs, chunksize=16) if pool else map(_resize_one, jobs)
@@ -752,6 +860,83 @@ def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, fmt: s
     return errors
 
 
+def _decode_shrink_cpu(job) -> bool:
+    """bench_decode's CPU path: the same work as _resize_one without the write (PIL decode, cv2 INTER_AREA)."""
+    import cv2
+    path, size = job
+    img = common.load_image(path)
+    s = size / min(img.shape)
+    if s < 1:
+        cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    return True
+
+
+def synthetic_jpegs(out_dir: Path, n: int, h: int, w: int, seed: int = 0) -> list[str]:
+    """n grayscale JPEGs (quality 95) of h x w with radiograph-like content: a smooth field plus film noise,
+    which compresses about as real chest films do (a flat image would decode unrealistically fast)."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        low = cv2.resize(rng.uniform(30, 220, (max(2, h // 64), max(2, w // 64))).astype(np.float32), (w, h),
+                         interpolation=cv2.INTER_CUBIC)
+        img = np.clip(low + rng.normal(0, 2, (h, w)), 0, 255).astype(np.uint8)
+        paths.append(str(out_dir / f"synthetic_{i:04d}.jpg"))
+        cv2.imwrite(paths[-1], img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return paths
+
+
+def bench_decode(paths: list[str], size: int, workers: list[int], decode_device: str = "", batch_size: int = 32,
+                 decode=torchvision_decode_jpeg) -> list[dict]:
+    """Images/s of decode + shrink to `size` (no write), per CPU worker count and on `decode_device`; and, for
+    comparison, of reading back the resized PNG copies, which is what training decodes."""
+    import tempfile
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    mb = sum(os.path.getsize(p) for p in paths) / len(paths) / 2**20
+    print(f"bench_decode: {len(paths)} JPEGs, {mb:.2f} MiB each on average, shrunk to shorter side {size}")
+    rows = []
+
+    def cpu_rows(files, what):
+        for w in workers:
+            jobs = [(p, size) for p in files]
+            with Pool(w) as pool:  # started (and warmed on one image per worker) before the clock starts
+                pool.map(_decode_shrink_cpu, jobs[:w], chunksize=1)
+                t0 = time.perf_counter()
+                pool.map(_decode_shrink_cpu, jobs, chunksize=1)
+                dt = time.perf_counter() - t0
+            rows.append({"decoder": f"{what}, PIL, {w} processes", "images_per_s": len(files) / dt})
+            print(f"  {rows[-1]['decoder']:<48} {rows[-1]['images_per_s']:8.1f} images/s")
+
+    cpu_rows(paths, "original JPEG")
+    with tempfile.TemporaryDirectory() as d:  # what training reads afterwards: the --resize PNG copies
+        copies = [os.path.join(d, f"{i}.png") for i in range(len(paths))]
+        for p, c in zip(paths, copies):
+            _resize_one((p, c, "", "", size, 95))
+        cpu_rows(copies, f"resized {size} PNG copy")
+    if decode_device:
+        try:
+            check_decode_device(decode_device, size) if decode is torchvision_decode_jpeg else None
+        except DataPrepError as e:
+            print(f"  {decode_device}: not measured: {e}")
+            return rows
+        sync = torch.cuda.synchronize if decode_device.startswith("cuda") else (lambda: None)
+        with ThreadPoolExecutor(max(workers)) as io:
+            decode_shrink_batch(paths[:batch_size], size, decode_device, decode, io)  # decoder start-up
+            sync()
+            t0 = time.perf_counter()
+            for b in range(0, len(paths), batch_size):
+                imgs = decode_shrink_batch(paths[b:b + batch_size], size, decode_device, decode, io)
+                if any(im is None for im in imgs):
+                    raise DataPrepError(f"bench_decode: {decode_device} could not decode some of {paths[b:b + 2]}...")
+            dt = time.perf_counter() - t0
+        rows.append({"decoder": f"original JPEG, decode_jpeg on {decode_device}, batch {batch_size}",
+                     "images_per_s": len(paths) / dt})
+        print(f"  {rows[-1]['decoder']:<48} {rows[-1]['images_per_s']:8.1f} images/s")
+    return rows
+
+
 def finish(dataset: str, rows: list[dict], args) -> dict:
     """Skip rows whose image is missing (counted), resize if asked, write the CSV, print the summary."""
     out = Path(args.out).resolve()
@@ -765,7 +950,7 @@ def finish(dataset: str, rows: list[dict], args) -> dict:
     unreadable = 0
     if args.resize:
         errs = resize_copies(kept, Path(args.root).resolve(), out_dir / f"{out.stem}_{args.resize}",
-                             args.resize, args.resize_format, args.workers)
+                             args.resize, args.resize_format, args.workers, args.decode_device)
         for e in filter(None, errs):
             print(f"warning: skipped unreadable image: {e}", file=sys.stderr)
         unreadable = sum(bool(e) for e in errs)
@@ -797,10 +982,30 @@ def finish(dataset: str, rows: list[dict], args) -> dict:
             "rows_per_split": dict(nrows), "positives": {s: dict(counts[s]) for s in splits}}
 
 
+def check_decode_device(device: str, resize: int):
+    """--decode_device: only with --resize, a device that exists, and a torchvision that imports."""
+    if not device:
+        return
+    if not resize:
+        raise DataPrepError(f"--decode_device={device} only applies to --resize=N (the resized copies); add "
+                            f"--resize=512, say, or drop --decode_device")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # "Torch not compiled with CUDA enabled", invalid ordinal, ...
+        raise DataPrepError(f"--decode_device={device}: no such device here ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}). Leave it out to decode with PIL on --workers CPU "
+                            f"processes.") from None
+    try:
+        common.require_torchvision()
+    except RuntimeError as e:
+        raise DataPrepError(f"--decode_device={device} decodes with torchvision.io.decode_jpeg: {e}") from None
+
+
 def run_converter(dataset: str, args) -> dict:
     root = Path(args.root).resolve()
     if not root.is_dir():
         raise DataPrepError(f"{dataset}: --root={args.root} is not a folder")
+    check_decode_device(args.decode_device, args.resize)  # before the converter's long scan, not after it
     return finish(dataset, CONVERTERS[dataset](root, args), args)
 
 
@@ -1102,6 +1307,26 @@ def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"
 # ----------------------------------------------------------------------------------------------------
 # ---- CLI ----
 
+def run_bench_decode(args) -> list[dict]:
+    import tempfile
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+        h, w = (int(v) for v in args.synthetic.lower().split("x"))
+    except ValueError:
+        raise DataPrepError(f"bench_decode: --workers={args.workers} must be comma-separated integers and "
+                            f"--synthetic={args.synthetic} HxW, like 3056x2544") from None
+    if args.images:
+        paths = sorted(p for p in glob.glob(os.path.join(args.images, "**", "*"), recursive=True)
+                       if p.lower().endswith(JPEG_EXTS))[:args.n]
+        if not paths:
+            raise DataPrepError(f"bench_decode: no .jpg / .jpeg files under --images={args.images}")
+        return bench_decode(paths, args.size, workers, args.decode_device, args.batch_size)
+    with tempfile.TemporaryDirectory() as d:
+        print(f"bench_decode: writing {args.n} synthetic {h}x{w} JPEGs (pass --images=<folder> for real ones)")
+        return bench_decode(synthetic_jpegs(Path(d), args.n, h, w), args.size, workers, args.decode_device,
+                            args.batch_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -1115,10 +1340,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resize", type=int, default=0, help="write copies with shorter side N (0: keep originals)")
         p.add_argument("--resize_format", choices=["png", "jpg"], default="png")
         p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+        p.add_argument("--decode_device", default="", help="--resize: decode JPEGs in batches on this device "
+                       "with torchvision.io.decode_jpeg (cuda: nvJPEG); default: PIL in --workers processes")
         p.add_argument("--reports", default=None, help="mimic_cxr: folder holding files/pXX/pN/sN.txt reports")
         p.add_argument("--labels", default=None, help="cxr_lt / mimic_edema: the label CSV if not under --root")
         p.add_argument("--rle", choices=["auto", "relative", "absolute"], default="auto",
                        help="siim: RLE form (auto: train-rle.csv relative, stage_2_train.csv absolute)")
+    p = sub.add_parser("bench_decode", help="--resize's decode speed: PIL per worker count vs decode_jpeg on GPU")
+    p.add_argument("--images", default=None, help="a folder of JPEGs (searched recursively); default: synthetic")
+    p.add_argument("--synthetic", default="3056x2544", help="HxW of the synthetic JPEGs (a MIMIC-CXR-JPG film)")
+    p.add_argument("--n", type=int, default=64, help="images to decode")
+    p.add_argument("--size", type=int, default=512, help="shorter side after the shrink")
+    p.add_argument("--workers", default="1,2,4,8", help="CPU process counts to time, comma-separated")
+    p.add_argument("--decode_device", default="", help="also time torchvision.io.decode_jpeg on it (cuda)")
+    p.add_argument("--batch_size", type=int, default=32)
     p = sub.add_parser("extract_bodyparts", help="PedCLIP Sec. 2.1: body-part excerpts of multi-part reports")
     p.add_argument("--csv", required=True)
     p.add_argument("--model", default=None, help="local causal LM (folder or cached name); omit for rules only")
@@ -1145,6 +1380,8 @@ def main(argv=None):
     try:
         if args.command in CONVERTERS:
             return run_converter(args.command, args)
+        if args.command == "bench_decode":
+            return run_bench_decode(args)
         if args.command == "extract_bodyparts":
             gen = make_generate(*load_hf("causal", args.model, "--model"), args.max_new_tokens) if args.model else None
             return extract_bodyparts(args.csv, gen, args.batch_size)

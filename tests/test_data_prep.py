@@ -574,3 +574,113 @@ def test_offline_model_fails_fast_with_message(tmp_path):
         dp.main(["knowledge", "--findings=Edema", f"--model={tmp_path / 'no-such-model'}", f"--out={tmp_path / 'k.json'}"])
     with pytest.raises(dp.DataPrepError, match=r"--en_it"):
         dp.main(["backtranslate", f"--csv={p}", "--en_it=nobody/no-such-model-xyz", "--it_en=x"])
+
+
+# ---- --decode_device: batched JPEG decoding on a device, then the CPU pass ----
+
+def _fake_decode_jpeg(calls):
+    """Stands in for torchvision.io.decode_jpeg(list, mode=GRAY, device=...) where torchvision cannot import:
+    the same contract (a list of 1-D uint8 byte tensors in, [1, H, W] uint8 tensors out, and one bad file
+    fails the whole call), decoded with PIL. Records the batch sizes it was called with."""
+    import io
+
+    import torch
+
+    def decode(datas, device):
+        calls.append(len(datas))
+        out = []
+        for d in datas:
+            try:
+                with Image.open(io.BytesIO(d.numpy().tobytes())) as im:
+                    im.load()
+                    if im.format != "JPEG":
+                        raise ValueError(f"not a JPEG but {im.format}")
+                    out.append(torch.from_numpy(np.array(im.convert("L")))[None].to(device))
+            except Exception as e:
+                raise RuntimeError(f"decode_jpeg: {e}") from e
+        return out
+    return decode
+
+
+def test_shrink_is_an_area_filter():
+    import cv2
+    import torch
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (60, 90), dtype=np.uint8)
+    # integer factor 3: exactly the mean of each 3x3 block (computed here with numpy), rounded
+    block = a.reshape(20, 3, 30, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.array_equal(dp.shrink(torch.from_numpy(a)[None], 20), np.round(block).astype(np.uint8))
+    # a non-integer factor on image-like (smooth) content: within a grey level of OpenCV's INTER_AREA, the
+    # CPU path's filter. (torch's area windows are whole pixels, OpenCV weights the partial edge pixels, so
+    # on white noise the two differ by ~10 levels; radiographs are not white noise.)
+    smooth = cv2.GaussianBlur(a, (0, 0), 4)
+    got = dp.shrink(torch.from_numpy(smooth)[None], 25).astype(np.float64)
+    ref = cv2.resize(smooth, (38, 25), interpolation=cv2.INTER_AREA)  # 90 * 25/60 = 37.5 -> 38 columns
+    assert got.shape == ref.shape == (25, 38)
+    assert np.abs(got - ref).mean() < 1.0
+    small = rng.integers(0, 256, (10, 12), dtype=np.uint8)  # never upscaled
+    assert np.array_equal(dp.shrink(torch.from_numpy(small)[None], 20), small)
+
+
+def test_resize_copies_on_device_matches_cpu_path(tmp_path):
+    import cv2
+    rng = np.random.default_rng(1)
+    root = tmp_path / "root"
+    root.mkdir()
+    films = []
+    for i in range(5):  # smooth content, like a radiograph; sizes differ (the batch is ragged)
+        h, w = 90 + 10 * i, 120
+        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w), dtype=np.uint8), (0, 0), 3)
+        cv2.imwrite(str(root / f"f{i}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        films.append(root / f"f{i}.jpg")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # fails the batched call
+    png(root / "p.png", h=64, w=64)  # not a JPEG: never given to the device decoder
+    paths = films[:3] + [root / "broken.jpg", root / "p.png"] + films[3:]
+
+    def rows():
+        return [{"image": str(p)} for p in paths]
+
+    cpu_rows, dev_rows = rows(), rows()
+    cpu_err = dp.resize_copies(cpu_rows, root, tmp_path / "cpu", 32, "png", 1)
+    calls = []
+    dev_err = dp.resize_copies(dev_rows, root, tmp_path / "dev", 32, "png", 1, decode_device="cpu",
+                               decode=_fake_decode_jpeg(calls))
+    # one batched call of the 6 JPEGs, which the broken file fails, then one call per file to find it
+    assert calls == [6] + [1] * 6
+    # the broken file is reported by the CPU pass, by name, exactly as without --decode_device
+    assert [bool(e) for e in dev_err] == [bool(e) for e in cpu_err] == [False] * 3 + [True] + [False] * 3
+    assert "broken.jpg" in dev_err[3] and "broken.jpg" in cpu_err[3]
+    for a, b in zip(cpu_rows, dev_rows):
+        if a["image"].endswith("broken.jpg"):
+            continue
+        assert Path(b["image"]).is_relative_to(tmp_path / "dev")
+        x, y = (np.asarray(Image.open(r["image"]), dtype=np.float64) for r in (a, b))
+        assert x.shape == y.shape and min(x.shape) == 32
+        assert np.abs(x - y).mean() < 1.0, a["image"]  # area filter on the device vs cv2.INTER_AREA
+    assert not list((tmp_path / "dev").rglob("*.tmp*"))  # atomic writes
+
+
+def test_decode_device_flag_errors(tmp_path):
+    import torch
+    root = tmp_path / "r"
+    root.mkdir()
+    with pytest.raises(dp.DataPrepError, match="only applies to --resize"):
+        dp.main(["covidx", f"--root={root}", f"--out={tmp_path / 'o.csv'}", "--decode_device=cuda"])
+    if not torch.cuda.is_available():
+        with pytest.raises(dp.DataPrepError, match="--decode_device=cuda: no such device"):
+            dp.main(["covidx", f"--root={root}", f"--out={tmp_path / 'o.csv'}", "--resize=64",
+                     "--decode_device=cuda"])
+
+
+def test_bench_decode(tmp_path, capsys):
+    rows = dp.main(["bench_decode", "--n=3", "--synthetic=80x64", "--size=32", "--workers=1"])
+    out = capsys.readouterr().out
+    assert [r["decoder"] for r in rows] == ["original JPEG, PIL, 1 processes", "resized 32 PNG copy, PIL, 1 processes"]
+    assert all(r["images_per_s"] > 0 for r in rows) and "images/s" in out and "MiB each" in out
+    calls = []
+    paths = dp.synthetic_jpegs(tmp_path, 4, 48, 40)
+    rows = dp.bench_decode(paths, 16, [1], decode_device="cpu", batch_size=2, decode=_fake_decode_jpeg(calls))
+    assert rows[-1]["decoder"] == "original JPEG, decode_jpeg on cpu, batch 2" and rows[-1]["images_per_s"] > 0
+    assert calls == [2, 2, 2]  # start-up batch, then the two timed batches
+    with pytest.raises(dp.DataPrepError, match="--workers"):
+        dp.main(["bench_decode", "--workers=one"])
