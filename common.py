@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
-import io
 import json
 import math
 import os
@@ -28,7 +27,6 @@ import signal
 import sys
 import time
 import typing
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -36,7 +34,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 LABEL_PREFIX = "label:"  # CSV columns "label:<Name>" hold 1 / 0 / -1 / blank (CheXpert convention)
 
@@ -213,6 +210,23 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def cpu_threads(requested: int) -> int:
+    """--threads, or for 0 the cores this process may run on divided among the processes on this node, so that
+    `python x.py` uses every core of the machine and `torchrun --nproc_per_node=2 x.py` half each (torch's own
+    default gives every process all cores unless OMP_NUM_THREADS is set). On a busy machine, threads beyond the
+    free cores spin-wait in OpenMP: pass --threads=1 there."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def set_cpu_threads(requested: int, device: str):
+    """CPU runs: torch's intra-op threads = cpu_threads(requested). CUDA runs keep torch's default."""
+    if not device.startswith("cuda"):
+        torch.set_num_threads(cpu_threads(requested))
+
+
 def seed_everything(seed: int):
     """Same seed on every rank: weights are initialised identically; data order comes from the sampler."""
     random.seed(seed)
@@ -287,11 +301,20 @@ class StopSignal:
     def __init__(self):
         self.flag = False
         self.name = None
+        self.previous = {}
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(s, self._handler)
+                self.previous[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
+
+    def restore(self):
+        """Put the previous handlers back once the loop is done. Otherwise a process that goes on after
+        training (a notebook, a test session) would ignore SIGTERM for good, and so would every child it forks:
+        `multiprocessing.Pool.terminate()` then waits forever on workers that only set a flag."""
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous = {}
 
     def _handler(self, signum, frame):
         if self.flag and signum == signal.SIGINT:

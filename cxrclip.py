@@ -94,7 +94,7 @@ class Config:
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
     grad_ckpt: bool = False  # gradient checkpointing: recompute each ResNet / Swin stage and BERT layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 2  # DataLoader workers per rank
-    threads: int = 1  # CPU only: torch intra-op threads per process (0: torch's default); 1 avoids OpenMP spin-waits
+    threads: int = 1  # CPU only: torch intra-op threads per process (0: the usable cores / the processes on this node); 1 avoids OpenMP spin-waits
     #                   fighting the DataLoader workers for 2 cores (measured several times faster on a busy machine)
     out_dir: str = "out/cxrclip"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, data position, RNG)
@@ -620,8 +620,7 @@ def param_groups(model: nn.Module, wd: float):
 
 def train(cfg: Config) -> dict:
     di = common.setup_distributed(cfg.device)
-    if cfg.threads > 0 and not di.device.startswith("cuda"):
-        torch.set_num_threads(cfg.threads)
+    common.set_cpu_threads(cfg.threads, di.device)
     if cfg.batch_size % di.world_size:
         raise common.ConfigError(f"--batch_size={cfg.batch_size} (global) must divide by the {di.world_size} processes")
     local_batch = cfg.batch_size // di.world_size
@@ -804,6 +803,7 @@ def train(cfg: Config) -> dict:
             break
     if pbar:
         pbar.close()
+    stopper.restore()  # SIGTERM / Ctrl-C act normally again (and in processes forked from here on)
     common.print0(f"training: {step} steps in {time.time() - t_start:.1f} s" + (f" ({stop_reason})" if stop_reason else ""))
     if stop_reason and not stop_reason.startswith("early"):
         common.print0(f"checkpoint written to {cfg.out_dir}/ckpt.pt; continue with --resume")
@@ -846,8 +846,7 @@ def benchmark(cfg: Config) -> dict:
     no data loading): samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode on the eager
     model), MFU against the GPU's bf16 peak. `--benchmark=data` times the input pipeline instead."""
     di = common.setup_distributed(cfg.device)
-    if cfg.threads > 0 and not di.device.startswith("cuda"):
-        torch.set_num_threads(cfg.threads)
+    common.set_cpu_threads(cfg.threads, di.device)
     common.seed_everything(cfg.seed)
     if cfg.benchmark == "data":
         if cfg.data == Config.data:

@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -134,6 +133,7 @@ class Config:
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
     grad_ckpt: bool = False  # gradient checkpointing: recompute each encoder layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 2  # DataLoader workers per rank
+    threads: int = 0  # CPU only: torch intra-op threads per process (0: the usable cores / the processes on this node); 1 on a busy machine
     out_dir: str = "out/cxrcml"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, bank, mixture, RNG, data)
     overwrite: bool = False  # allow a new run to replace an existing run's checkpoint in out_dir
@@ -1019,6 +1019,7 @@ def _sync(device: str):
 
 def train(cfg: Config) -> dict:
     di = common.setup_distributed(cfg.device)
+    common.set_cpu_threads(cfg.threads, di.device)
     if cfg.batch_size % di.world_size:
         raise SystemExit(f"--batch_size={cfg.batch_size} (global) must divide by the {di.world_size} processes")
     if cfg.mining not in ("batch_hard", "semi_hard"):
@@ -1261,6 +1262,7 @@ def train(cfg: Config) -> dict:
         save(epoch + 1, 0)
     if pbar:
         pbar.close()
+    stopper.restore()  # SIGTERM / Ctrl-C act normally again (and in processes forked from here on)
     share = t_cluster_total / max(t_step_total, 1e-9)
     common.print0(f"training: {step} steps in {time.time() - t_start:.1f} s" + (f" ({stop_reason})" if stop_reason else ""))
     common.print0(f"clustering + mining: {share:.1%} of step time ({t_cluster_total:.1f} of {t_step_total:.1f} s; "
@@ -1314,6 +1316,7 @@ def benchmark(cfg: Config) -> dict:
     push, t-mixture prediction, triplet mining every step, plus the warm refit every --refit_every steps,
     amortised), measured in the same run. `--benchmark=data` times the input pipeline instead."""
     di = common.setup_distributed(cfg.device)
+    common.set_cpu_threads(cfg.threads, di.device)
     common.seed_everything(cfg.seed)
     if cfg.benchmark == "data":
         if cfg.data == Config.data:

@@ -901,11 +901,15 @@ def bench_decode(paths: list[str], size: int, workers: list[int], decode_device:
     def cpu_rows(files, what):
         for w in workers:
             jobs = [(p, size) for p in files]
-            with Pool(w) as pool:  # started (and warmed on one image per worker) before the clock starts
+            pool = Pool(w)  # started (and warmed on one image per worker) before the clock starts
+            try:
                 pool.map(_decode_shrink_cpu, jobs[:w], chunksize=1)
                 t0 = time.perf_counter()
                 pool.map(_decode_shrink_cpu, jobs, chunksize=1)
                 dt = time.perf_counter() - t0
+            finally:  # close + join: workers exit on their own (terminate() would rely on SIGTERM)
+                pool.close()
+                pool.join()
             rows.append({"decoder": f"{what}, PIL, {w} processes", "images_per_s": len(files) / dt})
             print(f"  {rows[-1]['decoder']:<48} {rows[-1]['images_per_s']:8.1f} images/s")
 

@@ -164,7 +164,7 @@ class Config:
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
     grad_ckpt: bool = False  # gradient checkpointing: recompute each encoder layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 2  # DataLoader workers per rank
-    threads: int = 0  # torch CPU threads per process (0: torch's default); 1 keeps a shared CPU from thrashing
+    threads: int = 0  # CPU only: torch intra-op threads per process (0: the usable cores / the processes on this node); 1 keeps a shared CPU from thrashing
     out_dir: str = "out/dmlm"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, data position, RNG)
     overwrite: bool = False  # allow a new run to replace an existing run's checkpoint in out_dir
@@ -954,8 +954,7 @@ def train(cfg: Config) -> dict:
     local_batch = cfg.batch_size // di.world_size
     out = common.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite) if di.is_main else None  # noqa: F841
     common.seed_everything(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    common.set_cpu_threads(cfg.threads, di.device)
     if di.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+ for fp32 parts
         torch.backends.cudnn.allow_tf32 = True
@@ -1130,6 +1129,7 @@ def train(cfg: Config) -> dict:
         save(epoch + 1, 0)
     if pbar:
         pbar.close()
+    stopper.restore()  # SIGTERM / Ctrl-C act normally again (and in processes forked from here on)
     common.print0(counter.summary())
     common.print0(f"training: {step} steps in {time.time() - t_start:.1f} s" + (f" ({stop_reason})" if stop_reason else ""))
     if stop_reason:
@@ -1165,8 +1165,7 @@ def benchmark(cfg: Config) -> dict:
     CLIP-like step), with the time and FLOPs ratios. `--benchmark=data` times the input pipeline instead."""
     _check(cfg)
     di = common.setup_distributed(cfg.device)
-    if cfg.threads > 0 and not di.device.startswith("cuda"):
-        torch.set_num_threads(cfg.threads)
+    common.set_cpu_threads(cfg.threads, di.device)
     common.seed_everything(cfg.seed)
     if cfg.benchmark == "data":
         if cfg.data == Config.data:

@@ -112,7 +112,7 @@ class Config:
     plots: bool = False  # PNG plots in <out>/plots: ROC curves, retrieval examples, embedding map
     embed_plot: str = "pca"  # embedding map: pca | tsne
     cache: bool = True  # cache image embeddings in <out>/cache
-    threads: int = 0  # torch CPU threads (0: torch's default; 1 is fastest on a shared, busy CPU)
+    threads: int = 0  # torch CPU threads (0: the usable cores; 1 is fastest on a shared, busy CPU)
     sklearn_threads: int = 1  # BLAS threads for the scikit-learn fits (small problems: more threads only contend)
     preset: str = "default"  # filled in by the CLI
 
@@ -1153,8 +1153,7 @@ def markdown_table(results: dict) -> str:
 def main(argv=None) -> dict:
     cfg = common.parse_config(Config, PRESETS, argv, default_preset="default")
     threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(common.cpu_threads(cfg.threads))
     try:
         return _main(cfg)
     finally:

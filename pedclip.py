@@ -149,7 +149,7 @@ class Config:
     compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
     grad_ckpt: bool = False  # gradient checkpointing: recompute each ViT / BERT layer in the backward (less memory, ~1/3 more compute)
     num_workers: int = 0  # DataLoader workers per rank
-    threads: int = 0  # CPU only: intra-op threads per process; 0: the usable cores / the processes torchrun started on this node. On a busy machine pass 1 (OpenMP spin-waits)
+    threads: int = 0  # CPU only: intra-op threads per process; 0: the usable cores / the processes on this node (188 s of demo training with 2 threads, 290 s with 1, on an idle 2-core machine). On a busy machine pass 1 (OpenMP spin-waits)
     out_dir: str = "out/pedclip"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, data position, RNG)
     overwrite: bool = False  # allow a new run to replace an existing run's checkpoint in out_dir
@@ -1011,6 +1011,7 @@ def train(cfg: Config) -> dict:
         save(epoch + 1, 0)
     if pbar:
         pbar.close()
+    stopper.restore()  # SIGTERM / Ctrl-C act normally again (and in processes forked from here on)
     common.print0(counter.summary())
     common.print0(f"training: {step} steps in {time.time() - t_start:.1f} s" + (f" ({stop_reason})" if stop_reason else ""))
     if stop_reason:
@@ -1099,21 +1100,10 @@ def benchmark(cfg: Config) -> dict:
     return out
 
 
-def cpu_threads(requested: int) -> int:
-    """--threads, or for 0 the cores this process may run on divided among the processes on this node, so that
-    `python pedclip.py` uses both cores of a 2-core machine and `torchrun --nproc_per_node=2` one each (torch's
-    own default would give every process all cores). The demo on an idle 2-core machine: 188 s of training
-    with 2 threads, 290 s with 1. With other jobs running, 2 threads spin-wait: pass --threads=1."""
-    if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
     if not (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())):
-        torch.set_num_threads(cpu_threads(cfg.threads))
+        torch.set_num_threads(common.cpu_threads(cfg.threads))
     if cfg.benchmark != "off":
         return benchmark(cfg)
     return train(cfg)

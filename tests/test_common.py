@@ -427,3 +427,35 @@ def test_conv_stem_shapes_and_receptive_fields():
             assert [0, 0] in changed and len(changed) > 1, changed
     with pytest.raises(ValueError, match="power-of-two"):
         common.ConvStem(48, 12)
+
+
+def test_cpu_threads_divides_the_cores_among_the_local_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert common.cpu_threads(0) == 4  # python pedclip.py: all usable cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert common.cpu_threads(0) == 2  # torchrun --nproc_per_node=2: half each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.cpu_threads(0) == 1  # never 0
+    assert common.cpu_threads(3) == 3  # an explicit --threads wins
+    n = torch.get_num_threads()
+    try:
+        common.set_cpu_threads(0, "cpu")  # LOCAL_WORLD_SIZE=8 on "4 cores": one thread
+        assert torch.get_num_threads() == 1
+        common.set_cpu_threads(0, "cuda")  # a GPU run keeps torch's own setting
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_stop_signal_sets_a_flag_then_restores_the_previous_handlers():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    s = common.StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # caught: sets the flag, the process lives on
+        time.sleep(0.01)
+        assert s.flag and s.name == "SIGTERM" and s.should_stop()
+    finally:
+        s.restore()
+    # a pool forked after training must still be stoppable by SIGTERM (Pool.terminate relies on it)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -323,17 +323,6 @@ def test_text_sample_section_draws_one_section_and_augment_off_is_the_eval_trans
         pedclip.main(["--text_sample=sentence", f"--data={tmp_path / 'd.csv'}", f"--out_dir={tmp_path / 'o'}"])
 
 
-def test_cpu_threads_divides_the_cores_among_the_local_processes(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert pedclip.cpu_threads(0) == 4  # python pedclip.py: all usable cores
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert pedclip.cpu_threads(0) == 2  # torchrun --nproc_per_node=2: half each
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert pedclip.cpu_threads(0) == 1  # never 0
-    assert pedclip.cpu_threads(3) == 3  # an explicit --threads wins
-
-
 # ---- end to end: a short run on a small phantom set; the loss falls, metrics and the checkpoint load ----
 
 @pytest.fixture(scope="module")
