@@ -740,9 +740,9 @@ def _resize_one(job):
 
 # --decode_device=cuda: JPEG decoding on the GPU (nvJPEG through torchvision.io.decode_jpeg).
 # At MIMIC scale the one-time resize is the slow step of the whole input pipeline: 377k JPEGs of about
-# 2500 x 3000 pixels, and libjpeg decodes one in tens of milliseconds per core (`bench_decode` below measures
-# it). Training afterwards reads the small copies, which decode hundreds of times faster, so this is where GPU
-# decoding pays. Batches of raw file bytes are read by threads, decoded in one call on the device, shrunk
+# 2500 x 3000 pixels, and PIL decodes and shrinks about 24 of them a second per core (`bench_decode` below
+# measures it; README "Decoding the originals"). Training afterwards reads the 512 px copies, about 18 times
+# faster per core, so this one-time step is where GPU decoding pays. Batches of raw file bytes are read by threads, decoded in one call on the device, shrunk
 # there with an area filter (as cv2.INTER_AREA does on the CPU path) and encoded to PNG / JPEG by threads.
 # Anything the device cannot decode (a lossless or 12-bit JPEG, a corrupt file) is left to the CPU path, which
 # either reads it or reports it as unreadable by name: nothing is skipped silently.
