@@ -821,10 +821,16 @@ def resize_on_device(jobs: list[tuple], size: int, device: str, workers: int, ba
             imgs = decode_shrink_batch([j[0] for j in batch], size, device, decode, pool)
             pending += [pool.submit(_write_image, j[1], im, j[5]) for j, im in zip(batch, imgs) if im is not None]
             if len(pending) > 4 * batch_size:  # bound the decoded images held in memory
-                written += sum(f.result() is None for f in pending)
+                written += _wait_all(pending)
                 pending = []
-        written += sum(f.result() is None for f in pending)
+        written += _wait_all(pending)
     return written
+
+
+def _wait_all(futures) -> int:
+    for f in futures:
+        f.result()  # a failed write (disk full) raises here, in the main thread
+    return len(futures)
 
 
 def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, fmt: str, workers: int,

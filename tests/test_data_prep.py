@@ -622,7 +622,7 @@ def test_shrink_is_an_area_filter():
     assert np.array_equal(dp.shrink(torch.from_numpy(small)[None], 20), small)
 
 
-def test_resize_copies_on_device_matches_cpu_path(tmp_path):
+def test_resize_copies_on_device_matches_cpu_path(tmp_path, capsys):
     import cv2
     rng = np.random.default_rng(1)
     root = tmp_path / "root"
@@ -647,6 +647,7 @@ def test_resize_copies_on_device_matches_cpu_path(tmp_path):
                                decode=_fake_decode_jpeg(calls))
     # one batched call of the 6 JPEGs, which the broken file fails, then one call per file to find it
     assert calls == [6] + [1] * 6
+    assert "decoded and resized 5 JPEGs on cpu" in capsys.readouterr().out  # the 5 good films: not the CPU pass
     # the broken file is reported by the CPU pass, by name, exactly as without --decode_device
     assert [bool(e) for e in dev_err] == [bool(e) for e in cpu_err] == [False] * 3 + [True] + [False] * 3
     assert "broken.jpg" in dev_err[3] and "broken.jpg" in cpu_err[3]
