@@ -1427,6 +1427,30 @@ def run_benchmark(step, samples_per_step: int, device: str, warmup: int = 3, ste
     return res
 
 
+def benchmark_data_csv(data: str, demo_data: str, n_phantoms: int) -> str:
+    """The CSV that --benchmark=data reads: --data when given; the demo's 64 px phantoms when --data is the demo
+    default; with no --data (the paper presets) 512 px phantoms, the size of `data_prep.py --resize=512` copies,
+    so that the paper transform is timed on images of the size it will decode."""
+    if data == demo_data:
+        return str(ensure_phantoms(data, n_phantoms, seed=0, size=64))
+    if data:
+        return data
+    p = Path(demo_data).parent.with_name("phantoms_512") / "phantoms.csv"
+    print0(f"--benchmark=data without --data: 512 px phantoms ({p}) stand in for data_prep.py --resize=512 copies")
+    return str(ensure_phantoms(p, 1000, seed=0, size=512))
+
+
+def parse_workers(s: str) -> tuple[int, ...]:
+    """--benchmark_workers=0,2,8 -> (0, 2, 8), or a ConfigError naming the flag."""
+    try:
+        w = tuple(int(v) for v in str(s).split(","))
+    except ValueError:
+        w = ()
+    if not w or min(w) < 0:
+        raise ConfigError(f"--benchmark_workers={s}: expected comma-separated worker counts >= 0, like 0,2,8")
+    return w
+
+
 def benchmark_data(dataset, collate, batch_size: int, workers=(0, 1, 2, 4), n_batches: int = 20) -> list[dict]:
     """Input-pipeline throughput (decode + augment + collate) per DataLoader worker count."""
     out = []

@@ -108,6 +108,7 @@ class Config:
     eval_batch_size: int = 256  # images per forward pass in the final zero-shot evaluation
     benchmark: str = "off"  # off | model (or bare --benchmark): time training steps on synthetic tensors | data
     benchmark_steps: int = 10  # timed steps of --benchmark (after 3 warm-up steps)
+    benchmark_workers: str = "0,1,2,4"  # DataLoader worker counts that --benchmark=data times
     preset: str = "demo"  # filled in by the CLI: demo | paper
 
 
@@ -849,15 +850,14 @@ def benchmark(cfg: Config) -> dict:
     common.set_cpu_threads(cfg.threads, di.device)
     common.seed_everything(cfg.seed)
     if cfg.benchmark == "data":
-        if cfg.data == Config.data:
-            common.ensure_phantoms(cfg.data, cfg.n_phantoms, seed=0, size=64)
+        cfg.data = common.benchmark_data_csv(cfg.data, Config.data, cfg.n_phantoms)
         tr = common.XrayCSV(cfg.data, split="train", require=("image", "study_id"))
         tok = build_tokenizer(cfg, tr)
         ds = StudyDataset(tr, cfg, train=True)
         keyed = [(i, i) for i in range(len(ds))]
         res = common.benchmark_data(torch.utils.data.Subset(ds, keyed), Collate(lambda t: dict(
             tok(list(t), padding=True, truncation=True, max_length=cfg.max_tokens, return_tensors="pt"))),
-            batch_size=min(64, cfg.batch_size), n_batches=10)
+            batch_size=min(64, cfg.batch_size), workers=common.parse_workers(cfg.benchmark_workers), n_batches=10)
         common.cleanup_distributed()
         return {"data": res}
     if di.device.startswith("cuda"):

@@ -160,8 +160,9 @@ class Config:
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     fault_nan_step: int = -1  # TESTS ONLY: make rank 0's loss NaN at this step
     eval_batch_size: int = 256  # images per forward pass in the final zero-shot evaluation
-    benchmark: str = "off"  # off | model (or bare --benchmark): time training steps (teacher-forced, soft) on synthetic tensors
+    benchmark: str = "off"  # off | model (or bare --benchmark): time training steps (teacher-forced, soft) on synthetic tensors | data: the input pipeline
     benchmark_steps: int = 10  # timed steps per phase of --benchmark (after 3 warm-up steps)
+    benchmark_workers: str = "0,1,2,4"  # DataLoader worker counts that --benchmark=data times
     preset: str = "demo"  # filled in by the CLI: demo | paper
 
 
@@ -1046,11 +1047,24 @@ def train(cfg: Config) -> dict:
 def benchmark(cfg: Config) -> dict:
     """Training steps of the preset's model and batch on synthetic tensors of the real shapes (random init, no
     data loading), once teacher-forced and once with soft gating (Eq. 2 costs E MLPs per MoBE layer):
-    samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode), MFU against the GPU's bf16 peak."""
-    if cfg.benchmark != "model":
-        raise common.ConfigError(f"--benchmark={cfg.benchmark}: expected off | model")
+    samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode), MFU against the GPU's bf16 peak.
+    `--benchmark=data` times the input pipeline instead (load, augment, tokenise, collate) per worker count."""
+    if cfg.benchmark not in ("model", "data"):
+        raise common.ConfigError(f"--benchmark={cfg.benchmark}: expected off | model | data")
     di = common.setup_distributed(cfg.device)
     common.seed_everything(cfg.seed)
+    if cfg.benchmark == "data":
+        cfg.data = common.benchmark_data_csv(cfg.data, Config.data, cfg.n_phantoms)
+        tr = common.XrayCSV(cfg.data, split="train", require=("image", "body_part"), require_text=True)
+        tok = build_tokenizer(cfg, tr)
+        ds = TripletDataset(tr, body_part_list(cfg), cfg, train=True)
+        keyed = [(i, i) for i in range(len(ds))]
+        res = common.benchmark_data(torch.utils.data.Subset(ds, keyed), Collate(lambda t: dict(tok(
+            list(t), padding=True, truncation=True, max_length=cfg.max_tokens, return_tensors="pt",
+            return_token_type_ids=False))), batch_size=min(64, cfg.batch_size),
+            workers=common.parse_workers(cfg.benchmark_workers), n_batches=10)
+        common.cleanup_distributed()
+        return {"data": res}
     if di.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.pretrained = False  # random init: the benchmark measures speed, not accuracy

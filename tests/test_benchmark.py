@@ -144,3 +144,29 @@ def test_compile_gives_the_eager_loss_dmlm():
 
     eager, compiled = _eager_and_compiled(model, loss_of)
     assert abs(eager - compiled) < 1e-4, (eager, compiled)
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_benchmark_data_times_the_input_pipeline_per_worker_count(paper, phantom_csv, capsys):
+    mod = importlib.import_module(paper)
+    res = mod.main([f"--data={phantom_csv}", "--benchmark=data", "--benchmark_workers=0,1", "--batch_size=16",
+                    "--image_size=32", "--device=cpu"])
+    rows = res["data"]
+    assert [r["workers"] for r in rows] == [0, 1] and all(r["images_per_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "data pipeline: 0 workers ->" in out and "data pipeline: 1 workers ->" in out
+    with pytest.raises(SystemExit, match="--benchmark_workers=two"):
+        mod.main([f"--data={phantom_csv}", "--benchmark=data", "--benchmark_workers=two", "--device=cpu"])
+
+
+def test_benchmark_data_csv_picks_the_data_set(monkeypatch, tmp_path):
+    """--data given: used as is; the demo default: its 64 px phantoms; none (paper presets): 512 px phantoms."""
+    import common
+
+    made = []
+    monkeypatch.setattr(common, "ensure_phantoms", lambda p, n, seed, size: made.append((str(p), n, size)) or p)
+    demo = str(tmp_path / "phantoms" / "phantoms.csv")
+    assert common.benchmark_data_csv("mine.csv", demo, 3000) == "mine.csv" and made == []
+    assert common.benchmark_data_csv(demo, demo, 3000) == demo and made == [(demo, 3000, 64)]
+    p512 = str(tmp_path / "phantoms_512" / "phantoms.csv")
+    assert common.benchmark_data_csv("", demo, 3000) == p512 and made[-1] == (p512, 1000, 512)
