@@ -1,45 +1,48 @@
 """
-data_prep.py: the public data sets of the four papers -> the project's CSV schema (DESIGN.md, "Data"),
-plus the text steps that need a language model (PedCLIP excerpts, D-MLM knowledge, CXR-CLIP back-translation).
+data_prep.py: the public data sets of the four papers, read exactly as published, -> the project's CSV schema,
+plus the three text steps that need a language model.
 
-Converters (one row per image; `image`/`mask` paths are written relative to the CSV):
+The schema: one row per image with `image` (a path relative to the CSV), `study_id`, `patient_id`, `split`
+(train / valid / test, always by patient), `view`, `body_part`, `findings`, `impression`, `report`,
+`label:<Name>` (1 positive, 0 negative, -1 uncertain, blank not mentioned), and `mask` / `target` where the
+data set has a segmentation or regression task.
 
-    python data_prep.py mimic_cxr       --root=physionet.org/files/mimic-cxr-jpg/2.1.0 --out=data/mimic.csv
-    python data_prep.py chexpert        --root=CheXpert-v1.0-small --out=data/chexpert.csv
-    python data_prep.py chexpert5x200   --root=CheXpert-v1.0-small --out=data/chexpert5x200.csv
-    python data_prep.py nih             --root=ChestX-ray14 --out=data/nih.csv
-    python data_prep.py vindr_cxr       --root=physionet.org/files/vindr-cxr/1.0.0 --out=data/vindr.csv --resize=512
-    python data_prep.py vindr_pcxr      --root=physionet.org/files/vindr-pcxr/1.0.0 --out=data/pcxr.csv --resize=512
-    python data_prep.py rsna_pneumonia  --root=rsna-pneumonia-detection-challenge --out=data/rsna.csv --resize=512
-    python data_prep.py siim            --root=siim-acr-pneumothorax --out=data/siim.csv --resize=512
-    python data_prep.py openi           --root=openi --out=data/openi.csv
-    python data_prep.py cxr_lt          --root=physionet.org/files/mimic-cxr-jpg/2.1.0 --out=data/cxrlt.csv
-    python data_prep.py grazpedwri      --root=GRAZPEDWRI-DX --out=data/graz.csv --resize=512
-    python data_prep.py boneage         --root=rsna-bone-age --out=data/boneage.csv
-    python data_prep.py covidx          --root=covidx-cxr --out=data/covidx.csv
-    python data_prep.py mimic_edema     --root=physionet.org/files/mimic-cxr-jpg/2.1.0 --out=data/edema.csv
-    python data_prep.py chd_cxr         --root=CHD-CXR --out=data/chd.csv
+    python data_prep.py <data set> --root=<the folder as downloaded> --out=data/<name>.csv [--resize=512]
+    python data_prep.py <data set> --help     # the files it reads and the split it writes
 
-    --resize=N writes 8-bit PNG (or --resize_format=jpg) copies whose shorter side is N, once (existing
-    files are kept), with --workers processes, and points the CSV at them; DICOM goes through
-    common.load_image (MONOCHROME1 inverted, VOI LUT applied). Masks are resized with nearest neighbour.
-    --decode_device=cuda decodes the JPEGs (MIMIC-CXR-JPG, CheXpert) on the GPU with nvJPEG, in batches;
-    `python data_prep.py bench_decode [--images=<folder>] [--decode_device=cuda]` says whether that pays on
-    your machine (images/s per CPU process count, on the GPU, and for reading the resized copies back).
+    data set         reads                                                split written
+    mimic_cxr        MIMIC-CXR-JPG 2.x metadata, split, CheXpert labels   MIMIC's official split
+                     + MIMIC-CXR reports (FINDINGS / IMPRESSION)
+    chexpert         CheXpert v1.0 train.csv, valid.csv                   D-MLM 80/20 (or CXR-CLIP's)
+    chexpert5x200    GLoRIA's chexpert_5x200.csv                          all test
+    nih              ChestX-ray14 Data_Entry_2017.csv + official lists    train_val 80/20, test_list
+    vindr_cxr        VinDr-CXR image_labels_{train,test}.csv              train 80/20, official test
+    vindr_pcxr       VinDr-PCXR image_labels_{train,test}.csv             train 80/20, official test
+    rsna_pneumonia   stage_2_train_labels.csv (boxes -> masks)            70/15/15
+    siim             train-rle.csv / stage_2_train.csv (RLE -> masks)     70/15/15
+    openi            ecgen-radiology/*.xml, PNGs, view from the DICOMs    all test
+    cxr_lt           CXR-LT 2024 train_labeled.csv (frontal images)       MIMIC's test patients = test
+    mimic_edema      edema severity grades (regex + consensus)            consensus images = test
+    grazpedwri       GRAZPEDWRI-DX dataset.csv + YOLO boxes -> masks      70/15/15
+    boneage          RSNA Bone Age boneage-training-dataset.csv           70/15/15
+    covidx           COVIDx CXR train.txt / val.txt / test.txt            70/20/10
+    chd_cxr          CHD-CXR, one folder per class                        70/15/15
 
-Text steps (a local Hugging Face model: a folder or a cached name; nothing is downloaded here):
+--resize=N writes 8-bit PNG copies whose shorter side is N (DICOM through common.load_image: MONOCHROME1
+inverted, VOI LUT applied; masks with nearest neighbour) once, in --workers processes, and points the CSV at
+them: decode the full-size films once rather than in every epoch. Splits are drawn with --seed.
+RSNA Pneumonia's images are a subset of NIH ChestX-ray14: a model pre-trained on NIH has seen them.
 
-    python data_prep.py extract_bodyparts --csv=data/pexr.csv --model=meta-llama/Llama-3.1-8B-Instruct
-    python data_prep.py knowledge --findings=data/mimic.csv --model=<llm> --out=data/knowledge.json
-    python data_prep.py backtranslate --csv=data/mimic.csv --en_it=Helsinki-NLP/opus-mt-en-it \
-        --it_en=Helsinki-NLP/opus-mt-it-en
+Text steps, with a local Hugging Face model (a folder, or a name already in the cache; nothing is downloaded):
 
-Each text step works in batches, shows tqdm progress, saves as it goes and skips what is already done, so
-an interrupted run is simply started again.
+    python data_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1-8B-Instruct folder>
+    python data_prep.py knowledge --findings=data/mimic.csv --model=<local LLM> --out=data/knowledge.json
+    python data_prep.py backtranslate --csv=data/mimic.csv --en_it=<opus-mt-en-it> --it_en=<opus-mt-it-en>
 
-Splits are by patient with fixed seeds, as each paper describes (see each converter's comment); where a
-paper gives none, 70/15/15. Caveat worth repeating: RSNA Pneumonia images are a subset of NIH ChestX-ray14,
-so a model pretrained on NIH has seen the RSNA test images.
+extract_bodyparts writes PedCLIP's body-part excerpt (doi:10.1007/978-3-032-04971-1_46, Sec. 2.1) to the
+column `excerpt`; knowledge writes D-MLM's definition and appearance of each finding (Sec. 2.1); backtranslate
+writes CXR-CLIP's English -> Italian -> English augmentation (doi:10.1007/978-3-031-43895-0_10, Sec. 3.2) to
+`findings_bt` / `impression_bt`. Each saves as it goes and skips what is done: rerun an interrupted run.
 """
 from __future__ import annotations
 
@@ -47,66 +50,60 @@ import argparse
 import csv
 import glob
 import gzip
+import inspect
 import json
 import os
 import re
-import sys
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import common
 
 LP = common.LABEL_PREFIX
-BASE_COLUMNS = ["image", "study_id", "patient_id", "split", "view", "body_part", "findings", "impression", "report"]
+BASE_COLUMNS = ["image", "study_id", "patient_id", "split", "view", "body_part", "findings", "impression",
+                "report"]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
-class DataPrepError(ValueError):
-    """Bad input: the message names the data set, the file and (where it applies) the column."""
-
-
 # ----------------------------------------------------------------------------------------------------
-# ---- reading the official metadata files ----
+# ---- reading the official files ----
 
 def find_file(root: Path, names: list[str], dataset: str, required: bool = True) -> Path | None:
-    """The first of `names` (relative paths or globs, tried in order) under root; error naming all of them."""
+    """The first of `names` (paths relative to root, `*` allowed) that exists; a UserError naming them all."""
     for n in names:
         hits = sorted(glob.glob(str(root / n)))
         if hits:
             return Path(hits[0])
     if required:
-        raise DataPrepError(f"{dataset}: metadata file not found under {root}: expected one of {names} "
-                            f"(the official layout, as downloaded)")
+        raise common.UserError(f"{dataset}: none of {names} under {root} (the layout as published)")
     return None
 
 
-def read_table(path: Path, required: list[str], dataset: str, delimiter: str = ",",
-               fieldnames: list[str] | None = None) -> list[dict]:
-    """CSV (plain or .gz) -> list of dicts with stripped keys/values; a missing column is an error."""
+def read_table(path: Path, required: list[str], dataset: str) -> list[dict]:
+    """CSV (plain or .gz) -> dicts with stripped keys and values; a missing column is a UserError."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, fieldnames=fieldnames, skipinitialspace=True)
-        # SIIM's train-rle.csv header is "ImageId, EncodedPixels": strip keys so the leading space is harmless
+        reader = csv.DictReader(f)
+        header = [(h or "").strip() for h in reader.fieldnames or []]
+        # SIIM's train-rle.csv header is "ImageId, EncodedPixels": stripping makes its leading space harmless
         rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()}
                 for r in reader]
-        header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in required if c not in header]
     if missing:
-        raise DataPrepError(f"{dataset}: {path}: missing column(s) {missing}; the file has {header}")
+        raise common.UserError(f"{dataset}: {path}: no column {missing[0]!r} (it has: {', '.join(header)})")
     return rows
 
 
 def index_images(folder: Path, exts=IMAGE_EXTS) -> dict[str, Path]:
-    """File stem -> path for every image below folder (data sets that nest images in sub-folders)."""
+    """File stem -> path of every image below folder (for data sets that nest their images)."""
     out = {}
     for dirpath, _, files in os.walk(folder):
-        for fn in files:
+        for fn in sorted(files):
             stem, ext = os.path.splitext(fn)
             if ext.lower() in exts:
                 out.setdefault(stem, Path(dirpath) / fn)
@@ -114,92 +111,53 @@ def index_images(folder: Path, exts=IMAGE_EXTS) -> dict[str, Path]:
 
 
 def first_existing(candidates: list[Path]) -> Path:
-    """The first candidate that exists, else the first one (finish() then counts it as missing)."""
-    for c in candidates:
-        if c.exists():
-            return c
-    return candidates[0]
-
-
-def split_fractions(s: str | None, default: tuple) -> tuple:
-    if not s:
-        return default
-    f = tuple(float(x) for x in s.split(","))
-    if len(f) != 3 or abs(sum(f) - 1) > 1e-6:
-        raise DataPrepError(f"--fractions must be three numbers summing to 1 (train,valid,test), got {s}")
-    return f
+    """The first candidate that exists, else the first one (which finish() then counts as missing)."""
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def row(image, study_id, patient_id, split="", view="", body_part="chest", findings="", impression="",
         report="", labels=None, **extra) -> dict:
-    r = dict(image=str(image) if image else "", study_id=str(study_id), patient_id=str(patient_id), split=split,
-             view=view, body_part=body_part, findings=findings, impression=impression, report=report)
-    for k, v in (labels or {}).items():
-        r[LP + k] = v
+    r = dict(image=str(image) if image else "", study_id=str(study_id), patient_id=str(patient_id),
+             split=split, view=view, body_part=body_part, findings=findings, impression=impression,
+             report=report)
+    r.update({LP + k: v for k, v in (labels or {}).items()})
     r.update(extra)
     return r
 
 
-def assign_splits(rows: list[dict], fractions, seed: int, only_blank: bool = True):
-    """Fill `split` by patient (common.split_by_patient) for rows that have none yet."""
-    todo = [r for r in rows if not (only_blank and r["split"])]
-    m = common.split_by_patient([r["patient_id"] for r in todo], fractions=fractions, seed=seed)
+def fractions(args, default: tuple) -> tuple:
+    """--fractions=train,valid,test, or the paper's default."""
+    if not args.fractions:
+        return default
+    try:
+        f = tuple(float(x) for x in args.fractions.split(","))
+    except ValueError:
+        f = ()
+    if len(f) != 3 or abs(sum(f) - 1) > 1e-6 or min(f) < 0:
+        raise common.UserError(f"--fractions={args.fractions}: three numbers summing to 1 (train,valid,test)")
+    return f
+
+
+def assign_splits(rows: list[dict], frac: tuple, seed: int):
+    """Fill the split of the rows that have none, by patient (common.split_by_patient)."""
+    todo = [r for r in rows if not r["split"]]
+    by_patient = common.split_by_patient([r["patient_id"] for r in todo], fractions=frac, seed=seed)
     for r in todo:
-        r["split"] = m[r["patient_id"]]
+        r["split"] = by_patient[r["patient_id"]]
 
 
-def chexpert_value(v: str) -> str:
-    """CheXpert-style cell (1.0 / 0.0 / -1.0 / blank) -> "1" / "0" / "-1" / ""."""
+def label_value(v: str) -> str:
+    """A CheXpert-style cell (1.0 / 0.0 / -1.0 / blank) -> "1" / "0" / "-1" / ""."""
     v = v.strip()
-    if v == "":
-        return ""
-    return str(int(float(v)))
+    return str(int(float(v))) if v else ""
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- report text ----
+# ---- MIMIC-CXR: images, official split, report sections ----
 
-SECTION_RE = re.compile(r"^\s*([A-Z][A-Z /&\-]{2,40}):", re.MULTILINE)
-
-
-def parse_report_sections(text: str) -> dict[str, str]:
-    """MIMIC-CXR free-text report -> {"FINDINGS": ..., "IMPRESSION": ...} (upper-case headers ending in ':').
-
-    The reports are typed templates: "FINAL REPORT", then headers such as EXAMINATION:, INDICATION:,
-    COMPARISON:, FINDINGS:, IMPRESSION: at the start of a line. A section runs to the next header; white
-    space (the reports wrap at ~80 columns) is collapsed. Headers are matched case-sensitively, so a
-    sentence like "Note: ..." inside a section does not end it.
-    """
-    out = {}
-    heads = list(SECTION_RE.finditer(text))
-    for i, m in enumerate(heads):
-        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-        body = " ".join(text[m.end():end].split())
-        name = m.group(1).strip()
-        if body:
-            out[name] = (out[name] + " " + body) if name in out else body
-    return out
-
-
-def report_text(findings: str, impression: str) -> str:
-    parts = [f"FINDINGS: {findings}" if findings else "", f"IMPRESSION: {impression}" if impression else ""]
-    return " ".join(p for p in parts if p)
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- converters: one function per data set, root -> rows (absolute paths; finish() makes them relative) ----
-
-CHEXPERT_14 = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-               "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-               "Fracture", "Support Devices"]
-
-
-def mimic_metadata(root: Path, dataset: str, required: bool = True) -> dict[str, dict]:
-    """dicom_id -> metadata row of mimic-cxr-2.0.0-metadata.csv(.gz) (ViewPosition, subject_id, study_id)."""
-    p = find_file(root, ["mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"], dataset, required)
-    if p is None:
-        return {}
-    return {r["dicom_id"]: r for r in read_table(p, ["dicom_id", "subject_id", "study_id", "ViewPosition"], dataset)}
+MIMIC_META = ["mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"]
+MIMIC_SPLIT = ["mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"]
+SPLIT_NAMES = {"validate": "valid"}
 
 
 def mimic_image(root: Path, subject_id: str, study_id: str, dicom_id: str) -> Path:
@@ -207,73 +165,207 @@ def mimic_image(root: Path, subject_id: str, study_id: str, dicom_id: str) -> Pa
     return root / "files" / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}" / f"{dicom_id}.jpg"
 
 
-def convert_mimic_cxr(root: Path, args) -> list[dict]:
-    """MIMIC-CXR-JPG 2.x: metadata + official split (by patient) + CheXpert-labeler labels per study + reports.
+def mimic_patient_splits(root: Path, dataset: str) -> dict[str, str]:
+    """subject_id -> train / valid / test of MIMIC-CXR-JPG's own split (made by patient)."""
+    t = read_table(find_file(root, MIMIC_SPLIT, dataset), ["subject_id", "split"], dataset)
+    return {r["subject_id"]: SPLIT_NAMES.get(r["split"], r["split"]) for r in t}
 
-    Reports come from MIMIC-CXR (not -JPG) as files/pXX/pNNNNNNNN/sNNNNNNNN.txt; pass --reports=<folder>
-    if they are not unpacked into --root. CXR-CLIP uses the official train split for pre-training and the
-    test split for retrieval; "validate" is renamed "valid".
+
+# A header opens a line in capitals and ends in ':' ("FINDINGS:", "FINDINGS AND IMPRESSION:", "CHEST, PA AND
+# LATERAL:"); "Note:" inside a section is not one. Names are normalised as MIMIC-CXR's own section parser
+# (github.com/MIT-LCP/mimic-cxr, txt/section_parser.py) does: an impression under any name that contains
+# it, or CONCLUSION; a header describing the views of the study stands for the findings.
+MIMIC_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)])[ \t]*:", re.MULTILINE)
+STUDY_WORDS = re.compile(r"chest|portable|pa and lat|ap and lat|lateral and|frontal|views?\b|upright|ribs")
+CONTEXT_WORDS = ("histor", "indication", "reason", "comparison", "technique", "exam", "notification")
+
+
+def section_name(header: str) -> str:
+    h = " ".join(header.lower().split())
+    for key, name in (("impress", "impression"), ("conclusion", "impression"), ("finding", "findings")):
+        if key in h:
+            return name
+    if not any(w in h for w in CONTEXT_WORDS) and STUDY_WORDS.search(h):
+        return "findings"
+    return h
+
+
+def parse_report_sections(text: str) -> dict[str, str]:
+    """A MIMIC-CXR report -> {section name: text} (white space collapsed; names as in `section_name`).
+
+    A report with neither findings nor impression takes its last paragraph as the impression (after the
+    last header's own first paragraph), as MIMIC-CXR's parser does for the reports written without them."""
+    heads = list(MIMIC_HEADER.finditer(text))
+    bodies = [(section_name(m[1]), text[m.end():nxt.start() if nxt else len(text)])
+              for m, nxt in zip(heads, heads[1:] + [None])]
+    out: dict[str, str] = {}
+    for name, body in bodies:
+        body = " ".join(body.split())
+        if body:
+            out[name] = f"{out[name]} {body}" if name in out else body
+    if "findings" in out or "impression" in out:
+        return out
+    tail = bodies[-1][1] if bodies else re.sub(r"^\s*FINAL (REPORT|ADDENDUM)\b", "", text)
+    paras = [" ".join(p.split()) for p in re.split(r"\n[ \t]*\n", tail) if p.strip()]
+    if bodies and len(paras) > 1:
+        out[bodies[-1][0]] = paras[0]
+    if paras[1 if bodies else 0:]:
+        out["impression"] = paras[-1]
+    return out
+
+
+def report_text(findings: str, impression: str) -> str:
+    return " ".join(p for p in (f"FINDINGS: {findings}" if findings else "",
+                                f"IMPRESSION: {impression}" if impression else "") if p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- masks: SIIM's run-length strings, boxes (RSNA, GRAZPEDWRI-DX) ----
+
+def rle_decode(rle: str, height: int, width: int, relative: bool = True) -> np.ndarray:
+    """A SIIM-ACR run-length string -> uint8 mask [H, W], 255 inside; "" and "-1" (no pneumothorax) are empty.
+
+    Pixels are numbered column by column (the challenge's mask_functions.py reads the flat mask as (width,
+    height) and transposes it). Stage 1's train-rle.csv is *relative*: each start counts from the end of the
+    previous run; stage 2's stage_2_train.csv has the usual absolute, 1-based starts (relative=False)."""
+    flat = np.zeros(height * width, dtype=np.uint8)
+    s = (rle or "").strip()
+    if s and s != "-1":
+        v = [int(x) for x in s.split()]
+        if len(v) % 2:
+            raise common.UserError(f"run-length string with an odd count of numbers: {s[:60]}...")
+        pos = 0
+        for start, length in zip(v[0::2], v[1::2]):
+            pos = pos + start if relative else start - 1
+            flat[pos:pos + length] = 255
+            pos += length
+    return flat.reshape((height, width), order="F")
+
+
+def boxes_mask(boxes: list[tuple], height: int, width: int) -> np.ndarray:
+    """[(x, y, w, h) in pixels] -> uint8 mask [H, W], 255 inside any box."""
+    m = np.zeros((height, width), np.uint8)
+    for x, y, w, h in boxes:
+        m[max(0, round(y)):round(y + h), max(0, round(x)):round(x + w)] = 255
+    return m
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the DICOM or PNG header, without decoding the pixels."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        import pydicom
+
+        d = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(d.Rows), int(d.Columns)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def write_mask(args, name: str, mask: np.ndarray) -> str:
+    """<out stem>_masks/<name>.png next to the CSV (SIIM, RSNA and GRAZPEDWRI-DX alike)."""
+    import cv2
+
+    path = Path(args.out).resolve().parent / f"{Path(args.out).stem}_masks" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), mask):
+        raise common.UserError(f"cannot write {path} (disk full, or the folder is not writable?)")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- converters: root -> rows with absolute paths (finish() makes them relative). The docstring of each
+# ---- is its `--help`: the files it reads and the split it writes.
+
+CHEXPERT_14 = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+               "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+               "Pleural Other", "Fracture", "Support Devices"]
+
+
+def convert_mimic_cxr(root: Path, args) -> list[dict]:
+    """MIMIC-CXR-JPG 2.x, with the reports of MIMIC-CXR 2.x (CXR-CLIP, D-MLM pre-training).
+
+    Reads (--root = mimic-cxr-jpg/2.x.x): mimic-cxr-2.0.0-metadata.csv.gz (dicom_id, subject_id, study_id,
+    ViewPosition), mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-chexpert.csv.gz (14 labels per study,
+    1.0 / 0.0 / -1.0 / blank), images files/pXX/pSUBJECT/sSTUDY/DICOM.jpg, and the reports
+    files/pXX/pSUBJECT/sSTUDY.txt under --reports (mimic-cxr/2.x.x; default: --root). Section headers are
+    normalised as MIMIC-CXR's own parser does ("FINDINGS AND IMPRESSION:", "CONCLUSION:" -> impression; the
+    last paragraph is the impression of a report without headers).
+    Split: MIMIC's official split, by patient ("validate" -> valid).
     """
     ds = "mimic_cxr"
-    meta = read_table(find_file(root, ["mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"], ds),
-                      ["dicom_id", "subject_id", "study_id", "ViewPosition"], ds)
-    split = {r["dicom_id"]: r["split"] for r in read_table(
-        find_file(root, ["mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"], ds), ["dicom_id", "split"], ds)}
-    chex = {r["study_id"]: r for r in read_table(
-        find_file(root, ["mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"], ds),
+    meta = read_table(find_file(root, MIMIC_META, ds), ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+                      ds)
+    split = {r["dicom_id"]: r["split"] for r in read_table(find_file(root, MIMIC_SPLIT, ds),
+                                                            ["dicom_id", "split"], ds)}
+    chex = {r["study_id"]: r for r in read_table(find_file(
+        root, ["mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"], ds),
         ["subject_id", "study_id"] + CHEXPERT_14, ds)}
-    reports_root = Path(args.reports) if args.reports else root
-    rows, cache = [], {}
+    reports = Path(args.reports) if args.reports else root
+    rows, sections = [], {}
     for m in meta:
         sid, pid, did = m["study_id"], m["subject_id"], m["dicom_id"]
-        if sid not in cache:
-            rp = reports_root / "files" / f"p{pid[:2]}" / f"p{pid}" / f"s{sid}.txt"
+        if sid not in sections:
+            rp = reports / "files" / f"p{pid[:2]}" / f"p{pid}" / f"s{sid}.txt"
             secs = parse_report_sections(rp.read_text(errors="replace")) if rp.exists() else {}
-            cache[sid] = (secs.get("FINDINGS", ""), secs.get("IMPRESSION", ""))
-        fi, im = cache[sid]
-        labels = {k: chexpert_value(chex[sid][k]) for k in CHEXPERT_14} if sid in chex else {k: "" for k in CHEXPERT_14}
-        sp = {"validate": "valid"}.get(split.get(did, ""), split.get(did, ""))
+            sections[sid] = secs.get("findings", ""), secs.get("impression", "")
+        fi, im = sections[sid]
+        labels = {k: label_value(chex[sid][k]) if sid in chex else "" for k in CHEXPERT_14}
+        sp = SPLIT_NAMES.get(split.get(did, ""), split.get(did, ""))
         rows.append(row(mimic_image(root, pid, sid, did), sid, pid, sp, m["ViewPosition"].upper(), "chest",
                         fi, im, report_text(fi, im), labels))
     return rows
 
 
 def chexpert_path(root: Path, p: str) -> Path:
-    # Path in train.csv/valid.csv starts with the archive's folder name ("CheXpert-v1.0-small/train/...").
-    parts = Path(p).parts
-    return first_existing([root / p, root.parent / p, root / Path(*parts[1:])])
+    # a Path starts with the archive's folder: CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg
+    return first_existing([root / p, root.parent / p, root / Path(*Path(p).parts[1:])])
 
 
 def chexpert_view(r: dict) -> str:
-    return "LATERAL" if r["Frontal/Lateral"] == "Lateral" else (r["AP/PA"] or "FRONTAL").upper()
+    return "LATERAL" if r.get("Frontal/Lateral") == "Lateral" else (r.get("AP/PA") or "FRONTAL").upper()
 
 
 def chexpert_ids(p: str) -> tuple[str, str]:
     m = re.search(r"(patient\d+)/(study\d+)", p)
-    return (f"{m.group(1)}/{m.group(2)}", m.group(1)) if m else (p, p)
+    return (f"{m[1]}/{m[2]}", m[1]) if m else (p, p)
 
 
 def convert_chexpert(root: Path, args) -> list[dict]:
-    """CheXpert v1.0: train.csv -> train/valid 80/20 by patient (D-MLM), valid.csv (official) -> test.
+    """CheXpert v1.0 (or v1.0-small) as downloaded.
 
-    Labels stay 1 / 0 / -1 / blank as published. If chexpert_5x200.csv is in root, those images are left
-    out of training (CXR-CLIP, following GLoRIA, tests on them).
+    Reads (--root = CheXpert-v1.0-small): train.csv and valid.csv (Path, Sex, Age, Frontal/Lateral, AP/PA and
+    14 labels 1.0 / 0.0 / -1.0 / blank, kept as 1 / 0 / -1 / blank) and, when it is there, GLoRIA's
+    chexpert_5x200.csv: every image of its patients is left out, so that no CheXpert 5x200 test patient is
+    trained on (CXR-CLIP, Table 1). Without that file nothing is left out, and a warning says so.
+    Split (--split): dmlm     train.csv 80/20 by patient -> train / valid, valid.csv -> test (D-MLM);
+                     cxrclip  train.csv -> train, valid.csv -> valid (CXR-CLIP; it tests on CheXpert 5x200).
     """
     ds = "chexpert"
     need = ["Path", "Frontal/Lateral", "AP/PA"] + CHEXPERT_14
     train = read_table(find_file(root, ["train.csv"], ds), need, ds)
     valid = read_table(find_file(root, ["valid.csv"], ds), need, ds)
     p5 = find_file(root, ["chexpert_5x200.csv"], ds, required=False)
-    excl = {Path(r["Path"]).parts[-3:] for r in read_table(p5, ["Path"], ds)} if p5 else set()
-    rows = []
-    for part, table in (("", train), ("test", valid)):
+    if p5 is None:
+        print(f"warning: chexpert: no chexpert_5x200.csv in {root}: the CheXpert 5x200 test patients stay in "
+              f"training; put GLoRIA's file there to leave them out")
+    held_out = {chexpert_ids(r["Path"])[1] for r in read_table(p5, ["Path"], ds)} if p5 else set()
+    rows, left_out = [], 0
+    for table, split in ((train, ""), (valid, "test" if args.split == "dmlm" else "valid")):
         for r in table:
-            if part == "" and Path(r["Path"]).parts[-3:] in excl:
-                continue
             sid, pid = chexpert_ids(r["Path"])
-            rows.append(row(chexpert_path(root, r["Path"]), sid, pid, part, chexpert_view(r), "chest",
-                            labels={k: chexpert_value(r[k]) for k in CHEXPERT_14}))
-    assign_splits(rows, split_fractions(args.fractions, (0.8, 0.2, 0.0)), args.seed)
+            if pid in held_out:
+                left_out += 1
+                continue
+            rows.append(row(chexpert_path(root, r["Path"]), sid, pid, split, chexpert_view(r), "chest",
+                            labels={k: label_value(r[k]) for k in CHEXPERT_14}))
+    if held_out:
+        print(f"chexpert: left out {left_out} images of the {len(held_out)} CheXpert 5x200 patients")
+    if args.split == "cxrclip":
+        for r in rows:
+            r["split"] = r["split"] or "train"
+    assign_splits(rows, fractions(args, (0.8, 0.2, 0.0)), args.seed)
     return rows
 
 
@@ -281,35 +373,41 @@ CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural 
 
 
 def convert_chexpert5x200(root: Path, args) -> list[dict]:
-    """CheXpert 5x200 (GLoRIA's chexpert_5x200.csv: 200 images positive for exactly one of five classes).
+    """CheXpert 5x200, CXR-CLIP's zero-shot test set (after GLoRIA): 5 classes x 200 images.
 
-    All rows are test. Each image is positive for one class only, so the other four are 0 (not blank).
-    The report impression is kept where the file has it ("Report Impression").
+    Each image is positive for exactly one of Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural
+    Effusion.
+
+    Reads (--root = the CheXpert folder): chexpert_5x200.csv from the GLoRIA repository (Path, the five
+    labels, and "Report Impression" where the file has it) and the CheXpert images it names. The other four
+    labels of each image are 0, not blank.
+    Split: all test.
     """
     ds = "chexpert5x200"
-    table = read_table(find_file(root, ["chexpert_5x200.csv"], ds), ["Path"] + CHEXPERT_5, ds)
     rows = []
-    for r in table:
-        pos = [k for k in CHEXPERT_5 if chexpert_value(r[k]) == "1"]
-        if len(pos) != 1:  # the subset's definition; anything else is not a 5x200 row
+    for r in read_table(find_file(root, ["chexpert_5x200.csv"], ds), ["Path"] + CHEXPERT_5, ds):
+        pos = [k for k in CHEXPERT_5 if label_value(r[k]) == "1"]
+        if len(pos) != 1:  # the subset's definition
             continue
         sid, pid = chexpert_ids(r["Path"])
         im = " ".join(r.get("Report Impression", "").split())
-        rows.append(row(chexpert_path(root, r["Path"]), sid, pid, "test", chexpert_view(r) if "AP/PA" in r and "Frontal/Lateral" in r else "",
-                        "chest", "", im, report_text("", im), {k: "1" if k in pos else "0" for k in CHEXPERT_5}))
+        rows.append(row(chexpert_path(root, r["Path"]), sid, pid, "test", chexpert_view(r), "chest", "", im,
+                        report_text("", im), {k: "1" if k in pos else "0" for k in CHEXPERT_5}))
     return rows
 
 
-NIH_14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-          "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+NIH_14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 
 
 def convert_nih(root: Path, args) -> list[dict]:
-    """NIH ChestX-ray14: Data_Entry_2017.csv ("Finding Labels" pipe-separated, "No Finding" = all 0).
+    """NIH ChestX-ray14 (CXR-CLIP, D-MLM).
 
-    Official lists: train_val_list.txt -> train/valid 80/20 by patient (CXR-CLIP: 20% of the training set
-    for validation), test_list.txt -> test (both lists are already patient-disjoint). The boxes of
-    BBox_List_2017.csv (880 test images) go into a `bbox` column as JSON [[label, x, y, w, h], ...].
+    Reads (--root = the ChestX-ray14 folder): Data_Entry_2017.csv ("Finding Labels" separated by '|', "No
+    Finding" = all 0), train_val_list.txt, test_list.txt, images/*.png (or images_0XX/images/*.png), and
+    BBox_List_2017.csv if there: its boxes go to a `bbox` column as JSON [[label, x, y, w, h], ...].
+    Split: test_list.txt -> test; train_val_list.txt 80/20 by patient -> train / valid (CXR-CLIP validates on
+    20% of the training set). The two official lists are already patient-disjoint.
     """
     ds = "nih"
     entries = read_table(find_file(root, ["Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"], ds),
@@ -319,745 +417,568 @@ def convert_nih(root: Path, args) -> list[dict]:
     boxes = defaultdict(list)
     pb = find_file(root, ["BBox_List_2017.csv"], ds, required=False)
     if pb:
-        # header: Image Index,Finding Label,Bbox [x,y,w,h],,, -> read by position, not by name
+        # header "Image Index,Finding Label,Bbox [x,y,w,h],,,": read by position, not by name
         with open(pb, newline="", encoding="utf-8-sig") as f:
             rd = csv.reader(f)
-            head = next(rd)
+            head = next(rd, [])
             if len(head) < 6 or head[0].strip() != "Image Index":
-                raise DataPrepError(f"{ds}: {pb}: expected columns 'Image Index, Finding Label, Bbox [x,y,w,h]', "
-                                    f"got {head}")
+                raise common.UserError(f"nih: {pb}: expected 'Image Index,Finding Label,Bbox [x,y,w,h]', "
+                                       f"got {head}")
             for r in rd:
                 if len(r) >= 6:
                     boxes[r[0]].append([r[1]] + [round(float(x), 1) for x in r[2:6]])
     idx = index_images(root, (".png",))
     rows = []
     for e in entries:
-        name = e["Image Index"]
-        found = set(e["Finding Labels"].split("|"))
+        name, found = e["Image Index"], set(e["Finding Labels"].split("|"))
         unknown = found - set(NIH_14) - {"No Finding"}
         if unknown:
-            raise DataPrepError(f"{ds}: Data_Entry_2017.csv: column 'Finding Labels' has unknown label(s) {unknown}")
-        sp = "test" if name in test else "" if name in trainval else None
-        if sp is None:
+            raise common.UserError(f"nih: Data_Entry_2017.csv, 'Finding Labels' of {name}: unknown {unknown}")
+        if name not in test and name not in trainval:
             continue  # in neither official list
-        pid = str(int(e["Patient ID"]))
-        stem = Path(name).stem
-        rows.append(row(idx.get(stem, root / "images" / name), f"{pid}_{e.get('Follow-up #', stem)}", pid, sp,
-                        e["View Position"].upper(), "chest", labels={k: "1" if k in found else "0" for k in NIH_14},
+        pid, stem = str(int(e["Patient ID"])), Path(name).stem
+        rows.append(row(idx.get(stem, root / "images" / name), f"{pid}_{e.get('Follow-up #', stem)}", pid,
+                        "test" if name in test else "", e["View Position"].upper(), "chest",
+                        labels={k: "1" if k in found else "0" for k in NIH_14},
                         bbox=json.dumps(boxes[name]) if boxes.get(name) else ""))
-    assign_splits(rows, split_fractions(args.fractions, (0.8, 0.2, 0.0)), args.seed)
+    assign_splits(rows, fractions(args, (0.8, 0.2, 0.0)), args.seed)
     return rows
 
 
-def vindr_labels(root: Path, split: str, dataset: str) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """Image-level labels from VinDr's annotation files for one official split.
+def vindr_labels(root: Path, part: str, dataset: str, rename: dict) -> dict[str, dict[str, str]]:
+    """image_id -> {label: "1" / "0"} from the official image-level file of one split.
 
-    image_labels_<split>.csv: one row per (image, radiologist) with 0/1 per finding (local + global);
-    annotations_<split>.csv: one row per radiologist box (image_id, rad_id, class_name, x_min, ...).
-    The official rule (VinDr-CXR/-PCXR papers): the training images were read by 3 radiologists
-    independently, so an image is positive for a finding if any of them marked it; the test set is the
-    consensus of 5 and has one row per image. "No finding" rows carry no box and set nothing.
-    """
-    labels: dict[str, dict[str, str]] = defaultdict(dict)
-    names: list[str] = []
-    pl = find_file(root, [f"annotations/image_labels_{split}.csv", f"image_labels_{split}.csv"], dataset, False)
-    pa = find_file(root, [f"annotations/annotations_{split}.csv", f"annotations_{split}.csv"], dataset, False)
-    if pl is None and pa is None:
-        raise DataPrepError(f"{dataset}: metadata file not found under {root}: need annotations/image_labels_{split}"
-                            f".csv or annotations/annotations_{split}.csv")
-    if pl:
-        t = read_table(pl, ["image_id"], dataset)
-        ids = {"image_id", "rad_id", "rad_ID", "rad_ids"}
-        names = [c for c in t[0] if c not in ids] if t else []
-        for r in t:
-            for k in names:
-                if chexpert_value(r[k] or "0") == "1":
-                    labels[r["image_id"]][k] = "1"
-                else:
-                    labels[r["image_id"]].setdefault(k, "0")
-    if pa:
-        for r in read_table(pa, ["image_id", "class_name"], dataset):
-            d = labels[r["image_id"]]
-            if r["class_name"] not in names:
-                names.append(r["class_name"])
-            d[r["class_name"]] = "1"
-    names = [n for n in names if n]
-    for d in labels.values():
-        for n in names:
-            d.setdefault(n, "0")
-        if any(v == "1" for k, v in d.items() if k.lower() != "no finding") and "No finding" in d:
-            d["No finding"] = "0"  # a box from one reader outweighs another reader's "No finding"
-        elif "No finding" in names and not any(v == "1" for v in d.values()):
-            d["No finding"] = "1"
-    return labels, names
+    image_labels_train.csv has one row per (image, radiologist): three readers labelled each training image
+    independently and an image is positive for a finding any of them marked (the data sets' papers, Sec. 3);
+    image_labels_test.csv has one consensus row per image. "No finding" is 1 only where no finding is."""
+    p = find_file(root, [f"annotations/image_labels_{part}.csv", f"image_labels_{part}.csv"], dataset)
+    table = read_table(p, ["image_id"], dataset)
+    names = [c for c in (table[0] if table else {}) if c.lower() not in ("image_id", "rad_id", "rad_ids")]
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for r in table:
+        d = out[r["image_id"]]
+        for c in names:
+            k = rename.get(c, c)
+            d[k] = "1" if d.get(k) == "1" or label_value(r[c] or "0") == "1" else "0"
+    for d in out.values():
+        if "No finding" in d:
+            d["No finding"] = "0" if any(v == "1" for k, v in d.items() if k != "No finding") else "1"
+    return out
 
 
 def convert_vindr(root: Path, args, dataset: str = "vindr_cxr") -> list[dict]:
-    """VinDr-CXR 1.0.0 (PhysioNet; DICOM in train/ and test/). Validation split from the training set (CXR-CLIP):
-    80/20 by image (VinDr ships no patient ids: each image is its own patient id). The official test set is test.
-    "Other disease(s)"/"Other lesion" are kept; CXR-CLIP's evaluation drops them (evaluate.py's job)."""
+    """VinDr-CXR 1.0.0 from PhysioNet (CXR-CLIP; arXiv:2012.15029).
+
+    Reads (--root = vindr-cxr/1.0.0): annotations/image_labels_train.csv (image_id, rad_id, 28 findings and
+    diagnoses, 0 / 1; a training image is positive where any of its three radiologists marked it) and
+    annotations/image_labels_test.csv (the 5-radiologist consensus), DICOMs train/*.dicom and test/*.dicom.
+    The release spells one label "Other diseases" (train) and "Other disease" (test): one column, "Other
+    diseases". The box files (annotations_*.csv) are not needed for the image-level labels.
+    Split: the official test; train 80/20 -> train / valid (no patient ids are published: one image, one
+    patient).
+    """
+    rename = {"Other disease": "Other diseases"} if dataset == "vindr_cxr" else {}
     rows = []
-    for off in ("train", "test"):
-        labels, names = vindr_labels(root, off, dataset)
-        for image_id, lab in sorted(labels.items()):
-            img = first_existing([root / off / f"{image_id}{e}" for e in (".dicom", ".dcm", ".png", ".jpg")])
-            rows.append(row(img, image_id, image_id, "test" if off == "test" else "",
+    for part in ("train", "test"):
+        for image_id, lab in sorted(vindr_labels(root, part, dataset, rename).items()):
+            img = first_existing([root / part / f"{image_id}{e}" for e in (".dicom", ".dcm", ".png", ".jpg")])
+            rows.append(row(img, image_id, image_id, "test" if part == "test" else "",
                             "PA" if dataset == "vindr_cxr" else "", "chest", labels=lab))
     names = sorted({k for r in rows for k in r if k.startswith(LP)})
-    for r in rows:  # a finding that occurs in only one official split is 0 in the other
+    for r in rows:  # a label that only one split's file has is 0 in the other
         for n in names:
             r.setdefault(n, "0")
-    assign_splits(rows, split_fractions(args.fractions, (0.8, 0.2, 0.0)), args.seed)
+    assign_splits(rows, fractions(args, (0.8, 0.2, 0.0)), args.seed)
     return rows
 
 
 def convert_vindr_pcxr(root: Path, args) -> list[dict]:
-    """VinDr-PCXR 1.0.0 (PedCLIP's "Pedi-CXR"): same layout as VinDr-CXR, pediatric findings."""
+    """VinDr-PCXR 1.0.0 from PhysioNet, PedCLIP's "Pedi-CXR" (arXiv:2203.10612).
+
+    Reads (--root = vindr-pcxr/1.0.0): image_labels_train.csv and image_labels_test.csv (image_id, rad_ID and
+    the official image-level diseases: No finding, Bronchitis, Brocho-pneumonia, Bronchiolitis, Pneumonia,
+    Other disease, ...; names as published), DICOMs train/*.dicom and test/*.dicom. The lesion classes of
+    the box files (annotations_*.csv) are not image-level labels and are not read.
+    Split: the official test; train 80/20 -> train / valid (one image, one patient).
+    """
     return convert_vindr(root, args, "vindr_pcxr")
 
 
 def convert_rsna_pneumonia(root: Path, args) -> list[dict]:
-    """RSNA Pneumonia (Kaggle stage 2): stage_2_train_labels.csv has one row per box (several per patientId)
-    or one row with Target 0; an image is positive if any row has Target 1. Only the training images carry
-    labels, so they are re-split 70/15/15 by patient (CXR-CLIP, after GLoRIA; D-MLM uses --fractions=0.6,0.2,0.2).
+    """RSNA Pneumonia Detection Challenge, stage 2 (CXR-CLIP classification, D-MLM segmentation).
 
-    These images are a subset of NIH ChestX-ray14: a model pretrained on NIH has seen RSNA's test images.
+    Reads (--root = rsna-pneumonia-detection-challenge): stage_2_train_labels.csv (patientId, x, y, width,
+    height, Target: one row per box, several per image, or one row with Target 0) and
+    stage_2_train_images/*.dcm. An image is positive where a row has Target 1; its boxes are drawn into a
+    mask PNG (255 inside) in <out>_masks/, as SIIM's masks are; a blank `mask` is an empty mask.
+    Split: only the training images carry labels: 70/15/15 by patient (CXR-CLIP; D-MLM:
+    --fractions=0.6,0.2,0.2). These images are a subset of NIH ChestX-ray14.
     """
     ds = "rsna_pneumonia"
-    t = read_table(find_file(root, ["stage_2_train_labels.csv"], ds), ["patientId", "Target"], ds)
+    t = read_table(find_file(root, ["stage_2_train_labels.csv"], ds),
+                   ["patientId", "x", "y", "width", "height", "Target"], ds)
     target, boxes = {}, defaultdict(list)
     for r in t:
         pid = r["patientId"]
         target[pid] = max(target.get(pid, 0), int(float(r["Target"])))
-        if r.get("x"):
-            boxes[pid].append([round(float(r[k]), 1) for k in ("x", "y", "width", "height")])
-    rows = [row(root / "stage_2_train_images" / f"{pid}.dcm", pid, pid, labels={"Pneumonia": str(y)},
-                bbox=json.dumps([["Pneumonia"] + b for b in boxes[pid]]) if boxes[pid] else "")
-            for pid, y in target.items()]
-    assign_splits(rows, split_fractions(args.fractions, (0.7, 0.15, 0.15)), args.seed)
+        if r["Target"].startswith("1") and r["x"]:
+            boxes[pid].append(tuple(float(r[k]) for k in ("x", "y", "width", "height")))
+    rows = []
+    for pid, y in target.items():
+        img = root / "stage_2_train_images" / f"{pid}.dcm"
+        mask = ""
+        if boxes[pid] and img.exists():
+            mask = write_mask(args, pid, boxes_mask(boxes[pid], *image_size(img)))
+        rows.append(row(img, pid, pid, labels={"Pneumonia": str(y)}, mask=mask))
+    assign_splits(rows, fractions(args, (0.7, 0.15, 0.15)), args.seed)
     return rows
 
 
-def rle_decode(rle: str, height: int, width: int, relative: bool = True) -> np.ndarray:
-    """SIIM-ACR run-length string -> uint8 mask [H, W] (255 inside).
-
-    Pixels are numbered column by column (the challenge's mask_functions.py reshapes to (width, height) and
-    transposes). Stage 1 (train-rle.csv) is *relative*: each start is an offset from the end of the previous
-    run. Stage 2 (stage_2_train.csv) uses the usual Kaggle form: absolute 1-based starts.
-    """
-    flat = np.zeros(height * width, dtype=np.uint8)
-    v = [int(x) for x in rle.split()]
-    pos = 0
-    for start, length in zip(v[0::2], v[1::2]):
-        if relative:
-            pos += start
-        else:
-            pos = start - 1
-        flat[pos:pos + length] = 255
-        pos += length
-    return flat.reshape((height, width), order="F")
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) without decoding pixels where possible (DICOM header, PIL header)."""
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        import pydicom
-        d = pydicom.dcmread(str(path), stop_before_pixels=True)
-        return int(d.Rows), int(d.Columns)
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
-
-
 def convert_siim(root: Path, args) -> list[dict]:
-    """SIIM-ACR Pneumothorax: train-rle.csv (stage 1) or stage_2_train.csv; "-1" = no pneumothorax, several
-    rows per ImageId = several regions (OR-ed). Masks are written as PNGs next to the CSV (positives only; an
-    empty `mask` cell means an all-zero mask). Split 70/15/15 by patient (CXR-CLIP; D-MLM: 60/20/20)."""
+    """SIIM-ACR Pneumothorax Segmentation (CXR-CLIP classification, D-MLM segmentation).
+
+    Reads (--root = siim-acr-pneumothorax): train-rle.csv (stage 1: ImageId, EncodedPixels in the relative
+    form) or stage_2_train.csv (absolute form); "-1" = no pneumothorax, several rows of one ImageId = several
+    regions (OR-ed); the DICOMs anywhere below --root (dicom-images-train/<study>/<series>/<ImageId>.dcm),
+    whose header gives the patient id. Masks are PNGs (255 inside) in <out>_masks/ for the positive images;
+    a blank `mask` is an empty mask.
+    Split: 70/15/15 by patient (CXR-CLIP; D-MLM: --fractions=0.6,0.2,0.2).
+    """
+    import pydicom
+
     ds = "siim"
     p = find_file(root, ["train-rle.csv", "stage_2_train.csv"], ds)
-    relative = p.name == "train-rle.csv" if args.rle == "auto" else args.rle == "relative"
-    t = read_table(p, ["ImageId", "EncodedPixels"], ds)
     rles = defaultdict(list)
-    for r in t:
+    for r in read_table(p, ["ImageId", "EncodedPixels"], ds):
         rles[r["ImageId"]].append(r["EncodedPixels"])
-    idx = index_images(root, (".dcm", ".png"))
-    mask_dir = Path(args.out).parent / (Path(args.out).stem + "_masks")
+    idx = index_images(root, (".dcm",))
     rows = []
     for image_id, encs in rles.items():
-        img = idx.get(image_id)
-        pos = [e for e in encs if e and e != "-1"]
+        img, pos = idx.get(image_id), [e for e in encs if e and e != "-1"]
         r = row(img, image_id, image_id, labels={"Pneumothorax": "1" if pos else "0"}, mask="")
         if img is not None:
-            if img.suffix.lower() == ".dcm":  # the DICOM header carries the (anonymised) patient id
-                import pydicom
-                r["patient_id"] = str(pydicom.dcmread(str(img), stop_before_pixels=True).get("PatientID", image_id))
+            header = pydicom.dcmread(str(img), stop_before_pixels=True)
+            r["patient_id"] = str(header.get("PatientID", image_id))
             if pos:
                 h, w = image_size(img)
                 m = np.zeros((h, w), np.uint8)
                 for e in pos:
-                    m |= rle_decode(e, h, w, relative)
-                mask_dir.mkdir(parents=True, exist_ok=True)
-                mp = mask_dir / f"{image_id}.png"
-                import cv2
-                cv2.imwrite(str(mp), m)
-                r["mask"] = str(mp)
+                    m |= rle_decode(e, h, w, relative=p.name == "train-rle.csv")
+                r["mask"] = write_mask(args, image_id, m)
         rows.append(r)
-    assign_splits(rows, split_fractions(args.fractions, (0.7, 0.15, 0.15)), args.seed)
+    assign_splits(rows, fractions(args, (0.7, 0.15, 0.15)), args.seed)
     return rows
 
 
-def convert_openi(root: Path, args) -> list[dict]:
-    """Open-I / Indiana University CXR: ecgen-radiology/*.xml reports + NLMCXR_png images.
+def dicom_view(path: Path | None) -> str:
+    """ViewPosition of a DICOM header (PA, AP, LATERAL for LL / RL / LAT), or "" when it has none."""
+    if path is None:
+        return ""
+    import pydicom
 
-    Each XML has <AbstractText Label="FINDINGS|IMPRESSION|..."> sections, <MeSH><major> terms such as
-    "Opacity/lung/base/left" or "normal" (the first component is the finding) and <parentImage id=...> for
-    the linked images. Open-I is used for retrieval only (CXR-CLIP), so every row is test; a MeSH finding
-    present in the study is 1, absent 0 ("normal" becomes "No Finding").
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        v = str(header.get("ViewPosition", "") or "").strip().upper()
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return ""
+    return "LATERAL" if v in ("LL", "RL", "LAT", "LATERAL") else v
+
+
+def convert_openi(root: Path, args) -> list[dict]:
+    """Open-I / Indiana University chest X-rays (CXR-CLIP retrieval).
+
+    Reads (--root = the folder holding the unpacked NLMCXR archives): ecgen-radiology/*.xml (reports, from
+    NLMCXR_reports.tgz: <AbstractText Label="FINDINGS|IMPRESSION">, MeSH <major> terms whose first part is
+    the finding, "normal" -> No Finding, and <parentImage id="CXR1_1_IM-0001-3001"> per image), the PNGs
+    (NLMCXR_png.tgz: CXR1_1_IM-0001-3001.png) and, where unpacked, the DICOMs (NLMCXR_dcm.tgz:
+    1/1_IM-0001-3001.dcm), whose ViewPosition gives `view`. An image without one gets view UNKNOWN, never a
+    frontal view by default.
+    Split: all test. A MeSH finding of the study is 1 on its images, the others 0.
     """
     ds = "openi"
-    xmls = sorted(glob.glob(str(root / "**" / "*.xml"), recursive=True))
+    xmls = sorted(glob.glob(str(root / "ecgen-radiology" / "*.xml")))
     if not xmls:
-        raise DataPrepError(f"{ds}: metadata file not found under {root}: expected the report XMLs "
-                            f"(ecgen-radiology/*.xml from NLMCXR_reports.tgz)")
-    idx = index_images(root, (".png", ".jpg"))
+        raise common.UserError(f"{ds}: no ecgen-radiology/*.xml under {root} (NLMCXR_reports.tgz, unpacked)")
+    pngs, dicoms = index_images(root, (".png",)), index_images(root, (".dcm",))
     studies = []
     for x in xmls:
         tree = ET.parse(x).getroot()
         uid = tree.find("uId")
-        sid = uid.get("id") if uid is not None else Path(x).stem
-        sec = {a.get("Label", "").upper(): " ".join((a.text or "").split()) for a in tree.iter("AbstractText")}
+        sec = {a.get("Label", "").upper(): " ".join((a.text or "").split())
+               for a in tree.iter("AbstractText")}
         terms = set()
         for m in tree.iter("major"):
             t = (m.text or "").split("/")[0].strip()
             if t:
                 terms.add("No Finding" if t.lower() == "normal" else t[0].upper() + t[1:])
         imgs = [pi.get("id") for pi in tree.iter("parentImage") if pi.get("id")]
-        studies.append((sid, sec.get("FINDINGS", ""), sec.get("IMPRESSION", ""), terms, imgs))
+        studies.append((uid.get("id") if uid is not None else Path(x).stem, sec.get("FINDINGS", ""),
+                        sec.get("IMPRESSION", ""), terms, imgs))
     names = sorted({t for s in studies for t in s[3]})
     rows = []
     for sid, fi, im, terms, imgs in studies:
-        for i in imgs:
-            rows.append(row(idx.get(i, root / "NLMCXR_png" / f"{i}.png"), sid, sid, "test", "", "chest", fi, im,
-                            report_text(fi, im), {n: "1" if n in terms else "0" for n in names}))
+        for i in imgs:  # the DICOM of PNG "CXR1_1_IM-0001-3001" is 1/1_IM-0001-3001.dcm
+            view = dicom_view(dicoms.get(i.split("_", 1)[-1]) or dicoms.get(i)) or "UNKNOWN"
+            rows.append(row(pngs.get(i, root / "NLMCXR_png" / f"{i}.png"), sid, sid, "test", view, "chest",
+                            fi, im, report_text(fi, im), {n: "1" if n in terms else "0" for n in names}))
     return rows
 
 
+CXR_LT_FILES = ["train_labeled.csv", "cxr-lt-2024/train_labeled.csv", "2.0.0/cxr-lt-2024/train_labeled.csv",
+                "cxr-lt-iccv-workshop-cvamd/2.0.0/cxr-lt-2024/train_labeled.csv"]
+CXR_LT_META = {"dicom_id", "subject_id", "study_id", "ViewPosition", "ViewCodeSequence_CodeMeaning", "fpath",
+               "path", "split"}
+FRONTAL_CODES = {"AP": "AP", "PA": "PA", "antero-posterior": "AP", "postero-anterior": "PA"}
+
+
 def convert_cxr_lt(root: Path, args) -> list[dict]:
-    """CXR-LT (MICCAI challenge on MIMIC-CXR-JPG; 2024: 40 classes). A label CSV with dicom_id, subject_id,
-    study_id and one 0/1 column per class (every non-id column is taken as a class, so the 2023 26-class
-    and 2024 40-class files both work). CXR-CML: frontal views only, 80/20 train/test by patient, 5-fold
-    cross-validation inside train (`fold` column 0..4, also by patient)."""
+    """CXR-LT 2024 (PhysioNet cxr-lt-iccv-workshop-cvamd 2.0.0) on MIMIC-CXR-JPG images (CXR-CML).
+
+    Reads: --labels = the CXR-LT release folder, or train_labeled.csv itself (found as
+    cxr-lt-iccv-workshop-cvamd/2.0.0/cxr-lt-2024/train_labeled.csv or any tail of that path): dicom_id,
+    subject_id, study_id, ViewPosition, ViewCodeSequence_CodeMeaning, fpath and one 0 / 1 column per class
+    (40 in 2024; any 0 / 1 column that is not an id is a class). --root = mimic-cxr-jpg/2.x.x: the images
+    (fpath, else files/pXX/...) and mimic-cxr-2.0.0-split.csv.gz. Frontal images only (CXR-CML, Sec. 3):
+    ViewPosition AP / PA, or ViewCodeSequence_CodeMeaning antero- / postero-anterior.
+    Split (--split): mimic  each patient's MIMIC split: MIMIC's test patients -> test, all others -> train,
+                            so a checkpoint pre-trained on mimic_cxr never saw a test patient;
+                     paper  CXR-CML's 80/20 by patient (MIMIC's test patients still all in test; the other
+                            test patients are in MIMIC's train split).
+    `fold` 0-4 splits train by patient for CXR-CML's 5-fold cross-validation; `mimic_split` keeps each
+    patient's MIMIC split.
+    """
     ds = "cxr_lt"
-    p = Path(args.labels) if args.labels else find_file(
-        root, ["cxr-lt*/train*.csv", "train_labeled.csv", "cxr-lt*.csv", "train.csv"], ds)
-    if not p.exists():
-        raise DataPrepError(f"{ds}: metadata file not found: {p}")
+    labels = Path(args.labels) if args.labels else root
+    p = labels if labels.is_file() else find_file(labels, CXR_LT_FILES, ds)
     t = read_table(p, ["dicom_id", "subject_id", "study_id"], ds)
-    meta_cols = {"dicom_id", "subject_id", "study_id", "fpath", "ViewPosition", "split", "view", "path"}
-    names = [c for c in t[0] if c not in meta_cols] if t else []
-    meta = mimic_metadata(root, ds, required=False)
-    rows = []
+    cols = [c for c in (t[0] if t else {}) if c not in CXR_LT_META]
+    names = [c for c in cols if all(r[c] in ("0", "1", "0.0", "1.0", "") for r in t)]
+    if not names:
+        raise common.UserError(f"{ds}: {p}: no 0 / 1 class columns (it has: {', '.join(t[0] if t else [])})")
+    if set(cols) - set(names):
+        print(f"cxr_lt: not classes (values other than 0 / 1): {sorted(set(cols) - set(names))}")
+    mimic_split = mimic_patient_splits(root, ds)
+    rows, dropped = [], Counter()
     for r in t:
-        view = (r.get("ViewPosition") or meta.get(r["dicom_id"], {}).get("ViewPosition", "")).upper()
-        if (view or meta) and view not in ("AP", "PA"):
-            continue  # frontal only (CXR-CML, Sec. 3); without any view information all rows are kept
-        img = root / r["fpath"] if r.get("fpath") else mimic_image(root, r["subject_id"], r["study_id"], r["dicom_id"])
-        rows.append(row(img, r["study_id"], r["subject_id"], "", view, "chest",
-                        labels={n: chexpert_value(r[n] or "0") for n in names}))
-    assign_splits(rows, split_fractions(args.fractions, (0.8, 0.0, 0.2)), args.seed)
-    folds = {}
-    train_pids = sorted({r["patient_id"] for r in rows if r["split"] == "train"})
-    perm = np.random.default_rng(args.seed).permutation(len(train_pids))
-    for i, j in enumerate(perm):
-        folds[train_pids[j]] = str(i % 5)
+        view = FRONTAL_CODES.get(r.get("ViewPosition", "").upper()) or \
+            FRONTAL_CODES.get(r.get("ViewCodeSequence_CodeMeaning", "").lower())
+        if not view:
+            dropped["not frontal"] += 1
+            continue
+        img = root / r["fpath"] if r.get("fpath") else mimic_image(root, r["subject_id"], r["study_id"],
+                                                                   r["dicom_id"])
+        ms = mimic_split.get(r["subject_id"], "")
+        rows.append(row(img, r["study_id"], r["subject_id"], "test" if ms == "test" else "", view, "chest",
+                        labels={n: label_value(r[n] or "0") for n in names}, mimic_split=ms))
+    unknown = len({r["patient_id"] for r in rows if not r["mimic_split"]})
+    print(f"cxr_lt: {len(names)} classes; left out: {dict(dropped) or 'none'}; patients missing from MIMIC's "
+          f"split file (kept as MIMIC train): {unknown}")
+    if args.split == "mimic":
+        for r in rows:
+            r["split"] = r["split"] or "train"
+    else:
+        assign_splits(rows, fractions(args, (0.8, 0.0, 0.2)), args.seed)
+        print("cxr_lt: --split=paper: test also holds patients of MIMIC's train split (column mimic_split); "
+              "compare checkpoints pre-trained on mimic_cxr on the rows with mimic_split=test only")
+    train = sorted({r["patient_id"] for r in rows if r["split"] == "train"})
+    order = np.random.default_rng(args.seed).permutation(len(train))
+    fold = {train[j]: str(i % 5) for i, j in enumerate(order)}
     for r in rows:
-        r["fold"] = folds.get(r["patient_id"], "")
+        r["fold"] = fold.get(r["patient_id"], "")
+    return rows
+
+
+EDEMA_FILES = ["{}", "*/{}", "mimic-cxr-pe-severity/*/{}"]
+
+
+def convert_mimic_edema(root: Path, args) -> list[dict]:
+    """Pulmonary edema severity grades of MIMIC-CXR (PhysioNet mimic-cxr-pe-severity 1.0.1; D-MLM).
+    Grades: 0 none, 1 vascular congestion, 2 interstitial edema, 3 alveolar edema -> `target`.
+
+    Reads: --labels = the release folder (default: --root): regex_report_edema_severity.csv (subject_id,
+    study_id, edema_severity: a grade per study, from its report) and consensus_image_edema_severity.csv
+    (subject_id, study_id, dicom_id, edema_severity: 141 images graded by radiologists in consensus).
+    --root = mimic-cxr-jpg/2.x.x: mimic-cxr-2.0.0-metadata.csv.gz (each graded study -> its images, all
+    views, `view` set), mimic-cxr-2.0.0-split.csv.gz, the images.
+    Split: test = the 141 consensus images, as the data set's authors recommend (doi:10.13026/rz5p-rc64);
+    their patients and MIMIC's test patients are left out of train / valid; the other graded studies 75/25
+    by patient -> train / valid (D-MLM's 60:20). `mimic_split` keeps each patient's MIMIC split: a test
+    image whose patient is in MIMIC's train split was seen by a checkpoint pre-trained on mimic_cxr (the
+    count is printed).
+    """
+    ds = "mimic_edema"
+    lroot = Path(args.labels) if args.labels else root
+    need = ["subject_id", "study_id", "edema_severity"]
+    regex = read_table(find_file(lroot, [f.format("regex_report_edema_severity.csv") for f in EDEMA_FILES],
+                                 ds), need, ds)
+    consensus = read_table(find_file(lroot, [f.format("consensus_image_edema_severity.csv")
+                                             for f in EDEMA_FILES], ds), need + ["dicom_id"], ds)
+    images = defaultdict(list)
+    for m in read_table(find_file(root, MIMIC_META, ds), ["dicom_id", "study_id", "ViewPosition"], ds):
+        images[m["study_id"]].append((m["dicom_id"], m["ViewPosition"].upper()))
+    views = {d: v for ims in images.values() for d, v in ims}
+    mimic_split = mimic_patient_splits(root, ds)
+
+    def grade(r):
+        return str(int(float(r["edema_severity"])))
+
+    rows = [row(mimic_image(root, r["subject_id"], r["study_id"], r["dicom_id"]), r["study_id"],
+                r["subject_id"], "test", views.get(r["dicom_id"], ""), target=grade(r),
+                mimic_split=mimic_split.get(r["subject_id"], "")) for r in consensus]
+    test_patients, left_out = {r["subject_id"] for r in consensus}, Counter()
+    in_mimic_train = sum(r["mimic_split"] == "train" for r in rows)  # rows: the consensus images so far
+    for r in regex:
+        pid = r["subject_id"]
+        why = "consensus patient" if pid in test_patients else \
+            "MIMIC test patient" if mimic_split.get(pid) == "test" else \
+            "study not in the metadata" if r["study_id"] not in images else ""
+        if why:
+            left_out[why] += 1
+            continue
+        rows += [row(mimic_image(root, pid, r["study_id"], did), r["study_id"], pid, "", view,
+                     target=grade(r), mimic_split=mimic_split.get(pid, ""))
+                 for did, view in images[r["study_id"]]]
+    print(f"mimic_edema: graded studies left out of train / valid: {dict(left_out) or 'none'}; test images "
+          f"of patients in MIMIC's train split: {in_mimic_train}")
+    assign_splits(rows, fractions(args, (0.75, 0.25, 0.0)), args.seed)
     return rows
 
 
 GRAZ_YOLO_CLASSES = ["boneanomaly", "bonelesion", "foreignbody", "fracture", "metal", "periostealreaction",
-                     "pronatorsign", "softtissue", "text"]  # order of the data set's yolov5 meta.yaml
+                     "pronatorsign", "softtissue", "text"]  # the order of the data set's yolov5 meta.yaml
 
 
 def convert_grazpedwri(root: Path, args) -> list[dict]:
-    """GRAZPEDWRI-DX (figshare): dataset.csv (filestem, patient_id, projection 1=PA 2=lateral 3=oblique,
-    fracture_visible 1/blank) + 16-bit PNGs. Fracture boxes from the YOLO labels (folder_structure/yolov5/
-    labels/<filestem>.txt, normalised cx cy w h) are drawn into mask PNGs for PedCLIP's segmentation task.
-    No official split: 70/15/15 by patient."""
+    """GRAZPEDWRI-DX, paediatric wrist radiographs (PedCLIP classification and segmentation).
+
+    Reads (--root = the figshare download): dataset.csv (filestem, patient_id, projection 1 PA / 2 lateral
+    / 3 oblique, fracture_visible 1 / blank), the 16-bit PNGs anywhere below --root, and the YOLO labels
+    folder_structure/yolov5/labels/<filestem>.txt (class cx cy w h, normalised): the fracture boxes are drawn
+    into mask PNGs in <out>_masks/.
+    Split: no official split: 70/15/15 by patient.
+    """
     ds = "grazpedwri"
     t = read_table(find_file(root, ["dataset.csv"], ds), ["filestem", "patient_id", "fracture_visible"], ds)
     idx = index_images(root, (".png",))
     yolo = {Path(p).stem: Path(p) for p in glob.glob(str(root / "**" / "labels" / "*.txt"), recursive=True)}
-    mask_dir = Path(args.out).parent / (Path(args.out).stem + "_masks")
     rows = []
     for r in t:
-        img = idx.get(r["filestem"])
+        img, lab = idx.get(r["filestem"]), yolo.get(r["filestem"])
         view = {"1": "PA", "2": "LATERAL", "3": "OBLIQUE"}.get(r.get("projection", ""), "")
-        rr = row(img, r["filestem"], r["patient_id"], "", view, "wrist",
-                 labels={"Fracture": "1" if chexpert_value(r["fracture_visible"] or "0") == "1" else "0"}, mask="")
-        lab = yolo.get(r["filestem"])
+        rr = row(img, r["filestem"], r["patient_id"], "", view, "wrist", mask="",
+                 labels={"Fracture": "1" if label_value(r["fracture_visible"] or "0") == "1" else "0"})
         if img is not None and lab is not None:
             h, w = image_size(img)
-            m = np.zeros((h, w), np.uint8)
-            for line in lab.read_text().splitlines():
-                f = line.split()
-                if len(f) >= 5 and int(f[0]) == GRAZ_YOLO_CLASSES.index("fracture"):
-                    cx, cy, bw, bh = (float(x) for x in f[1:5])
-                    x0, x1 = int(round((cx - bw / 2) * w)), int(round((cx + bw / 2) * w))
-                    y0, y1 = int(round((cy - bh / 2) * h)), int(round((cy + bh / 2) * h))
-                    m[max(y0, 0):y1, max(x0, 0):x1] = 255
-            mask_dir.mkdir(parents=True, exist_ok=True)
-            import cv2
-            cv2.imwrite(str(mask_dir / f"{r['filestem']}.png"), m)
-            rr["mask"] = str(mask_dir / f"{r['filestem']}.png")
+            yolo_rows = [[float(v) for v in ln.split()[:5]] for ln in lab.read_text().splitlines()
+                         if len(ln.split()) >= 5]
+            boxes = [((cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h) for c, cx, cy, bw, bh in yolo_rows
+                     if int(c) == GRAZ_YOLO_CLASSES.index("fracture")]
+            rr["mask"] = write_mask(args, r["filestem"], boxes_mask(boxes, h, w))
         rows.append(rr)
-    assign_splits(rows, split_fractions(args.fractions, (0.7, 0.15, 0.15)), args.seed)
+    assign_splits(rows, fractions(args, (0.7, 0.15, 0.15)), args.seed)
     return rows
 
 
 def convert_boneage(root: Path, args) -> list[dict]:
-    """RSNA Pediatric Bone Age: boneage-training-dataset.csv (id, boneage in months, male). Only the training
-    set has public labels on Kaggle, so it is split 70/15/15 (one image per child). `target` = months."""
+    """RSNA Pediatric Bone Age Challenge (PedCLIP regression).
+
+    Reads (--root = the Kaggle download): boneage-training-dataset.csv (id, boneage in months, male) and
+    boneage-training-dataset/<id>.png. `target` = bone age in months, `sex` = M / F.
+    Split: only the training set has public labels: 70/15/15 (one image per child).
+    """
     ds = "boneage"
-    t = read_table(find_file(root, ["boneage-training-dataset.csv", "train.csv"], ds), ["id", "boneage", "male"], ds)
+    p = find_file(root, ["boneage-training-dataset.csv", "train.csv"], ds)
     idx = index_images(root, (".png", ".jpg"))
-    rows = [row(idx.get(r["id"], root / "boneage-training-dataset" / f"{r['id']}.png"), r["id"], r["id"], "", "PA",
-                "hand", target=r["boneage"], sex="M" if r["male"].lower() == "true" else "F") for r in t]
-    assign_splits(rows, split_fractions(args.fractions, (0.7, 0.15, 0.15)), args.seed)
+    rows = [row(idx.get(r["id"], root / "boneage-training-dataset" / f"{r['id']}.png"), r["id"], r["id"], "",
+                "PA", "hand", target=r["boneage"], sex="M" if r["male"].lower() == "true" else "F")
+            for r in read_table(p, ["id", "boneage", "male"], ds)]
+    assign_splits(rows, fractions(args, (0.7, 0.15, 0.15)), args.seed)
     return rows
 
 
 def convert_covidx(root: Path, args) -> list[dict]:
-    """COVIDx CXR (v9+): train.txt / val.txt / test.txt, space separated, no header:
-    `patient_id filename class data_source`, class positive/negative (older: COVID-19/pneumonia/normal).
-    D-MLM pools them and splits 70/20/10 by patient; images are in train/, val/ or test/."""
+    """COVIDx CXR, v9 or later (D-MLM).
+
+    Reads (--root = the Kaggle download): train.txt, val.txt, test.txt (space separated, no header:
+    patient_id filename class source; class positive / negative, older releases COVID-19 / pneumonia /
+    normal) and the images in train/, val/, test/.
+    Split: D-MLM pools the three and splits 70/20/10 by patient.
+    """
     ds = "covidx"
     rows = []
     for part in ("train", "val", "test"):
-        p = find_file(root, [f"{part}.txt", f"{part}_COVIDx*.txt"], ds, required=(part != "val"))
-        if p is None:
-            continue
-        for line in p.read_text().splitlines():
+        p = find_file(root, [f"{part}.txt", f"{part}_COVIDx*.txt"], ds, required=part != "val")
+        for line in (p.read_text().splitlines() if p else []):
             f = line.split()
             if not f:
                 continue
             if len(f) < 3:
-                raise DataPrepError(f"{ds}: {p}: expected 'patient_id filename class [source]' per line, got {line!r}")
+                raise common.UserError(f"{ds}: {p}: expected 'patient_id filename class source': {line!r}")
             pid, fn, cls = f[0], f[1], f[2].lower()
             rows.append(row(first_existing([root / part / fn, root / fn]), f"{pid}/{fn}", pid,
                             labels={"COVID-19": "1" if cls in ("positive", "covid-19", "covid") else "0"}))
-    assign_splits(rows, split_fractions(args.fractions, (0.7, 0.2, 0.1)), args.seed)
-    return rows
-
-
-def convert_mimic_edema(root: Path, args) -> list[dict]:
-    """Pulmonary edema severity (Chauhan/Liao et al., PhysioNet, derived from MIMIC-CXR): a CSV with
-    subject_id, study_id, dicom_id, edema_severity 0-3; images from MIMIC-CXR-JPG under --root (or pass the
-    CSV with --labels). `target` = grade; split 60/20/20 by patient (D-MLM)."""
-    ds = "mimic_edema"
-    p = Path(args.labels) if args.labels else find_file(root, ["edema_severity.csv", "**/edema_severity.csv"], ds)
-    if not p.exists():
-        raise DataPrepError(f"{ds}: metadata file not found: {p}")
-    t = read_table(p, ["subject_id", "study_id", "dicom_id", "edema_severity"], ds)
-    meta = mimic_metadata(root, ds, required=False)
-    rows = [row(mimic_image(root, r["subject_id"], r["study_id"], r["dicom_id"]), r["study_id"], r["subject_id"], "",
-                meta.get(r["dicom_id"], {}).get("ViewPosition", "").upper(), "chest", target=str(int(float(r["edema_severity"]))))
-            for r in t]
-    assign_splits(rows, split_fractions(args.fractions, (0.6, 0.2, 0.2)), args.seed)
+    assign_splits(rows, fractions(args, (0.7, 0.2, 0.1)), args.seed)
     return rows
 
 
 def convert_chd_cxr(root: Path, args) -> list[dict]:
-    """CHD-CXR (pediatric congenital heart disease, 828 images): one folder per class (e.g. ASD, VSD, PDA,
-    Normal), images inside; one-vs-rest labels per class. No patient ids are published, so each image is its
-    own patient; 70/15/15. A class folder named Normal/normal only sets its rows' other labels to 0."""
+    """CHD-CXR, paediatric congenital heart disease (PedCLIP zero-shot).
+
+    Reads (--root): one folder per class (ASD, VSD, PDA, Normal, ...) with the images inside. One-vs-rest
+    labels, one per class other than Normal.
+    Split: no patient ids are published (one image, one patient): 70/15/15.
+    """
     ds = "chd_cxr"
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and index_images(d))
     if not classes:
-        raise DataPrepError(f"{ds}: no class folders with images under {root} (expected <class>/<image>.png)")
+        raise common.UserError(f"{ds}: no class folders with images under {root} (<class>/<image>.png)")
     names = [c for c in classes if c.lower() != "normal"]
-    rows = []
-    for c in classes:
-        for stem, p in sorted(index_images(root / c).items()):
-            rows.append(row(p, f"{c}/{stem}", f"{c}/{stem}", labels={n: "1" if n == c else "0" for n in names}))
-    assign_splits(rows, split_fractions(args.fractions, (0.7, 0.15, 0.15)), args.seed)
+    rows = [row(p, f"{c}/{stem}", f"{c}/{stem}", labels={n: "1" if n == c else "0" for n in names})
+            for c in classes for stem, p in sorted(index_images(root / c).items())]
+    assign_splits(rows, fractions(args, (0.7, 0.15, 0.15)), args.seed)
     return rows
 
 
 CONVERTERS = {
-    "mimic_cxr": convert_mimic_cxr,
-    "chexpert": convert_chexpert,
-    "chexpert5x200": convert_chexpert5x200,
-    "nih": convert_nih,
-    "vindr_cxr": convert_vindr,
-    "vindr_pcxr": convert_vindr_pcxr,
-    "rsna_pneumonia": convert_rsna_pneumonia,
-    "siim": convert_siim,
-    "openi": convert_openi,
-    "cxr_lt": convert_cxr_lt,
-    "grazpedwri": convert_grazpedwri,
-    "boneage": convert_boneage,
-    "covidx": convert_covidx,
-    "mimic_edema": convert_mimic_edema,
-    "chd_cxr": convert_chd_cxr,
+    "mimic_cxr": convert_mimic_cxr, "chexpert": convert_chexpert, "chexpert5x200": convert_chexpert5x200,
+    "nih": convert_nih, "vindr_cxr": convert_vindr, "vindr_pcxr": convert_vindr_pcxr,
+    "rsna_pneumonia": convert_rsna_pneumonia, "siim": convert_siim, "openi": convert_openi,
+    "cxr_lt": convert_cxr_lt, "mimic_edema": convert_mimic_edema, "grazpedwri": convert_grazpedwri,
+    "boneage": convert_boneage, "covidx": convert_covidx, "chd_cxr": convert_chd_cxr,
 }
+SPLIT_SCHEMES = {"chexpert": ("dmlm", "cxrclip"), "cxr_lt": ("mimic", "paper")}  # the first is the default
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- writing: missing images, optional resized copies, relative paths, summary ----
+# ---- writing: missing images, resized copies, relative paths, a summary ----
 
-def _write_image(dst: str, img: np.ndarray, quality: int):
-    """PNG / JPEG by dst's suffix, through a temporary name: a killed run leaves no half-written file that a
-    rerun would trust (a rerun skips every dst that exists)."""
+def _resize_one(job) -> str:
+    """Worker: (src, dst, mask_src, mask_dst, size) -> "" or the error. A copy that exists is kept; a new
+    one goes through a temporary name, so a killed run leaves nothing half-written that a rerun trusts."""
     import cv2
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + ".tmp" + os.path.splitext(dst)[1]
-    if not cv2.imwrite(tmp, img, [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.endswith(".jpg") else []):
-        raise OSError(f"{dst}: cv2.imwrite failed (disk full or the folder is not writable?)")
-    os.replace(tmp, dst)
 
-
-def _resize_one(job):
-    """Worker: (src, dst, mask_src, mask_dst, size, quality) -> (ok, message)."""
-    import cv2
-    src, dst, msrc, mdst, size, quality = job
+    src, dst, msrc, mdst, size = job
     try:
-        if not os.path.exists(dst):
-            img = common.load_image(src)
-            s = size / min(img.shape)
-            if s < 1:  # never upscale
-                img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
-            _write_image(dst, img, quality)
-        if msrc and not os.path.exists(mdst):
-            h, w = cv2.imread(dst, cv2.IMREAD_GRAYSCALE).shape
-            m = cv2.imread(msrc, cv2.IMREAD_GRAYSCALE)
-            os.makedirs(os.path.dirname(mdst), exist_ok=True)
-            cv2.imwrite(mdst, cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST))
-        return True, ""
+        for s, d, how in ((src, dst, cv2.INTER_AREA), (msrc, mdst, cv2.INTER_NEAREST)):
+            if not s or os.path.exists(d):
+                continue
+            img = common.load_image(s)
+            k = size / min(img.shape)
+            if k < 1:  # never upscale
+                img = cv2.resize(img, (round(img.shape[1] * k), round(img.shape[0] * k)), interpolation=how)
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            if not cv2.imwrite(d + ".tmp.png", img):
+                raise OSError(f"{d}: cv2.imwrite failed (disk full, or the folder is not writable?)")
+            os.replace(d + ".tmp.png", d)
+        return ""
     except common.BadImageError as e:
-        return False, str(e)
+        return str(e)
 
 
-# --decode_device=cuda: JPEG decoding on the GPU (nvJPEG through torchvision.io.decode_jpeg).
-# At MIMIC scale the one-time resize is the slow step of the whole input pipeline: 377k JPEGs of about
-# 2500 x 3000 pixels, and PIL decodes and shrinks about 24 of them a second per core (`bench_decode` below
-# measures it; README "Decoding the originals"). Training afterwards reads the 512 px copies, about 18 times
-# faster per core, so this one-time step is where GPU decoding pays. Batches of raw file bytes are read by threads, decoded in one call on the device, shrunk
-# there with an area filter (as cv2.INTER_AREA does on the CPU path) and encoded to PNG / JPEG by threads.
-# Anything the device cannot decode (a lossless or 12-bit JPEG, a corrupt file) is left to the CPU path, which
-# either reads it or reports it as unreadable by name: nothing is skipped silently.
-JPEG_EXTS = (".jpg", ".jpeg")
-
-
-def torchvision_decode_jpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
-    """Raw JPEG bytes (1-D uint8 CPU tensors) -> [1, H, W] uint8 grayscale tensors on `device`.
-
-    One batched call: on CUDA a list is decoded much faster than one call per image (torchvision docs), and
-    a batch with one bad file raises for the whole batch, which `decode_shrink_batch` handles.
-    """
-    common.require_torchvision()
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    return decode_jpeg(datas, mode=ImageReadMode.GRAY, device=device)
-
-
-def _read_bytes(path: str) -> torch.Tensor | None:
-    try:
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-    except OSError:
-        return None  # the CPU path reads it again and reports the error with the file name
-
-
-def shrink(img: torch.Tensor, size: int) -> np.ndarray:
-    """[1, H, W] uint8 (any device) -> uint8 [h, w] numpy with shorter side `size`; never upscales.
-
-    mode="area" averages each output pixel's input footprint, the filter of the CPU path's cv2.INTER_AREA. At
-    non-integer scales torch's windows are whole pixels where OpenCV weights the partial edge pixels: on
-    radiograph-like (smooth) content the two differ by under one grey level on average (tested)."""
-    h, w = img.shape[-2:]
-    s = size / min(h, w)
-    if s < 1:
-        x = torch.nn.functional.interpolate(img[None].float(), size=(round(h * s), round(w * s)), mode="area")
-        img = x.round_().clamp_(0, 255).to(torch.uint8)[0]
-    return img[0].cpu().numpy()
-
-
-def decode_shrink_batch(paths: list[str], size: int, device: str, decode=torchvision_decode_jpeg,
-                        io_pool=None) -> list[np.ndarray | None]:
-    """Read, decode on `device` and shrink a batch of JPEGs; None where the device could not (CPU retries)."""
-    datas = list(io_pool.map(_read_bytes, paths) if io_pool else map(_read_bytes, paths))
-    ok = [i for i, d in enumerate(datas) if d is not None and d.numel() > 0]
-    out: list[np.ndarray | None] = [None] * len(paths)
-    try:
-        imgs = decode([datas[i] for i in ok], device) if ok else []
-    except RuntimeError:  # one bad file fails the whole batched call: decode one by one to find it
-        imgs = []
-        for i in ok:
-            try:
-                imgs.append(decode([datas[i]], device)[0])
-            except RuntimeError:
-                imgs.append(None)
-    for i, im in zip(ok, imgs):
-        if im is not None:
-            out[i] = shrink(im, size)
-    return out
-
-
-def resize_on_device(jobs: list[tuple], size: int, device: str, workers: int, batch_size: int = 32,
-                     decode=torchvision_decode_jpeg) -> int:
-    """Write the resized copies of the JPEG jobs whose copy is missing, decoding on `device`; returns how many
-    were written. The rest (other formats, failures) is left for the CPU pass that follows."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    todo = [j for j in jobs if j[0].lower().endswith(JPEG_EXTS) and not os.path.exists(j[1])]
-    written = 0
-    # threads, not processes: file reads and cv2's PNG / JPEG encoders release the GIL
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending = []
-        for b in tqdm(range(0, len(todo), batch_size), desc=f"decode on {device}, resize to {size}",
-                      dynamic_ncols=True, disable=not todo):
-            batch = todo[b:b + batch_size]
-            imgs = decode_shrink_batch([j[0] for j in batch], size, device, decode, pool)
-            pending += [pool.submit(_write_image, j[1], im, j[5]) for j, im in zip(batch, imgs) if im is not None]
-            if len(pending) > 4 * batch_size:  # bound the decoded images held in memory
-                written += _wait_all(pending)
-                pending = []
-        written += _wait_all(pending)
-    return written
-
-
-def _wait_all(futures) -> int:
-    for f in futures:
-        f.result()  # a failed write (disk full) raises here, in the main thread
-    return len(futures)
-
-
-def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, fmt: str, workers: int,
-                  decode_device: str = "", decode=torchvision_decode_jpeg) -> list[str]:
-    """Write <out_dir>/<csv stem>_<size>/<path under root>.<fmt> once per image; return the error per row.
-
-    decode_device="cuda": JPEGs are decoded there first (resize_on_device); the CPU pass then only does
-    masks, non-JPEG files and whatever the device could not decode."""
+def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, workers: int) -> list[str]:
+    """<out_dir>/<path under root>.png with shorter side `size`, once per image; -> the error of each row."""
     jobs = []
     for r in rows:
         src = Path(r["image"])
         rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
-        dst = out_dir / rel.with_suffix("." + fmt)
-        mdst = out_dir / "masks" / rel.with_suffix(".png") if r.get("mask") else ""
-        jobs.append((str(src), str(dst), r.get("mask") or "", str(mdst), size, 95))
-    errors = [""] * len(rows)
-    if decode_device:
-        n = resize_on_device(jobs, size, decode_device, workers, decode=decode)
-        print(f"decoded and resized {n} JPEGs on {decode_device}; the CPU pass does the rest")
+        mdst = str(out_dir / "masks" / rel.with_suffix(".png")) if r.get("mask") else ""
+        jobs.append((str(src), str(out_dir / rel.with_suffix(".png")), r.get("mask") or "", mdst, size))
     pool = Pool(workers) if workers > 1 else None
     try:
         it = pool.imap(_resize_one, jobs, chunksize=16) if pool else map(_resize_one, jobs)
-        for i, (ok, msg) in enumerate(tqdm(it, total=len(jobs), desc=f"resize to {size}", dynamic_ncols=True)):
-            errors[i] = "" if ok else msg
-            if ok:
-                rows[i]["image"] = jobs[i][1]
-                if jobs[i][2]:
-                    rows[i]["mask"] = jobs[i][3]
-    finally:
+        errors = list(tqdm(it, total=len(jobs), desc=f"resize to {size}", dynamic_ncols=True))
+    finally:  # close + join: the workers exit on their own
         if pool:
             pool.close()
             pool.join()
+    for r, job, err in zip(rows, jobs, errors):
+        if not err:
+            r["image"] = job[1]
+            if job[2]:
+                r["mask"] = job[3]
     return errors
-
-
-def _decode_shrink_cpu(job) -> bool:
-    """bench_decode's CPU path: the same work as _resize_one without the write (PIL decode, cv2 INTER_AREA)."""
-    import cv2
-    path, size = job
-    img = common.load_image(path)
-    s = size / min(img.shape)
-    if s < 1:
-        cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
-    return True
-
-
-def synthetic_jpegs(out_dir: Path, n: int, h: int, w: int, seed: int = 0) -> list[str]:
-    """n grayscale JPEGs (quality 95) of h x w with radiograph-like content: a smooth field plus film noise,
-    which compresses about as real chest films do (a flat image would decode unrealistically fast)."""
-    import cv2
-    rng = np.random.default_rng(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        low = cv2.resize(rng.uniform(30, 220, (max(2, h // 64), max(2, w // 64))).astype(np.float32), (w, h),
-                         interpolation=cv2.INTER_CUBIC)
-        img = np.clip(low + rng.normal(0, 2, (h, w)), 0, 255).astype(np.uint8)
-        paths.append(str(out_dir / f"synthetic_{i:04d}.jpg"))
-        cv2.imwrite(paths[-1], img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    return paths
-
-
-def bench_decode(paths: list[str], size: int, workers: list[int], decode_device: str = "", batch_size: int = 32,
-                 decode=torchvision_decode_jpeg) -> list[dict]:
-    """Images/s of decode + shrink to `size` (no write), per CPU worker count and on `decode_device`; and, for
-    comparison, of reading back the resized PNG copies, which is what training decodes."""
-    import tempfile
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-    mb = sum(os.path.getsize(p) for p in paths) / len(paths) / 2**20
-    print(f"bench_decode: {len(paths)} JPEGs, {mb:.2f} MiB each on average, shrunk to shorter side {size}")
-    rows = []
-
-    def cpu_rows(files, what):
-        for w in workers:
-            jobs = [(p, size) for p in files]
-            pool = Pool(w)  # started (and warmed on one image per worker) before the clock starts
-            try:
-                pool.map(_decode_shrink_cpu, jobs[:w], chunksize=1)
-                t0 = time.perf_counter()
-                pool.map(_decode_shrink_cpu, jobs, chunksize=1)
-                dt = time.perf_counter() - t0
-            finally:  # close + join: workers exit on their own (terminate() would rely on SIGTERM)
-                pool.close()
-                pool.join()
-            rows.append({"decoder": f"{what}, PIL, {w} processes", "images_per_s": len(files) / dt})
-            print(f"  {rows[-1]['decoder']:<48} {rows[-1]['images_per_s']:8.1f} images/s")
-
-    cpu_rows(paths, "original JPEG")
-    with tempfile.TemporaryDirectory() as d:  # what training reads afterwards: the --resize PNG copies
-        copies = [os.path.join(d, f"{i}.png") for i in range(len(paths))]
-        for p, c in zip(paths, copies):
-            _resize_one((p, c, "", "", size, 95))
-        cpu_rows(copies, f"resized {size} PNG copy")
-    if decode_device:
-        try:
-            if decode is torchvision_decode_jpeg:  # a stand-in decoder (tests) needs no torchvision
-                check_decode_device(decode_device, size)
-        except DataPrepError as e:
-            print(f"  {decode_device}: not measured: {e}")
-            return rows
-        sync = torch.cuda.synchronize if decode_device.startswith("cuda") else (lambda: None)
-        with ThreadPoolExecutor(max(workers)) as io:
-            decode_shrink_batch(paths[:batch_size], size, decode_device, decode, io)  # decoder start-up
-            sync()
-            t0 = time.perf_counter()
-            for b in range(0, len(paths), batch_size):
-                imgs = decode_shrink_batch(paths[b:b + batch_size], size, decode_device, decode, io)
-                if any(im is None for im in imgs):
-                    raise DataPrepError(f"bench_decode: {decode_device} could not decode some of {paths[b:b + 2]}...")
-            dt = time.perf_counter() - t0
-        rows.append({"decoder": f"original JPEG, decode_jpeg on {decode_device}, batch {batch_size}",
-                     "images_per_s": len(paths) / dt})
-        print(f"  {rows[-1]['decoder']:<48} {rows[-1]['images_per_s']:8.1f} images/s")
-    return rows
 
 
 def finish(dataset: str, rows: list[dict], args) -> dict:
     """Skip rows whose image is missing (counted), resize if asked, write the CSV, print the summary."""
     out = Path(args.out).resolve()
-    out_dir = out.parent
-    kept, missing = [], 0
-    for r in rows:
-        if r["image"] and Path(r["image"]).exists():
-            kept.append(r)
-        else:
-            missing += 1
-    unreadable = 0
+    kept = [r for r in rows if r["image"] and Path(r["image"]).exists()]
+    missing, unreadable = len(rows) - len(kept), 0
     if args.resize:
-        errs = resize_copies(kept, Path(args.root).resolve(), out_dir / f"{out.stem}_{args.resize}",
-                             args.resize, args.resize_format, args.workers, args.decode_device)
+        errs = resize_copies(kept, Path(args.root).resolve(), out.parent / f"{out.stem}_{args.resize}",
+                             args.resize, args.workers)
         for e in filter(None, errs):
-            print(f"warning: skipped unreadable image: {e}", file=sys.stderr)
-        unreadable = sum(bool(e) for e in errs)
+            print(f"warning: skipped an unreadable image: {e}")
+        unreadable = sum(map(bool, errs))
         kept = [r for r, e in zip(kept, errs) if not e]
     for r in kept:
-        r["image"] = os.path.relpath(r["image"], out_dir)
+        r["image"] = os.path.relpath(r["image"], out.parent)
         if r.get("mask"):
-            r["mask"] = os.path.relpath(r["mask"], out_dir)
-    labels = sorted({k for r in kept for k in r if k.startswith(LP)}, key=lambda k: k.lower())
+            r["mask"] = os.path.relpath(r["mask"], out.parent)
+    labels = sorted({k for r in kept for k in r if k.startswith(LP)}, key=str.lower)
     extra = sorted({k for r in kept for k in r} - set(BASE_COLUMNS) - set(labels))
-    columns = BASE_COLUMNS + labels + extra
-    common.write_csv_atomic(out, kept, columns)
+    common.write_csv_atomic(out, kept, BASE_COLUMNS + labels + extra)
 
-    counts = {sp: Counter() for sp in ("train", "valid", "test")}
     nrows = Counter(r["split"] for r in kept)
-    for r in kept:
-        c = counts.setdefault(r["split"], Counter())
-        for k in labels:
-            if r.get(k) == "1":
-                c[k] += 1
+    splits = [s for s in ("train", "valid", "test") if nrows[s]]
+    pos = {s: Counter(k for r in kept if r["split"] == s for k in labels if r.get(k) == "1") for s in splits}
     print(f"{dataset}: wrote {len(kept)} rows to {out}; skipped {missing} with a missing image"
           + (f", {unreadable} unreadable" if args.resize else ""))
-    splits = [s for s in counts if nrows[s]]
     print(f"  {'rows':<32}" + "".join(f"{s:>9}" for s in splits))
     print(f"  {'':<32}" + "".join(f"{nrows[s]:>9}" for s in splits))
     for k in labels:
-        print(f"  {k[len(LP):][:32]:<32}" + "".join(f"{counts[s][k]:>9}" for s in splits))
+        print(f"  {k[len(LP):][:32]:<32}" + "".join(f"{pos[s][k]:>9}" for s in splits))
     return {"written": len(kept), "skipped_missing": missing, "skipped_unreadable": unreadable,
-            "rows_per_split": dict(nrows), "positives": {s: dict(counts[s]) for s in splits}}
-
-
-def check_decode_device(device: str, resize: int):
-    """--decode_device: only with --resize, a device that exists, and a torchvision that imports."""
-    if not device:
-        return
-    if not resize:
-        raise DataPrepError(f"--decode_device={device} only applies to --resize=N (the resized copies); add "
-                            f"--resize=512, say, or drop --decode_device")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # "Torch not compiled with CUDA enabled", invalid ordinal, ...
-        raise DataPrepError(f"--decode_device={device}: no such device here ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0]}). Leave it out to decode with PIL on --workers CPU "
-                            f"processes.") from None
-    try:
-        common.require_torchvision()
-    except RuntimeError as e:
-        raise DataPrepError(f"--decode_device={device} decodes with torchvision.io.decode_jpeg: {e}") from None
+            "rows_per_split": dict(nrows), "positives": {s: dict(pos[s]) for s in splits}}
 
 
 def run_converter(dataset: str, args) -> dict:
     root = Path(args.root).resolve()
     if not root.is_dir():
-        raise DataPrepError(f"{dataset}: --root={args.root} is not a folder")
-    check_decode_device(args.decode_device, args.resize)  # before the converter's long scan, not after it
+        raise common.UserError(f"{dataset}: --root={args.root} is not a folder")
     return finish(dataset, CONVERTERS[dataset](root, args), args)
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- local Hugging Face models (text steps) ----
+# ---- text steps: local Hugging Face models ----
 
 def load_hf(kind: str, name: str, flag: str):
-    """(tokenizer, model) from a local folder or the local cache only; fails at once with what to pass."""
+    """(tokenizer, model) from a local folder or the local cache only; a UserError saying what to pass."""
     import transformers
+
     cls = {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
     try:
         tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = cls.from_pretrained(name, local_files_only=True).eval()
     except (OSError, ValueError, ImportError) as e:
-        raise DataPrepError(
-            f"cannot load the {kind} model '{name}' given by {flag} from local files (local_files_only=True; "
-            f"this script never downloads): {type(e).__name__}: {str(e).splitlines()[0][:200]}. Pass {flag}=<folder "
-            f"with config.json, weights and tokenizer files> or a name already in the Hugging Face cache "
-            f"(huggingface-cli download {name} on a machine with network).") from None
+        raise common.UserError(
+            f"{flag}={name}: cannot load a {kind} model from local files (local_files_only=True; nothing is "
+            f"downloaded here): {type(e).__name__}: {str(e).splitlines()[0][:160]}. Pass a folder with "
+            f"config.json, weights and tokenizer files, or a name in the Hugging Face cache") from None
     if kind == "causal":
-        tok.padding_side = "left"  # decoder-only generation continues from the right end of every prompt
+        tok.padding_side = "left"  # generation continues from the right end of every prompt
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     return tok, model
 
 
-def make_generate(tok, model, max_new_tokens: int, chat: bool = True):
-    """prompts -> answers with greedy decoding; chat template when the tokenizer has one (instruct models)."""
+def make_generate(tok, model, max_new_tokens: int):
+    """prompts -> answers, greedy; through the chat template where the tokenizer has one (instruct models)."""
     import torch
 
     def generate(prompts: list[str]) -> list[str]:
-        if chat and getattr(tok, "chat_template", None):
+        if getattr(tok, "chat_template", None):
             prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=limit - max_new_tokens)
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                  max_length=limit - max_new_tokens)
         enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
-        return [s.strip() for s in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
     return generate
 
 
@@ -1074,6 +995,8 @@ def make_translate(tok, model, max_new_tokens: int):
 
 
 def read_csv_rows(path: str) -> tuple[list[dict], list[str]]:
+    if not os.path.isfile(path):
+        raise common.UserError(f"--csv={path} does not exist")
     with open(path, newline="", encoding="utf-8") as f:
         rd = csv.DictReader(f)
         return [dict(r) for r in rd], list(rd.fieldnames or [])
@@ -1087,22 +1010,24 @@ def batches(items: list, n: int):
 # ----------------------------------------------------------------------------------------------------
 # ---- PedCLIP body-part excerpts (Sec. 2.1, Fig. 2) ----
 
-# One prompt does both steps of Sec. 2.1: drop history/context, then copy out each body part's text.
+# One prompt does both LLM steps of Sec. 2.1, for every report, one body part or several: drop the history and
+# other context, then copy out the text of each body part's X-ray.
 BODYPART_PROMPT = (
-    "You are given a radiology report of one case with X-rays of these body parts: {parts}.\n"
-    "First ignore the medical history, the clinical indication and other context that is not an imaging "
-    "finding. Then, for each body part, copy the sentences of the report that describe that body part's X-ray.\n"
+    "You are given the radiology report of one case with X-rays of these body parts: {parts}.\n"
+    "First remove the medical history, the clinical indication, comparisons with earlier studies and any "
+    "other context that is not an imaging finding. Then, for each body part, copy the remaining sentences of "
+    "the report that describe that body part's X-ray.\n"
     "Answer with exactly one line per body part, in the form '<body part>: <text>', and nothing else. "
     "Write 'none' if the report says nothing about a body part.\n\n"
     "Report:\n{report}\n\nAnswer:\n")
 
-BODYPART_KEYWORDS = {  # rule-based fallback; a sentence is assigned to the parts whose words it contains
-    "chest": ["chest", "lung", "pulmonary", "heart", "cardiac", "cardiomediastinal", "pleural", "thorax", "thoracic",
-              "rib", "diaphragm", "hilar", "mediastin", "pneumo", "airspace"],
+BODYPART_KEYWORDS = {  # the rule-based fallback: a sentence belongs to the parts whose words it contains
+    "chest": ["chest", "lung", "pulmonary", "heart", "cardiac", "cardiomediastinal", "pleural", "thorax",
+              "thoracic", "rib", "diaphragm", "hilar", "mediastin", "pneumo", "airspace"],
     "abdomen": ["abdomen", "abdominal", "bowel", "stomach", "liver", "colon", "kidney"],
     "pelvis": ["pelvis", "pelvic", "sacroiliac", "sacrum", "iliac"],
     "hip": ["hip", "femoral head", "acetabul", "femoral neck", "trochanter"],
-    "knee": ["knee", "patella", "tibial plateau", "femoral condyle", "joint effusion of the knee"],
+    "knee": ["knee", "patella", "tibial plateau", "femoral condyle"],
     "ankle": ["ankle", "malleol", "talus", "talar"],
     "foot": ["foot", "feet", "metatars", "calcane", "toe"],
     "hand": ["hand", "metacarp", "phalan", "finger", "thumb"],
@@ -1118,158 +1043,161 @@ BODYPART_KEYWORDS = {  # rule-based fallback; a sentence is assigned to the part
 }
 # a header starts a line or follows the end of a sentence: "HISTORY: ... Right hip: ... LEFT KNEE: ..."
 HEADER_RE = re.compile(r"(?:^|(?<=[.!?])[ \t]+)\s*([A-Za-z][A-Za-z ,/()\-]{1,39}):\s*", re.MULTILINE)
+# the context that Sec. 2.1 removes: under these headers, or a sentence that opens with one of the words
+CONTEXT_RE = re.compile(r"histor|indication|clinical|comparison|technique|reason|request|referr|procedure|"
+                        r"exam", re.IGNORECASE)
+CONTEXT_SENTENCE_RE = re.compile(r"^(clinical |medical |patient )?(history|indication|comparison|reason for)"
+                                 r"\b", re.IGNORECASE)
 
 
 def _parts_in(text: str, parts: list[str]) -> list[str]:
     t = " " + text.lower() + " "
-    return [p for p in parts if any(re.search(r"\b" + re.escape(k), t) for k in BODYPART_KEYWORDS.get(p, [p]) + [p])]
+    return [p for p in parts
+            if any(re.search(r"\b" + re.escape(k), t) for k in BODYPART_KEYWORDS.get(p, [p]))]
 
 
 def split_report_by_rules(report: str, parts: list[str]) -> dict[str, str]:
-    """Rule-based excerpts: section headers naming a body part set the current part; a sentence that
-    names parts goes to those parts (and sets the current part if it names one); other sentences go to the
-    current part, or to every part when no part has been named yet (general statements)."""
-    out = {p: [] for p in parts}
-    current: list[str] = []
-    pieces = []  # (header or None, text)
-    last = 0
+    """The rule-based excerpt of each body part, for one body part or several.
+
+    History, indication, comparison and similar sections are dropped, and so is a sentence that opens with
+    such a word ("History of asthma."). A header naming body parts makes them current; other headers
+    ("FINDINGS:") make the text general. A sentence naming parts goes to them and makes them current; any
+    other sentence goes to the current parts, or to every part when the text is general."""
+    out: dict[str, list[str]] = {p: [] for p in parts}
+    pieces, last = [], 0
     for m in HEADER_RE.finditer(report):
-        pieces.append((None, report[last:m.start()]))
-        pieces.append((m.group(1), ""))
+        pieces += [(None, report[last:m.start()]), (m[1], "")]
         last = m.end()
     pieces.append((None, report[last:]))
+    current: list[str] | None = []  # [] general, None inside a context section
     for header, text in pieces:
         if header is not None:
             named = _parts_in(header, parts)
-            if named:
-                current = named
-            elif re.search(r"history|indication|clinical|comparison|technique", header, re.I):
-                current = ["__skip__"]  # Sec. 2.1: medical history and context are removed
+            current = named if named else None if CONTEXT_RE.search(header) else []
             continue
-        for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-            if not s:
+        if current is None:
+            continue
+        for s in split_sentences(text):
+            if CONTEXT_SENTENCE_RE.match(s):
                 continue
             named = _parts_in(s, parts)
-            if named:
-                current = named
-            if current == ["__skip__"] and not named:
-                continue
-            for p in (named or current or parts):
-                if p in out:
-                    out[p].append(s)
+            current = named or current
+            for p in current or parts:
+                out[p].append(s)
     return {p: " ".join(v) for p, v in out.items()}
 
 
 def parse_bodypart_answer(answer: str, parts: list[str]) -> dict[str, str] | None:
-    """'<part>: <text>' lines -> {part: text}; None (fallback) unless every requested part has a line."""
+    """'<part>: <text>' lines -> {part: text}; None (then the rules) unless every asked part has a line."""
     got = {}
     for line in answer.splitlines():
         m = re.match(r"^\s*[-*]?\s*\**([A-Za-z ]+?)\**\s*:\s*(.*)$", line)
-        if m and m.group(1).strip().lower() in parts:
-            txt = m.group(2).strip()
-            got[m.group(1).strip().lower()] = "" if txt.lower().rstrip(".") in ("none", "n/a", "") else txt
+        if m and m[1].strip().lower() in parts:
+            txt = m[2].strip()
+            got[m[1].strip().lower()] = "" if txt.lower().rstrip(".") in ("none", "n/a", "") else txt
     return got if all(p in got for p in parts) else None
 
 
 def extract_bodyparts(csv_path: str, generate, batch_size: int = 8, save_every: int = 10) -> dict:
-    """Fill `excerpt` (and `excerpt_source` = llm / rules / empty) for every row, grouped by study.
+    """Write `excerpt` (and `excerpt_source`: llm / rules / empty) on every row, one study at a time.
 
-    The text is each row's `report`, or findings + impression when `report` is blank. `generate` maps prompts
-    to answers (None: rules only). Studies whose rows all have `excerpt_source` are skipped (resume).
-    """
+    Every study with text goes to the LLM, one body part or several (Sec. 2.1 removes the history from
+    every report); an answer that does not parse, or no --model (generate=None), falls back to the rules.
+    The text is a row's `report`, else its findings + impression. Studies whose rows all have an
+    `excerpt_source` are skipped, so an interrupted run continues where it stopped."""
     rows, cols = read_csv_rows(csv_path)
-    for c in ("excerpt", "excerpt_source"):
-        if c not in cols:
-            cols.append(c)
+    cols += [c for c in ("excerpt", "excerpt_source") if c not in cols]
     studies = defaultdict(list)
     for i, r in enumerate(rows):
         studies[r.get("study_id") or f"row{i}"].append(i)
     todo = [s for s, ii in studies.items() if any(not rows[i].get("excerpt_source") for i in ii)]
     stats = Counter(skipped_done=len(studies) - len(todo))
 
-    def text_of(i):
-        r = rows[i]
-        return r.get("report") or report_text(r.get("findings", ""), r.get("impression", ""))
+    def part(i):
+        return (rows[i].get("body_part") or "").strip().lower() or "unknown"
 
-    for b, group in enumerate(tqdm(list(batches(todo, batch_size)), desc="body-part excerpts", dynamic_ncols=True)):
-        info = []
-        for s in group:
-            ii = studies[s]
-            parts = sorted({(rows[i].get("body_part") or "").strip().lower() for i in ii} - {""}) or ["unknown"]
-            info.append((s, ii, parts, text_of(ii[0])))
-        asks = [k for k, (_, _, parts, text) in enumerate(info) if text.strip() and len(parts) > 1]
-        answers = dict(zip(asks, generate([BODYPART_PROMPT.format(parts=", ".join(info[k][2]), report=info[k][3])
-                                           for k in asks]))) if generate and asks else {}
-        for k, (s, ii, parts, text) in enumerate(info):
-            if not text.strip():
-                got, src = {p: "" for p in parts}, "empty"
-            elif len(parts) == 1:  # one body part: the whole report is its excerpt (no model needed)
-                got, src = {parts[0]: " ".join(text.split())}, "single"
-            else:
-                got = parse_bodypart_answer(answers[k], parts) if k in answers else None
-                src = "llm"
-                if got is None:
-                    got, src = split_report_by_rules(text, parts), "rules"
-                    stats["fallback_unparsed" if k in answers else "rules_no_model"] += 1
+    def text(i):
+        r = rows[i]
+        return (r.get("report") or report_text(r.get("findings", ""), r.get("impression", ""))).strip()
+
+    groups = list(batches(todo, batch_size))
+    for b, group in enumerate(tqdm(groups, desc="body-part excerpts", dynamic_ncols=True)):
+        info = [(studies[s], sorted({part(i) for i in studies[s]}), text(studies[s][0])) for s in group]
+        asks = [k for k, (_, _, t) in enumerate(info) if t]
+        prompts = [BODYPART_PROMPT.format(parts=", ".join(info[k][1]), report=info[k][2]) for k in asks]
+        answers = dict(zip(asks, generate(prompts))) if generate and asks else {}
+        for k, (ii, parts, t) in enumerate(info):
+            got, src = ({}, "empty") if not t else (parse_bodypart_answer(answers.get(k, ""), parts), "llm")
+            if t and got is None:
+                got, src = split_report_by_rules(t, parts), "rules"
+                stats["fallback_unparsed" if k in answers else "rules_no_model"] += 1
             stats[src] += 1
             for i in ii:
-                rows[i]["excerpt"] = got.get((rows[i].get("body_part") or "").strip().lower(), "") or got.get("unknown", "")
-                rows[i]["excerpt_source"] = src
+                rows[i]["excerpt"], rows[i]["excerpt_source"] = got.get(part(i), ""), src
         if (b + 1) % save_every == 0:
             common.write_csv_atomic(csv_path, rows, cols)
     common.write_csv_atomic(csv_path, rows, cols)
-    print(f"extract_bodyparts: {dict(stats)} (studies; 'rules' counts fallbacks)")
+    print(f"extract_bodyparts: {dict(stats)} (studies)")
     return dict(stats)
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- D-MLM knowledge: definition and appearance per finding (Sec. 2.1, the paper's two prompts) ----
+# ---- D-MLM knowledge: definition and appearance of each finding (Sec. 2.1, the paper's two prompts) ----
 
 DEFINITION_PROMPT = "Define {name}. Give me only a single paragraph and short definition of the disease."
-APPEARANCE_PROMPT = "What are the distinguishing radiographic signs of {name} compared to other similar conditions?"
+APPEARANCE_PROMPT = ("What are the distinguishing radiographic signs of {name} compared to other similar "
+                     "conditions?")
 
 
 def clean_answer(text: str, prefix: str) -> str:
-    """Strip the answer prefix the paper's model returns ("Definition: ...", "Radiographic characteristics: ...")."""
+    """Strip the answer's own heading ("Definition: ...", "Radiographic characteristics: ...")."""
     t = " ".join(text.split())
     return re.sub(r"^\**\s*" + prefix + r"\s*\**\s*:\s*\**\s*", "", t, flags=re.I).strip()
 
 
 def finding_names(spec: str) -> list[str]:
     """--findings: a CSV (its label:<Name> columns), a text file (one per line) or a comma-separated list."""
-    if os.path.isfile(spec):
-        if spec.endswith(".csv"):
-            with open(spec, newline="", encoding="utf-8") as f:
-                return [c[len(LP):] for c in next(csv.reader(f)) if c.startswith(LP)]
-        return [l.strip() for l in Path(spec).read_text().splitlines() if l.strip()]
-    return [s.strip() for s in spec.split(",") if s.strip()]
+    if spec.lower().endswith((".csv", ".txt")) and not os.path.isfile(spec):
+        raise common.UserError(f"--findings={spec} does not exist")
+    if spec.endswith(".csv"):
+        with open(spec, newline="", encoding="utf-8") as f:
+            names = [c[len(LP):] for c in next(csv.reader(f), []) if c.startswith(LP)]
+    elif os.path.isfile(spec):
+        names = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise common.UserError(f"--findings={spec}: no finding named (a CSV needs label:<Name> columns)")
+    return names
 
 
 def build_knowledge(names: list[str], generate, out_path: str, batch_size: int = 8) -> dict:
-    """{"<Finding>": {"definition": ..., "appearance": ...}} written atomically after every batch; findings
-    already complete in out_path are kept (resume). Underscores in label names become spaces in prompts."""
+    """{"<Finding>": {"definition": ..., "appearance": ...}}, written after every batch; findings already
+    complete in out_path are kept (resume). Label names go into the prompts as words (common.label_text)."""
     know = json.loads(Path(out_path).read_text()) if os.path.exists(out_path) else {}
     todo = [n for n in names if not (know.get(n, {}).get("definition") and know.get(n, {}).get("appearance"))]
     stats = Counter(skipped_done=len(names) - len(todo))
+
+    def save():
+        common.atomic_write(out_path, lambda f: json.dump(know, f, indent=2))
+
     for group in tqdm(list(batches(todo, batch_size)), desc="knowledge", dynamic_ncols=True):
-        readable = [n.replace("_", " ") for n in group]
-        defs = generate([DEFINITION_PROMPT.format(name=n) for n in readable])
-        apps = generate([APPEARANCE_PROMPT.format(name=n) for n in readable])
+        words = [common.label_text(n) for n in group]
+        defs = generate([DEFINITION_PROMPT.format(name=w) for w in words])
+        apps = generate([APPEARANCE_PROMPT.format(name=w) for w in words])
         for n, d, a in zip(group, defs, apps):
             d, a = clean_answer(d, "definition"), clean_answer(a, "radiographic characteristics")
             if d and a:
                 know[n] = {"definition": d, "appearance": a}
-                stats["done"] += 1
-            else:
-                stats["empty_answer"] += 1  # left out, so a rerun asks again
-        common.write_json_atomic(out_path, know)
-    common.write_json_atomic(out_path, know)
+            stats["done" if d and a else "empty_answer"] += 1  # an empty answer is asked again on a rerun
+        save()
+    save()
     print(f"knowledge: {dict(stats)} -> {out_path}")
     return dict(stats)
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- CXR-CLIP back-translation, English -> Italian -> English (Sec. 3.2, text augmentation A_t) ----
+# ---- CXR-CLIP back-translation, English -> Italian -> English (Sec. 3.2, the text augmentation) ----
 
 def split_sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
@@ -1277,40 +1205,37 @@ def split_sentences(text: str) -> list[str]:
 
 def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"), batch_size: int = 32,
                   rows_per_chunk: int = 512) -> dict:
-    """Fill <col>_bt for each column. Sentence by sentence: translation models are trained on sentences,
-    and report sentences repeat a lot ("No pneumothorax."), so each unique sentence is translated once per
-    chunk of rows. Rows with <col>_bt filled are skipped (resume); the CSV is saved after every chunk. An empty
-    translation keeps the original sentence (counted), so the column is never left blank for a non-empty text."""
+    """Fill <column>_bt. Sentence by sentence: translation models are trained on sentences, and report
+    sentences repeat ("No pneumothorax."), so each distinct sentence of a chunk of rows is translated once.
+    Rows whose <column>_bt is filled are skipped (resume); the CSV is saved after every chunk. An empty
+    translation keeps the original sentence (counted), so a non-empty text never gets an empty _bt."""
     rows, cols = read_csv_rows(csv_path)
     for c in columns:
         if c not in cols:
-            raise DataPrepError(f"backtranslate: {csv_path}: missing column '{c}'")
-        if c + "_bt" not in cols:
-            cols.append(c + "_bt")
-    todo = [i for i, r in enumerate(rows) if any(r.get(c, "").strip() and not r.get(c + "_bt") for c in columns)]
+            raise common.UserError(f"backtranslate: {csv_path}: no column {c!r}")
+    cols += [c + "_bt" for c in columns if c + "_bt" not in cols]
+
+    def pending(r, c):
+        return r.get(c, "").strip() and not r.get(c + "_bt")
+
+    todo = [i for i, r in enumerate(rows) if any(pending(r, c) for c in columns)]
     stats = Counter(rows_skipped_done=len(rows) - len(todo))
-    bar = tqdm(total=len(todo), desc="back-translation", dynamic_ncols=True)
-    for chunk in batches(todo, rows_per_chunk):
-        sents = sorted({s for i in chunk for c in columns if not rows[i].get(c + "_bt")
-                        for s in split_sentences(rows[i].get(c, ""))})
+    for chunk in tqdm(list(batches(todo, rows_per_chunk)), desc="back-translation", dynamic_ncols=True):
+        sents = sorted({s for i in chunk for c in columns if pending(rows[i], c)
+                        for s in split_sentences(rows[i][c])})
         back = {}
         for group in batches(sents, batch_size):
             it = en_it(group)
-            en = it_en([t or s for t, s in zip(it, group)])
-            for s, t in zip(group, en):
-                if not t:
-                    stats["empty_translation"] += 1
+            for s, t in zip(group, it_en([t or s for t, s in zip(it, group)])):
+                stats["empty_translation"] += not t
                 back[s] = t or s
         for i in chunk:
             for c in columns:
-                if rows[i].get(c, "").strip() and not rows[i].get(c + "_bt"):
+                if pending(rows[i], c):
                     rows[i][c + "_bt"] = " ".join(back[s] for s in split_sentences(rows[i][c]))
         stats["rows_done"] += len(chunk)
         stats["sentences"] += len(sents)
         common.write_csv_atomic(csv_path, rows, cols)
-        bar.update(len(chunk))
-    bar.close()
-    common.write_csv_atomic(csv_path, rows, cols)
     print(f"backtranslate: {dict(stats)}")
     return dict(stats)
 
@@ -1318,96 +1243,70 @@ def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"
 # ----------------------------------------------------------------------------------------------------
 # ---- CLI ----
 
-def run_bench_decode(args) -> list[dict]:
-    import tempfile
-    try:
-        workers = [int(w) for w in args.workers.split(",")]
-        h, w = (int(v) for v in args.synthetic.lower().split("x"))
-    except ValueError:
-        raise DataPrepError(f"bench_decode: --workers={args.workers} must be comma-separated integers and "
-                            f"--synthetic={args.synthetic} HxW, like 3056x2544") from None
-    if args.images:
-        paths = sorted(p for p in glob.glob(os.path.join(args.images, "**", "*"), recursive=True)
-                       if p.lower().endswith(JPEG_EXTS))[:args.n]
-        if not paths:
-            raise DataPrepError(f"bench_decode: no .jpg / .jpeg files under --images={args.images}")
-        return bench_decode(paths, args.size, workers, args.decode_device, args.batch_size)
-    with tempfile.TemporaryDirectory() as d:
-        print(f"bench_decode: writing {args.n} synthetic {h}x{w} JPEGs (pass --images=<folder> for real ones)")
-        return bench_decode(synthetic_jpegs(Path(d), args.n, h, w), args.size, workers, args.decode_device,
-                            args.batch_size)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog="data_prep.py", description=__doc__, formatter_class=raw)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="<data set or text step>")
     for name, fn in CONVERTERS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0])
-        p.add_argument("--root", required=True, help="the downloaded data set folder, as published")
-        p.add_argument("--out", required=True, help="output CSV; image paths are written relative to it")
-        p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-        p.add_argument("--fractions", default=None, help="train,valid,test fractions (default: the paper's)")
-        p.add_argument("--resize", type=int, default=0, help="write copies with shorter side N (0: keep originals)")
-        p.add_argument("--resize_format", choices=["png", "jpg"], default="png")
-        p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
-        p.add_argument("--decode_device", default="", help="--resize: decode JPEGs in batches on this device "
-                       "with torchvision.io.decode_jpeg (cuda: nvJPEG); default: PIL in --workers processes")
-        p.add_argument("--reports", default=None, help="mimic_cxr: folder holding files/pXX/pN/sN.txt reports")
-        p.add_argument("--labels", default=None, help="cxr_lt / mimic_edema: the label CSV if not under --root")
-        p.add_argument("--rle", choices=["auto", "relative", "absolute"], default="auto",
-                       help="siim: RLE form (auto: train-rle.csv relative, stage_2_train.csv absolute)")
-    p = sub.add_parser("bench_decode", help="--resize's decode speed: PIL per worker count vs decode_jpeg on GPU")
-    p.add_argument("--images", default=None, help="a folder of JPEGs (searched recursively); default: synthetic")
-    p.add_argument("--synthetic", default="3056x2544", help="HxW of the synthetic JPEGs (a MIMIC-CXR-JPG film)")
-    p.add_argument("--n", type=int, default=64, help="images to decode")
-    p.add_argument("--size", type=int, default=512, help="shorter side after the shrink")
-    p.add_argument("--workers", default="1,2,4,8", help="CPU process counts to time, comma-separated")
-    p.add_argument("--decode_device", default="", help="also time torchvision.io.decode_jpeg on it (cuda)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p = sub.add_parser("extract_bodyparts", help="PedCLIP Sec. 2.1: body-part excerpts of multi-part reports")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--model", default=None, help="local causal LM (folder or cached name); omit for rules only")
+        doc = inspect.cleandoc(fn.__doc__)
+        p = sub.add_parser(name, help=doc.splitlines()[0], description=doc, formatter_class=raw)
+        p.add_argument("--root", required=True, help="the data set's folder, as downloaded")
+        p.add_argument("--out", required=True, help="the CSV to write; its image paths are relative to it")
+        if name in SPLIT_SCHEMES:
+            p.add_argument("--split", choices=SPLIT_SCHEMES[name], default=SPLIT_SCHEMES[name][0],
+                           help="the split scheme (above); default %(default)s")
+        p.add_argument("--fractions", default="", help="train,valid,test fractions of the random patient "
+                       "split (default: the paper's, above)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random patient split")
+        p.add_argument("--resize", type=int, default=0, help="write PNG copies with this shorter side")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="--resize processes")
+        if name == "mimic_cxr":
+            p.add_argument("--reports", default="", help="the MIMIC-CXR folder with files/pXX/pN/sN.txt")
+        if name in ("cxr_lt", "mimic_edema"):
+            p.add_argument("--labels", default="", help="the label release (folder or file); default: --root")
+
+    p = sub.add_parser("extract_bodyparts", help="PedCLIP Sec. 2.1: the body-part excerpt of every report",
+                       description=inspect.cleandoc(extract_bodyparts.__doc__), formatter_class=raw)
+    p.add_argument("--csv", required=True, help="a CSV in the schema, rewritten with `excerpt` added")
+    p.add_argument("--model", default="", help="a local causal LM (folder or cached name); none: rules only")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p = sub.add_parser("knowledge", help="D-MLM: definition + appearance per finding -> JSON")
+    p = sub.add_parser("knowledge", help="D-MLM Sec. 2.1: definition and appearance of each finding -> JSON",
+                       description=inspect.cleandoc(build_knowledge.__doc__), formatter_class=raw)
     p.add_argument("--findings", required=True, help="a CSV (its label columns), a text file or 'A,B,C'")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", required=True, help="a local causal LM (folder or cached name)")
+    p.add_argument("--out", required=True, help="the JSON to write (kept and completed when it exists)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p = sub.add_parser("backtranslate", help="CXR-CLIP: EN->IT->EN into findings_bt / impression_bt")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--en_it", required=True, help="English->Italian model, e.g. Helsinki-NLP/opus-mt-en-it")
-    p.add_argument("--it_en", required=True, help="Italian->English model, e.g. Helsinki-NLP/opus-mt-it-en")
-    p.add_argument("--columns", default="findings,impression")
+    p = sub.add_parser("backtranslate", help="CXR-CLIP Sec. 3.2: EN -> IT -> EN, into findings_bt / _bt",
+                       description=inspect.cleandoc(backtranslate.__doc__), formatter_class=raw)
+    p.add_argument("--csv", required=True, help="a CSV with findings, impression; rewritten with _bt added")
+    p.add_argument("--en_it", required=True, help="English -> Italian model, e.g. Helsinki-NLP/opus-mt-en-it")
+    p.add_argument("--it_en", required=True, help="Italian -> English model, e.g. Helsinki-NLP/opus-mt-it-en")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=256)
     return ap
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
-    try:
-        if args.command in CONVERTERS:
-            return run_converter(args.command, args)
-        if args.command == "bench_decode":
-            return run_bench_decode(args)
-        if args.command == "extract_bodyparts":
-            gen = make_generate(*load_hf("causal", args.model, "--model"), args.max_new_tokens) if args.model else None
-            return extract_bodyparts(args.csv, gen, args.batch_size)
-        if args.command == "knowledge":
+    if args.command in CONVERTERS:
+        return run_converter(args.command, args)
+    if getattr(args, "csv", "") and not os.path.isfile(args.csv):  # before a model is loaded
+        raise common.UserError(f"--csv={args.csv} does not exist")
+    if args.command == "extract_bodyparts":
+        gen = None
+        if args.model:
             gen = make_generate(*load_hf("causal", args.model, "--model"), args.max_new_tokens)
-            return build_knowledge(finding_names(args.findings), gen, args.out, args.batch_size)
-        if args.command == "backtranslate":
-            en_it = make_translate(*load_hf("seq2seq", args.en_it, "--en_it"), args.max_new_tokens)
-            it_en = make_translate(*load_hf("seq2seq", args.it_en, "--it_en"), args.max_new_tokens)
-            return backtranslate(args.csv, en_it, it_en, tuple(args.columns.split(",")), args.batch_size)
-    except DataPrepError as e:
-        if argv is not None:  # called from Python (tests): let the caller see the exception
-            raise
-        sys.exit(f"error: {e}")
+        return extract_bodyparts(args.csv, gen, args.batch_size)
+    if args.command == "knowledge":
+        names = finding_names(args.findings)
+        gen = make_generate(*load_hf("causal", args.model, "--model"), args.max_new_tokens)
+        return build_knowledge(names, gen, args.out, args.batch_size)
+    en_it = make_translate(*load_hf("seq2seq", args.en_it, "--en_it"), args.max_new_tokens)
+    it_en = make_translate(*load_hf("seq2seq", args.it_en, "--it_en"), args.max_new_tokens)
+    return backtranslate(args.csv, en_it, it_en, batch_size=args.batch_size)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

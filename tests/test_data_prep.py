@@ -1,9 +1,11 @@
-"""Tests of data_prep.py: tiny fixtures in each data set's official layout (written here from the published
-column layouts), converted and checked row by row; the text steps with tiny random transformers models."""
+"""Tests of data_prep.py: tiny fixtures written in each release's published layout (its file names and
+headers), converted and checked row by row against hand-made expectations; the text steps with tiny random
+transformers models and stand-in generators."""
 import csv
 import gzip
 import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data_prep as dp  # noqa: E402
+import common
+import data_prep as dp
 
 LP = dp.LP
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- helpers ----
@@ -37,7 +40,7 @@ def png(path, h=8, w=6, value=100, mode="L"):
     return path
 
 
-def dicom(path, h=8, w=6, photometric="MONOCHROME2", patient_id="P"):
+def dicom(path, h=8, w=6, photometric="MONOCHROME2", patient_id="P", view=None):
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -50,6 +53,8 @@ def dicom(path, h=8, w=6, photometric="MONOCHROME2", patient_id="P"):
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.PatientID = patient_id
+    if view is not None:
+        ds.ViewPosition = view
     ds.Rows, ds.Columns = h, w
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -72,33 +77,57 @@ def convert(name, root, tmp_path, *extra):
 def assert_patient_disjoint(rows):
     seen = {}
     for r in rows:
-        assert seen.setdefault(r["patient_id"], r["split"]) == r["split"], f"patient {r['patient_id']} in 2 splits"
+        assert seen.setdefault(r["patient_id"], r["split"]) == r["split"], f"{r['patient_id']} in 2 splits"
 
 
-# ---- report parsing and RLE ----
-
-MIMIC_REPORT = """                                 FINAL REPORT
- EXAMINATION:  CHEST (PA AND LAT)
-
- INDICATION:  ___F with cough.  Note: prior films.
-
- FINDINGS:
- 
- Heart size is normal.  No focal consolidation,
- pleural effusion or pneumothorax.
- 
- IMPRESSION:
- 
- No acute cardiopulmonary process.
-"""
+def mimic_jpg(root, subject, study, dicom_id):
+    return png(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}.jpg")
 
 
-def test_parse_report_sections():
+MIMIC_META_HEAD = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+                   "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                   "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+CODE = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
+
+
+def mimic_release(root, images):
+    """MIMIC-CXR-JPG's metadata and split files for [(dicom_id, subject, study, view, split)]."""
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_META_HEAD,
+              [(d, p, s, "CHEST (PA AND LAT)", v, 8, 6, 21800101, 1.0, "CHEST (PA AND LAT)", CODE.get(v, ""),
+                "Erect") for d, p, s, v, _ in images], gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
+              [(d, s, p, sp) for d, p, s, _, sp in images], gz=True)
+
+
+# ---- MIMIC report sections (issue: sections under other headers came out empty) ----
+
+MIMIC_REPORT = "\n".join([  # as published: lines open with a space, paragraphs end in " \n"
+    "                                 FINAL REPORT", " EXAMINATION:  CHEST (PA AND LAT)", "",
+    " INDICATION:  ___F with cough.  Note: prior films.", "", " FINDINGS:", " ",
+    " Heart size is normal.  No focal consolidation,", " pleural effusion or pneumothorax.", " ",
+    " IMPRESSION:", " ", " No acute cardiopulmonary process.", ""])
+
+
+def test_parse_report_sections_header_variants():
     s = dp.parse_report_sections(MIMIC_REPORT)
-    assert s["FINDINGS"] == "Heart size is normal. No focal consolidation, pleural effusion or pneumothorax."
-    assert s["IMPRESSION"] == "No acute cardiopulmonary process."
-    assert s["INDICATION"] == "___F with cough. Note: prior films."  # "Note:" is not a header
+    assert s["findings"] == "Heart size is normal. No focal consolidation, pleural effusion or pneumothorax."
+    assert s["impression"] == "No acute cardiopulmonary process."
+    assert s["indication"] == "___F with cough. Note: prior films."  # "Note:" is not a header
+    both = " FINAL REPORT\n INDICATION:  Dyspnea.\n \n FINDINGS AND IMPRESSION:\n \n Mild pulmonary edema.\n"
+    assert dp.parse_report_sections(both) == {"indication": "Dyspnea.", "impression": "Mild pulmonary edema."}
+    slash = " FINDINGS/IMPRESSION:  No pneumothorax.\n"
+    assert dp.parse_report_sections(slash) == {"impression": "No pneumothorax."}
+    views = " CHEST, PA AND LATERAL:\n \n Lungs are clear.\n \n CONCLUSION:  Normal chest.\n"
+    assert dp.parse_report_sections(views) == {"findings": "Lungs are clear.", "impression": "Normal chest."}
+    bare = "                                 FINAL REPORT\n PA and lateral views of the chest.\n \n" \
+           " The lungs are clear.  No effusion.\n"
+    assert dp.parse_report_sections(bare) == {"impression": "The lungs are clear. No effusion."}
+    tail = " FINAL REPORT\n COMPARISON:  None.\n \n Lungs are clear without consolidation.\n"
+    assert dp.parse_report_sections(tail) == {"comparison": "None.",
+                                              "impression": "Lungs are clear without consolidation."}
 
+
+# ---- masks ----
 
 def test_rle_decode_against_hand_made_mask():
     # 4 x 3 image, pixels numbered column by column: (1,0)=1 (2,0)=2 (1,1)=5 (2,1)=6 (3,2)=11
@@ -106,35 +135,36 @@ def test_rle_decode_against_hand_made_mask():
     mask[1:3, 0:2] = 255
     mask[3, 2] = 255
     assert np.array_equal(dp.rle_decode("1 2 2 2 4 1", 4, 3, relative=True), mask)  # stage 1: offsets
-    assert np.array_equal(dp.rle_decode("2 2 6 2 12 1", 4, 3, relative=False), mask)  # stage 2: absolute, 1-based
-    assert not np.array_equal(dp.rle_decode("1 2 2 2 4 1", 4, 3, relative=False), mask)  # the two forms differ
+    assert np.array_equal(dp.rle_decode("2 2 6 2 12 1", 4, 3, relative=False), mask)  # stage 2: absolute
+    assert not np.array_equal(dp.rle_decode("1 2 2 2 4 1", 4, 3, relative=False), mask)  # the forms differ
+    for empty in ("", "-1", " -1"):
+        assert not dp.rle_decode(empty, 4, 3).any()
 
 
 # ---- converters ----
 
 def test_mimic_cxr(tmp_path):
     root = tmp_path / "mimic"
-    meta = [("d1", "10000001", "50000001", "PA"), ("d2", "10000001", "50000001", "LATERAL"),
-            ("d3", "10000001", "50000002", "AP"), ("d4", "11000002", "50000003", "PA"),
-            ("d5", "11000002", "50000003", "PA")]  # d5: image missing
-    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id",
-              "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime"],
-              [(d, p, s, "CHEST (PA AND LAT)", v, 8, 6, 21800101, 1) for d, p, s, v in meta], gz=True)
-    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
-              [("d1", "50000001", "10000001", "train"), ("d2", "50000001", "10000001", "train"),
-               ("d3", "50000002", "10000001", "train"), ("d4", "50000003", "11000002", "validate"),
-               ("d5", "50000003", "11000002", "validate")], gz=True)
+    images = [("d1", "10000001", "50000001", "PA", "train"),
+              ("d2", "10000001", "50000001", "LATERAL", "train"),
+              ("d3", "10000001", "50000002", "AP", "train"),
+              ("d4", "11000002", "50000003", "PA", "validate"),
+              ("d5", "11000002", "50000003", "PA", "validate")]  # d5: image missing
+    mimic_release(root, images)
     lab = {k: "" for k in dp.CHEXPERT_14}
     r1 = dict(lab, **{"Cardiomegaly": "1.0", "Edema": "-1.0", "No Finding": ""})
     r2 = dict(lab, **{"No Finding": "1.0", "Pneumothorax": "0.0"})
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id"] + dp.CHEXPERT_14,
               [["10000001", "50000001"] + [r1[k] for k in dp.CHEXPERT_14],
                ["11000002", "50000003"] + [r2[k] for k in dp.CHEXPERT_14]], gz=True)
-    for d, p, s, _ in meta[:4]:
-        png(root / "files" / f"p{p[:2]}" / f"p{p}" / f"s{s}" / f"{d}.jpg")
-    rp = root / "files" / "p10" / "p10000001" / "s50000001.txt"
-    rp.write_text(MIMIC_REPORT)
-    rows, summary, out = convert("mimic_cxr", root, tmp_path)
+    for d, p, s, _, _ in images[:4]:
+        mimic_jpg(root, p, s, d)
+    reports = tmp_path / "mimic-cxr"  # the reports come from MIMIC-CXR, not -JPG: --reports
+    (reports / "files" / "p10" / "p10000001").mkdir(parents=True)
+    (reports / "files" / "p10" / "p10000001" / "s50000001.txt").write_text(MIMIC_REPORT)
+    (reports / "files" / "p10" / "p10000001" / "s50000002.txt").write_text(
+        " FINAL REPORT\n FINDINGS AND IMPRESSION:  Stable cardiomegaly.\n")
+    rows, summary, out = convert("mimic_cxr", root, tmp_path, f"--reports={reports}")
     assert summary["written"] == 4 and summary["skipped_missing"] == 1
     by = {Path(r["image"]).stem: r for r in rows}
     assert (out.parent / by["d1"]["image"]).exists()
@@ -145,6 +175,8 @@ def test_mimic_cxr(tmp_path):
     assert by["d3"][LP + "Cardiomegaly"] == ""  # study without a labeler row: all blank
     assert by["d1"]["impression"] == "No acute cardiopulmonary process."
     assert by["d2"]["findings"].startswith("Heart size is normal.")
+    assert by["d3"]["impression"] == "Stable cardiomegaly." and by["d3"]["findings"] == ""
+    assert by["d3"]["report"] == "IMPRESSION: Stable cardiomegaly."
     assert by["d4"]["findings"] == "" and by["d1"]["study_id"] == "50000001"
 
 
@@ -157,43 +189,59 @@ def chex_row(path, fl="Frontal", appa="AP", **labels):
     return [path, "Female", 60, fl, appa] + [lab[k] for k in dp.CHEXPERT_14]
 
 
-def test_chexpert_and_5x200(tmp_path):
+def chexpert_release(tmp_path, with_5x200=True):
     root = tmp_path / "CheXpert-v1.0-small"
     train = []
     for p in range(1, 21):
         for s, fl in ((1, "Frontal"), (1, "Lateral"), (2, "Frontal")):
-            path = f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/view{1 if fl == 'Frontal' else 2}_{fl.lower()}.jpg"
-            train.append(chex_row(path, fl, "PA" if fl == "Frontal" else "", Cardiomegaly="1.0" if p % 2 else "-1.0",
-                                  Edema="0.0" if p % 3 else ""))
+            path = (f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/"
+                    f"view{1 if fl == 'Frontal' else 2}_{fl.lower()}.jpg")
+            train.append(chex_row(path, fl, "PA" if fl == "Frontal" else "",
+                                  Cardiomegaly="1.0" if p % 2 else "-1.0", Edema="0.0" if p % 3 else ""))
             png(tmp_path / path)
-    valid = [chex_row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", Pleural_Effusion="1.0")]
+    valid = [chex_row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
+                      Pleural_Effusion="1.0")]
     png(tmp_path / valid[0][0])
     write_csv(root / "train.csv", CHEX_HEAD, train)
     write_csv(root / "valid.csv", CHEX_HEAD, valid)
-    # the 5x200 file names two training images: one is excluded from chexpert's training rows
-    p5 = [chex_row(train[0][0], Cardiomegaly="1.0", Atelectasis="0.0", Consolidation="0.0", Edema="0.0",
-                   Pleural_Effusion="0.0"),
-          chex_row(train[3][0], Edema="1.0", Atelectasis="0.0", Cardiomegaly="0.0", Consolidation="0.0")]
-    write_csv(root / "chexpert_5x200.csv", CHEX_HEAD + ["Report Impression"], [r + ["1. Cardiomegaly."] for r in p5])
+    if with_5x200:  # GLoRIA's file names the full-size archive; two of its images are patients 1 and 2's
+        p5 = [chex_row(train[0][0].replace("-small", ""), Cardiomegaly="1.0", Atelectasis="0.0",
+                       Consolidation="0.0", Edema="0.0", Pleural_Effusion="0.0"),
+              chex_row(train[3][0].replace("-small", ""), Edema="1.0", Atelectasis="0.0", Cardiomegaly="0.0",
+                       Consolidation="0.0")]
+        write_csv(root / "chexpert_5x200.csv", CHEX_HEAD + ["Report Impression"],
+                  [r + ["1. Cardiomegaly."] for r in p5])
+    return root
 
+
+def test_chexpert_5x200_patients_left_out_and_split_schemes(tmp_path, capsys):
+    root = chexpert_release(tmp_path)
     rows, summary, _ = convert("chexpert", root, tmp_path)
-    assert summary["written"] == 60 - 2 + 1 and summary["skipped_missing"] == 0  # 2 training images are in 5x200
+    assert summary["written"] == 60 - 6 + 1  # every image of patients 1 and 2, not only the two 5x200 images
+    assert not [r for r in rows if r["patient_id"] in ("patient00001", "patient00002")]
     assert_patient_disjoint(rows)
-    assert {r["split"] for r in rows} == {"train", "valid", "test"}
     assert [r["split"] for r in rows if "patient64541" in r["image"]] == ["test"]
-    assert len({r["patient_id"] for r in rows if r["split"] == "valid"}) == 4  # 20% of the 20 training patients
+    assert len({r["patient_id"] for r in rows if r["split"] == "valid"}) == 4  # 20% of the 18 patients left
     by = {r["image"].split("CheXpert-v1.0-small/")[-1]: r for r in rows}
-    r = by["train/patient00001/study1/view2_lateral.jpg"]
-    assert r["view"] == "LATERAL" and r[LP + "Cardiomegaly"] == "1" and r[LP + "Edema"] == "0"
-    assert r[LP + "Atelectasis"] == "" and r["study_id"] == "patient00001/study1" and r["patient_id"] == "patient00001"
-    assert by["train/patient00002/study2/view1_frontal.jpg"][LP + "Cardiomegaly"] == "-1"
-    assert by["train/patient00003/study1/view1_frontal.jpg"][LP + "Edema"] == ""
-    assert "train/patient00001/study1/view1_frontal.jpg" not in by  # in 5x200: left out of training
+    r = by["train/patient00003/study1/view2_lateral.jpg"]
+    assert r["view"] == "LATERAL" and r[LP + "Cardiomegaly"] == "1" and r[LP + "Edema"] == ""
+    assert r[LP + "Atelectasis"] == "" and r["study_id"] == "patient00003/study1"
+    assert by["train/patient00004/study2/view1_frontal.jpg"][LP + "Cardiomegaly"] == "-1"
+    assert by["train/patient00004/study2/view1_frontal.jpg"][LP + "Edema"] == "0"
+
+    rows, _, _ = convert("chexpert", root, tmp_path, "--split=cxrclip")  # all of train.csv, official valid
+    assert Counter(r["split"] for r in rows) == {"train": 54, "valid": 1}
 
     rows5, _, _ = convert("chexpert5x200", root, tmp_path)
     assert len(rows5) == 2 and {r["split"] for r in rows5} == {"test"}
-    assert [r[LP + "Cardiomegaly"] for r in rows5] == ["1", "0"] and [r[LP + "Edema"] for r in rows5] == ["0", "1"]
+    assert [r[LP + "Cardiomegaly"] for r in rows5] == ["1", "0"]
+    assert [r[LP + "Edema"] for r in rows5] == ["0", "1"]
     assert rows5[0]["impression"] == "1. Cardiomegaly."
+
+    capsys.readouterr()
+    other = tmp_path / "no5x200"
+    rows, _, _ = convert("chexpert", chexpert_release(other, with_5x200=False), tmp_path)
+    assert len(rows) == 61 and "no chexpert_5x200.csv" in capsys.readouterr().out  # said, not silent
 
 
 def test_nih(tmp_path):
@@ -206,14 +254,15 @@ def test_nih(tmp_path):
             entries.append([name, lab, k, p, 50, "M", "PA" if k == 0 else "AP", 2500, 2048, 0.14, 0.14])
             (test if p > 10 else trainval).append(name)
             png(root / "images_001" / "images" / name)
-    entries.append(["00000099_000.png", "Mass", 0, 99, 50, "M", "PA", 2500, 2048, 0.14, 0.14])  # image missing
+    entries.append(["00000099_000.png", "Mass", 0, 99, 50, "M", "PA", 2500, 2048, 0.14, 0.14])  # no image
     trainval.append("00000099_000.png")
-    write_csv(root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-              "Patient Gender", "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"],
-              entries)
+    write_csv(root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
+              "Patient Age", "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+              "OriginalImagePixelSpacing[x", "y]"], entries)
     (root / "train_val_list.txt").write_text("\n".join(trainval) + "\n")
     (root / "test_list.txt").write_text("\n".join(test) + "\n")
-    write_csv(root / "BBox_List_2017.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""],
+    bbox_head = ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""]  # as published
+    write_csv(root / "BBox_List_2017.csv", bbox_head,
               [["00000011_000.png", "Effusion", 10.5, 20, 30, 40, "", "", ""]])
     rows, summary, _ = convert("nih", root, tmp_path)
     assert summary["written"] == 24 and summary["skipped_missing"] == 1
@@ -223,102 +272,156 @@ def test_nih(tmp_path):
     assert all(r[LP + k] == "0" for k in dp.NIH_14) and r["view"] == "AP"
     r = by["00000001_000.png"]
     assert r[LP + "Effusion"] == "1" and r[LP + "Atelectasis"] == "1" and r[LP + "Mass"] == "0"
-    assert by["00000011_000.png"]["split"] == "test" and json.loads(by["00000011_000.png"]["bbox"]) == \
-        [["Effusion", 10.5, 20.0, 30.0, 40.0]]
-    assert {r["split"] for r in rows if int(r["patient_id"]) <= 10} == {"train", "valid"}
-    # 80/20 by patient over train_val_list's patients (99 included: its image is missing, the split is made first)
-    expect = dp.common.split_by_patient([str(p) for p in range(1, 11)] + ["99"], (0.8, 0.2, 0.0), seed=0)
+    assert by["00000011_000.png"]["split"] == "test"
+    assert json.loads(by["00000011_000.png"]["bbox"]) == [["Effusion", 10.5, 20.0, 30.0, 40.0]]
+    # 80/20 by patient over train_val_list's patients (99 too: the split comes before the missing image)
+    expect = common.split_by_patient([str(p) for p in range(1, 11)] + ["99"], (0.8, 0.2, 0.0), seed=0)
     assert all(r["split"] == expect[r["patient_id"]] for r in rows if int(r["patient_id"]) <= 10)
 
 
-def test_vindr_union_rule(tmp_path):
-    root = tmp_path / "vindr"
-    boxes = [("img1", "R1", "Nodule/Mass", 1, 2, 3, 4), ("img1", "R2", "No finding", "", "", "", ""),
-             ("img1", "R3", "Cardiomegaly", 1, 1, 5, 5), ("img2", "R1", "No finding", "", "", "", ""),
-             ("img2", "R2", "No finding", "", "", "", ""), ("img3", "R4", "Nodule/Mass", 0, 0, 2, 2)]
-    for i in range(4, 14):
-        boxes.append((f"img{i}", "R1", "No finding", "", "", "", ""))
-    head = ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"]
-    write_csv(root / "annotations" / "annotations_train.csv", head, [b for b in boxes if b[0] != "img3"])
-    write_csv(root / "annotations" / "annotations_test.csv", head, [b for b in boxes if b[0] == "img3"])
-    write_csv(root / "annotations" / "image_labels_train.csv", ["image_id", "rad_ID", "Nodule/Mass", "Cardiomegaly",
-              "COPD", "No finding"], [("img2", "R3", 0, 0, 1, 0)])  # a global label only in image_labels
-    for b in boxes:
-        dicom(root / ("test" if b[0] == "img3" else "train") / f"{b[0]}.dicom")
-    rows, summary, _ = convert("vindr_cxr", root, tmp_path)
+# VinDr-CXR 1.0.0's image-level labels, in the order of its image_labels_train.csv (22 local, 6 global)
+VINDR_CXR = ["Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
+             "Consolidation", "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity",
+             "Lung cavity", "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Pleural effusion",
+             "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "Rib fracture", "Other lesion",
+             "COPD", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding"]
+
+
+def test_vindr_cxr_reader_union_and_one_other_diseases_column(tmp_path):
+    root = tmp_path / "vindr-cxr" / "1.0.0"
+
+    def lab(image_id, *pos, reader=None):
+        return [image_id] + ([reader] if reader else []) + [int(c in pos) for c in VINDR_CXR]
+
+    train = [lab("img1", "Nodule/Mass", reader="R1"), lab("img1", "No finding", reader="R2"),
+             lab("img1", "Cardiomegaly", reader="R3"), lab("img2", "No finding", reader="R1"),
+             lab("img2", "COPD", reader="R2"), lab("img5", "Other diseases", reader="R8")]
+    train += [lab(f"img{i}", "No finding", reader=f"R{j}") for i in (4, *range(6, 14)) for j in (1, 2, 3)]
+    write_csv(root / "annotations" / "image_labels_train.csv", ["image_id", "rad_id"] + VINDR_CXR, train)
+    test_head = ["image_id"] + [c if c != "Other diseases" else "Other disease" for c in VINDR_CXR]
+    write_csv(root / "annotations" / "image_labels_test.csv", test_head, [lab("img3", "Other diseases")])
+    write_csv(root / "annotations" / "annotations_train.csv", ["image_id", "rad_id", "class_name", "x_min",
+              "y_min", "x_max", "y_max"], [("img1", "R1", "Nodule/Mass", 1, 2, 3, 4)])
+    for i in range(1, 14):
+        dicom(root / ("test" if i == 3 else "train") / f"img{i}.dicom")
+    rows, _, out = convert("vindr_cxr", root, tmp_path)
     by = {r["study_id"]: r for r in rows}
     assert len(rows) == 13
     assert by["img1"][LP + "Nodule/Mass"] == "1" and by["img1"][LP + "Cardiomegaly"] == "1"
-    assert by["img1"][LP + "No finding"] == "0"  # one reader's box outweighs another's "No finding"
+    assert by["img1"][LP + "No finding"] == "0"  # one reader's finding outweighs another's "No finding"
     assert by["img2"][LP + "COPD"] == "1" and by["img2"][LP + "No finding"] == "0"
     assert by["img4"][LP + "No finding"] == "1" and by["img4"][LP + "Nodule/Mass"] == "0"
+    header = next(csv.reader(open(out)))
+    assert LP + "Other disease" not in header and header.count(LP + "Other diseases") == 1
+    assert by["img3"][LP + "Other diseases"] == "1" and by["img5"][LP + "Other diseases"] == "1"
     assert by["img3"]["split"] == "test" and by["img3"][LP + "COPD"] == "0"
     assert {by[f"img{i}"]["split"] for i in (1, 2, *range(4, 14))} == {"train", "valid"}
+    assert sorted(c[len(LP):] for c in header if c.startswith(LP)) == sorted(VINDR_CXR)
 
 
-def test_rsna_pneumonia_several_rows_per_patient(tmp_path):
+VINDR_PCXR = [  # the image-level diseases of image_labels_*.csv, spelt as published
+              "No finding", "Bronchitis", "Brocho-pneumonia", "Other disease", "Bronchiolitis",
+              "Situs inversus", "Pneumonia", "Pleuro-pneumonia", "Diagphramatic hernia", "Tuberculosis",
+              "Congenital emphysema", "CPAM", "Hyaline membrane disease", "Mediastinal tumor", "Lung tumor"]
+
+
+def test_vindr_pcxr_image_level_labels_only(tmp_path):
+    root = tmp_path / "vindr-pcxr" / "1.0.0"
+    for part, ids in (("train", range(5)), ("test", range(5, 7))):
+        write_csv(root / f"image_labels_{part}.csv", ["image_id", "rad_ID"] + VINDR_PCXR,
+                  [[f"p{i}", "R1"] + [int(c == ("Bronchiolitis" if i % 2 else "No finding"))
+                                      for c in VINDR_PCXR] for i in ids])
+        write_csv(root / f"annotations_{part}.csv", ["image_id", "rad_id", "class_name", "x_min", "y_min",
+                  "x_max", "y_max"], [(f"p{i}", "R1", "Reticulonodular opacity", 1, 1, 3, 3) for i in ids])
+        for i in ids:
+            dicom(root / part / f"p{i}.dicom")
+    rows, _, out = convert("vindr_pcxr", root, tmp_path)
+    header = next(csv.reader(open(out)))
+    assert sorted(c[len(LP):] for c in header if c.startswith(LP)) == sorted(VINDR_PCXR)  # no box class
+    by = {r["study_id"]: r for r in rows}
+    assert by["p1"][LP + "Bronchiolitis"] == "1" and by["p1"][LP + "No finding"] == "0"
+    assert by["p6"]["split"] == "test" and by["p0"][LP + "No finding"] == "1"
+
+
+def test_rsna_pneumonia_boxes_become_masks(tmp_path):
     root = tmp_path / "rsna"
-    rows = [("a", 10, 20, 30, 40, 1), ("a", 50, 60, 70, 80, 1), ("b", "", "", "", "", 0), ("c", 1, 2, 3, 4, 1)]
+    rows = [("a", "1.0", "2.0", "2.0", "3.0", 1), ("a", "3.0", "6.0", "3.0", "2.0", 1),
+            ("b", "", "", "", "", 0), ("c", 1, 2, 3, 4, 1)]
     rows += [(f"n{i}", "", "", "", "", 0) for i in range(17)]
     write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
     for r in rows:
         if r[0] != "c":
-            dicom(root / "stage_2_train_images" / f"{r[0]}.dcm")
-    out, summary, _ = convert("rsna_pneumonia", root, tmp_path)
+            dicom(root / "stage_2_train_images" / f"{r[0]}.dcm", h=8, w=6)
+    out, summary, csv_path = convert("rsna_pneumonia", root, tmp_path)
     assert summary["written"] == 19 and summary["skipped_missing"] == 1
     by = {r["patient_id"]: r for r in out}
     assert by["a"][LP + "Pneumonia"] == "1" and by["b"][LP + "Pneumonia"] == "0"
-    assert len(json.loads(by["a"]["bbox"])) == 2
-    expect = dp.common.split_by_patient([r[0] for r in rows], (0.7, 0.15, 0.15), seed=0)  # "c" included
+    expected = np.zeros((8, 6), np.uint8)  # box 1: x 1..3, y 2..5; box 2: x 3..6, y 6..8
+    expected[2:5, 1:3] = 255
+    expected[6:8, 3:6] = 255
+    assert np.array_equal(np.asarray(Image.open(csv_path.parent / by["a"]["mask"])), expected)
+    assert by["b"]["mask"] == ""  # no pneumonia: an empty mask, as SIIM's negatives
+    expect = common.split_by_patient([r[0] for r in rows], (0.7, 0.15, 0.15), seed=0)  # "c" included
     assert Counter(expect.values()) == {"train": 14, "valid": 3, "test": 3}
     assert all(r["split"] == expect[r["patient_id"]] for r in out)
 
 
-def test_siim_masks_and_resize(tmp_path):
+def test_siim_relative_rle_masks(tmp_path):
     root = tmp_path / "siim"
     expected = np.zeros((4, 3), np.uint8)
     expected[1:3, 0:2] = 255
     expected[3, 2] = 255
-    # two rows for img_a (two regions, OR-ed), "-1" for img_b; header with the original leading space
+    # two rows for img_a (two regions, OR-ed), "-1" for img_b; the header with its published leading space
     write_csv(root / "train-rle.csv", ["ImageId", " EncodedPixels"],
               [("img_a", " 1 2 2 2"), ("img_a", " 11 1"), ("img_b", " -1"), ("img_c", " -1")])
     dicom(root / "dicom-images-train" / "1.2.3" / "1.2.3.4" / "img_a.dcm", h=4, w=3, patient_id="pat-a")
-    dicom(root / "dicom-images-train" / "1.2.5" / "1.2.5.4" / "img_b.dcm", h=4, w=3, photometric="MONOCHROME1",
-          patient_id="pat-b")
+    dicom(root / "dicom-images-train" / "1.2.5" / "1.2.5.4" / "img_b.dcm", h=4, w=3,
+          photometric="MONOCHROME1", patient_id="pat-b")
     rows, summary, out = convert("siim", root, tmp_path)
     assert summary["written"] == 2 and summary["skipped_missing"] == 1
     by = {r["study_id"]: r for r in rows}
     assert by["img_a"]["patient_id"] == "pat-a" and by["img_a"][LP + "Pneumothorax"] == "1"
     assert by["img_b"][LP + "Pneumothorax"] == "0" and by["img_b"]["mask"] == ""
-    m = np.asarray(Image.open(out.parent / by["img_a"]["mask"]))
-    assert np.array_equal(m, expected)
+    assert np.array_equal(np.asarray(Image.open(out.parent / by["img_a"]["mask"])), expected)
 
-    # --resize: 8-bit PNG copies through common.load_image (DICOM, MONOCHROME1 inverted), masks resized too
-    dicom(root / "dicom-images-train" / "9" / "9" / "img_c.dcm", h=40, w=30, patient_id="pat-c")
-    rows, summary, out = convert("siim", root, tmp_path, "--resize=15", "--workers=2")  # through the process pool
+
+@pytest.mark.slow  # a process pool of 2 workers
+def test_resize_copies_in_a_process_pool(tmp_path):
+    """--resize: 8-bit PNG copies through common.load_image (DICOM, MONOCHROME1 inverted), masks too."""
+    root = tmp_path / "siim"
+    write_csv(root / "train-rle.csv", ["ImageId", " EncodedPixels"], [("img_b", " 5 2"), ("img_c", " -1")])
+    dicom(root / "dicom-images-train" / "1" / "1" / "img_b.dcm", h=4, w=3, photometric="MONOCHROME1")
+    dicom(root / "dicom-images-train" / "9" / "9" / "img_c.dcm", h=40, w=30)
+    rows, summary, out = convert("siim", root, tmp_path, "--resize=15", "--workers=2")
     by = {r["study_id"]: r for r in rows}
     img_c = out.parent / by["img_c"]["image"]
     assert img_c.suffix == ".png" and Image.open(img_c).size == (15, 20) and Image.open(img_c).mode == "L"
     b = np.asarray(Image.open(out.parent / by["img_b"]["image"]))  # 4x3: never upscaled
     assert b.shape == (4, 3) and b[0, 0] == 255 and b[-1, -1] == 0  # MONOCHROME1: the smallest value is white
-    assert np.array_equal(np.asarray(Image.open(out.parent / by["img_a"]["mask"])), expected)
+    mask = np.zeros((4, 3), np.uint8)
+    mask[1:3, 1] = 255  # pixels 6, 7 (relative start 5), column by column
+    assert np.array_equal(np.asarray(Image.open(out.parent / by["img_b"]["mask"])), mask)
     t0 = os.path.getmtime(img_c)
     convert("siim", root, tmp_path, "--resize=15")  # written once: a rerun keeps the copies
-    assert os.path.getmtime(img_c) == t0
+    assert os.path.getmtime(img_c) == t0 and not list(out.parent.rglob("*.tmp.png"))
 
 
-def test_openi_xml(tmp_path):
+def test_openi_xml_and_view_from_the_dicoms(tmp_path):
     root = tmp_path / "openi"
     xml = """<?xml version="1.0" encoding="utf-8"?>
 <eCitation><meta type="rr"/><uId id="{uid}"/><pmcId id="1"/>
 <MedlineCitation Owner="Indiana University" Status="supplied"><Article PubModel="Electronic">
-<Abstract><AbstractText Label="COMPARISON">None.</AbstractText><AbstractText Label="INDICATION">Cough</AbstractText>
-<AbstractText Label="FINDINGS">{findings}</AbstractText><AbstractText Label="IMPRESSION">{impression}</AbstractText>
+<Abstract><AbstractText Label="COMPARISON">None.</AbstractText>
+<AbstractText Label="INDICATION">Cough</AbstractText>
+<AbstractText Label="FINDINGS">{findings}</AbstractText>
+<AbstractText Label="IMPRESSION">{impression}</AbstractText>
 </Abstract></Article></MedlineCitation>
 <MeSH>{mesh}</MeSH>
 {images}</eCitation>"""
+
     def img(i):
-        return f'<parentImage id="{i}"><figureId>F1</figureId><caption>Xray</caption><url>/x/{i}.jpg</url></parentImage>\n'
+        return (f'<parentImage id="{i}"><figureId>F1</figureId><caption>Xray</caption><url>/x/{i}.jpg</url>'
+                f'</parentImage>\n')
     (root / "ecgen-radiology").mkdir(parents=True)
     (root / "ecgen-radiology" / "1.xml").write_text(xml.format(
         uid="CXR1", findings="The heart is normal.\n  Lungs clear.", impression="Normal chest",
@@ -329,40 +432,105 @@ def test_openi_xml(tmp_path):
         images=img("CXR2_1_IM-0652-1001") + img("CXR2_1_IM-0652-2001")))
     for i in ("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001", "CXR2_1_IM-0652-1001"):
         png(root / "NLMCXR_png" / f"{i}.png")
+    dicom(root / "NLMCXR_dcm" / "1" / "1_IM-0001-3001.dcm", view="PA")  # NLMCXR_dcm.tgz: <study>/<image>.dcm
+    dicom(root / "NLMCXR_dcm" / "1" / "1_IM-0001-4001.dcm", view="LL")
+    dicom(root / "NLMCXR_dcm" / "2" / "2_IM-0652-1001.dcm")  # no ViewPosition in its header
     rows, summary, _ = convert("openi", root, tmp_path)
     assert summary["written"] == 3 and summary["skipped_missing"] == 1
     by = {Path(r["image"]).stem: r for r in rows}
+    assert [by[i]["view"] for i in ("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001", "CXR2_1_IM-0652-1001")] == \
+        ["PA", "LATERAL", "UNKNOWN"]
     r = by["CXR1_1_IM-0001-4001"]
     assert r["findings"] == "The heart is normal. Lungs clear." and r["impression"] == "Normal chest"
-    assert r["study_id"] == "CXR1" and r["split"] == "test" and r[LP + "No Finding"] == "1" and r[LP + "Opacity"] == "0"
+    assert r["study_id"] == "CXR1" and r["split"] == "test" and r[LP + "No Finding"] == "1"
+    assert r[LP + "Opacity"] == "0"
     r = by["CXR2_1_IM-0652-1001"]
     assert r[LP + "Cardiomegaly"] == "1" and r[LP + "Opacity"] == "1" and r[LP + "No Finding"] == "0"
     assert r["findings"] == "" and r["report"] == "IMPRESSION: Cardiomegaly. Left basilar opacity."
 
 
-def test_cxr_lt_frontal_folds(tmp_path):
-    root = tmp_path / "mimic"
-    classes = ["Atelectasis", "Azygos Lobe", "Tortuous Aorta"]
-    rows, meta = [], []
+# CXR-LT 2024's task-1 classes, as in the header of train_labeled.csv
+CXR_LT_2024 = ["Adenopathy", "Atelectasis", "Azygos Lobe", "Calcification of the Aorta", "Cardiomegaly",
+               "Clavicle Fracture", "Consolidation", "Edema", "Emphysema", "Enlarged Cardiomediastinum",
+               "Fibrosis", "Fissure", "Fracture", "Granuloma", "Hernia", "Hydropneumothorax", "Infarction",
+               "Infiltration", "Kyphosis", "Lobar Atelectasis", "Lung Lesion", "Lung Opacity", "Mass",
+               "Nodule", "Normal", "Pleural Effusion", "Pleural Other", "Pleural Thickening",
+               "Pneumomediastinum", "Pneumonia", "Pneumoperitoneum", "Pneumothorax", "Pulmonary Embolism",
+               "Pulmonary Hypertension", "Rib Fracture", "Round(ed) Atelectasis", "Subcutaneous Emphysema",
+               "Support Devices", "Tortuous Aorta", "Tuberculosis"]
+
+
+def test_cxr_lt_2024_official_file_and_mimic_split(tmp_path):
+    root, labels = tmp_path / "mimic-cxr-jpg" / "2.1.0", tmp_path / "physionet.org" / "files"
+    rows, images = [], []
     for p in range(20):
         pid, sid = f"1{p:07d}", f"5{p:07d}"
-        for d, v in ((f"d{p}a", "PA"), (f"d{p}b", "LATERAL")):
-            rows.append([d, pid, sid, f"files/p{pid[:2]}/p{pid}/s{sid}/{d}.jpg", p % 2, int(p == 3), 0])
-            meta.append([d, pid, sid, v])
-            png(root / "files" / f"p{pid[:2]}" / f"p{pid}" / f"s{sid}" / f"{d}.jpg")
-    write_csv(root / "train_labeled.csv", ["dicom_id", "subject_id", "study_id", "fpath"] + classes, rows)
-    write_csv(root / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta)
-    out, _, _ = convert("cxr_lt", root, tmp_path)
-    assert len(out) == 20 and all(r["view"] == "PA" for r in out)
-    assert sum(r["split"] == "test" for r in out) == 4 and {r["split"] for r in out} == {"train", "test"}
-    assert sorted(Counter(r["fold"] for r in out if r["split"] == "train").values()) == [3, 3, 3, 3, 4]
+        split = "test" if p < 3 else "validate" if p == 3 else "train"
+        for d, v in ((f"d{p}a", "PA"), (f"d{p}b", "LATERAL"), (f"d{p}c", "AP")):
+            fpath = f"files/p{pid[:2]}/p{pid}/s{sid}/{d}.jpg"
+            view = "" if v == "AP" else v  # an AP image known by its ViewCodeSequence only
+            if v != "AP" or p == 5:
+                rows.append([d, pid, sid, view, CODE[v], fpath] + [int(c == "Normal") if p % 2 else
+                                                                   int(c in ("Azygos Lobe", "Atelectasis"))
+                                                                   for c in CXR_LT_2024])
+                images.append((d, pid, sid, v, split))
+                mimic_jpg(root, pid, sid, d)
+    release = labels / "cxr-lt-iccv-workshop-cvamd" / "2.0.0" / "cxr-lt-2024"
+    write_csv(release / "train_labeled.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition",
+              "ViewCodeSequence_CodeMeaning", "fpath"] + CXR_LT_2024, rows)
+    mimic_release(root, images)
+    out, _, path = convert("cxr_lt", root, tmp_path, f"--labels={labels}")
+    header = next(csv.reader(open(path)))
+    assert [c[len(LP):] for c in header if c.startswith(LP)] == sorted(CXR_LT_2024, key=str.lower)
+    assert len(out) == 21 and {r["view"] for r in out} == {"PA", "AP"}  # frontal only; d5c by its code
+    test_patients = {r["patient_id"] for r in out if r["split"] == "test"}
+    assert test_patients == {f"1{p:07d}" for p in range(3)}  # exactly MIMIC's test patients
+    assert {r["split"] for r in out} == {"train", "test"} and {r["mimic_split"] for r in out} == \
+        {"train", "valid", "test"}
+    folds = Counter(f for f, _ in {(r["fold"], r["patient_id"]) for r in out if r["split"] == "train"})
+    assert sorted(folds.values()) == [3, 3, 3, 4, 4]  # the 17 other patients, by patient
     assert all(r["fold"] == "" for r in out if r["split"] == "test")
     by = {Path(r["image"]).stem: r for r in out}
-    assert by["d3a"][LP + "Azygos Lobe"] == "1" and by["d3a"][LP + "Atelectasis"] == "1"
-    assert by["d4a"][LP + "Atelectasis"] == "0"
+    assert by["d4a"][LP + "Azygos Lobe"] == "1" and by["d4a"][LP + "Normal"] == "0"
+    assert by["d3a"][LP + "Normal"] == "1"
+
+    out, _, _ = convert("cxr_lt", root, tmp_path, f"--labels={release}/train_labeled.csv", "--split=paper")
+    assert_patient_disjoint(out)
+    assert all(r["split"] == "test" for r in out if r["mimic_split"] == "test")
+    n_test = len({r["patient_id"] for r in out if r["split"] == "test"})
+    assert n_test == 3 + round(0.2 * 17)  # MIMIC's 3 test patients, then 80/20 of the other 17
 
 
-def test_grazpedwri_boneage_covidx_edema_chd(tmp_path):
+def test_mimic_edema_consensus_test_and_mimic_split(tmp_path):
+    root, labels = tmp_path / "mimic-cxr-jpg", tmp_path / "physionet.org" / "files"
+    release = labels / "mimic-cxr-pe-severity" / "1.0.1"
+    images, regex = [], []
+    for p in range(12):  # patient 0: MIMIC test; patient 1: has a consensus image
+        pid = f"1{p:07d}"
+        for s in range(2):
+            sid = f"5{p:05d}{s}0"
+            for d, v in ((f"e{p}_{s}a", "AP"), (f"e{p}_{s}b", "LATERAL")):
+                images.append((d, pid, sid, v, "test" if p == 0 else "train"))
+                mimic_jpg(root, pid, sid, d)
+            regex.append((pid, sid, (p + s) % 4))
+    mimic_release(root, images)
+    head = ["subject_id", "study_id", "edema_severity"]
+    write_csv(release / "regex_report_edema_severity.csv", head, regex)
+    write_csv(release / "expert_report_edema_severity.csv", head, regex[:3])
+    write_csv(release / "consensus_image_edema_severity.csv", ["subject_id", "study_id", "dicom_id",
+              "edema_severity"], [("10000001", "50000110", "e1_1a", 3)])
+    out, _, _ = convert("mimic_edema", root, tmp_path, f"--labels={labels}")
+    test = [r for r in out if r["split"] == "test"]
+    assert [(Path(r["image"]).stem, r["target"], r["view"]) for r in test] == [("e1_1a", "3", "AP")]
+    assert not {"10000000", "10000001"} & {r["patient_id"] for r in out if r["split"] != "test"}
+    graded = {(Path(r["image"]).stem, r["target"]) for r in out if r["split"] != "test"}
+    assert graded == {(f"e{p}_{s}{v}", str((p + s) % 4)) for p in range(2, 12) for s in (0, 1) for v in "ab"}
+    expect = common.split_by_patient([f"1{p:07d}" for p in range(2, 12)], (0.75, 0.25, 0.0), seed=0)
+    assert all(r["split"] == expect[r["patient_id"]] for r in out if r["split"] != "test")
+    assert {r["mimic_split"] for r in out} == {"train"}
+
+
+def test_grazpedwri_boneage_covidx_chd(tmp_path):
     # GRAZPEDWRI-DX: dataset.csv + 16-bit PNG + YOLO box -> mask
     g = tmp_path / "graz"
     write_csv(g / "dataset.csv", ["filestem", "patient_id", "gender", "age", "laterality", "projection",
@@ -371,7 +539,8 @@ def test_grazpedwri_boneage_covidx_edema_chd(tmp_path):
     png(g / "images_part1" / "0001_a.png", h=10, w=20, mode="I;16")
     png(g / "images_part1" / "0002_b.png", h=10, w=20)
     (g / "folder_structure" / "yolov5" / "labels").mkdir(parents=True)
-    (g / "folder_structure" / "yolov5" / "labels" / "0001_a.txt").write_text("3 0.5 0.5 0.5 0.4\n8 0.1 0.1 0.1 0.1\n")
+    (g / "folder_structure" / "yolov5" / "labels" / "0001_a.txt").write_text(
+        "3 0.5 0.5 0.5 0.4\n8 0.1 0.1 0.1 0.1\n")
     rows, _, out = convert("grazpedwri", g, tmp_path)
     by = {r["study_id"]: r for r in rows}
     assert by["0001_a"][LP + "Fracture"] == "1" and by["0002_b"][LP + "Fracture"] == "0"
@@ -391,7 +560,6 @@ def test_grazpedwri_boneage_covidx_edema_chd(tmp_path):
     assert by["1380"]["target"] == "103" and by["1380"]["body_part"] == "hand" and by["1380"]["sex"] == "M"
 
     c = tmp_path / "covidx"
-    (c / "train").mkdir(parents=True)
     lines = {"train": [], "val": [], "test": []}
     for i in range(20):
         part = ["train", "val", "test"][i % 3]
@@ -402,17 +570,8 @@ def test_grazpedwri_boneage_covidx_edema_chd(tmp_path):
     rows, _, _ = convert("covidx", c, tmp_path)
     assert len(rows) == 20
     assert_patient_disjoint(rows)
-    assert Counter(r["split"] for r in rows) == {"train": 14, "valid": 4, "test": 2}  # 70/20/10 of 10 patients
+    assert Counter(r["split"] for r in rows) == {"train": 14, "valid": 4, "test": 2}  # 70/20/10, 10 patients
     assert {r["study_id"].split("/")[1]: r[LP + "COVID-19"] for r in rows}["img8.png"] == "1"
-
-    e = tmp_path / "edema"
-    write_csv(e / "edema_severity.csv", ["subject_id", "study_id", "dicom_id", "edema_severity"],
-              [(f"1{i:07d}", f"5{i:07d}", f"e{i}", i % 4) for i in range(10)])
-    for i in range(10):
-        png(e / "files" / "p10" / f"p1{i:07d}" / f"s5{i:07d}" / f"e{i}.jpg")
-    rows, _, _ = convert("mimic_edema", e, tmp_path)
-    assert [r["target"] for r in sorted(rows, key=lambda r: r["study_id"])] == [str(i % 4) for i in range(10)]
-    assert Counter(r["split"] for r in rows) == {"train": 6, "valid": 2, "test": 2}
 
     h = tmp_path / "chd"
     for cls in ("ASD", "Normal", "VSD"):
@@ -424,32 +583,68 @@ def test_grazpedwri_boneage_covidx_edema_chd(tmp_path):
         {("ASD", "1", "0"), ("Normal", "0", "0"), ("VSD", "0", "1")}
 
 
-def test_bad_input_names_file_column_dataset(tmp_path):
+# ---- the command line: each data set's manual, and user errors as one line with exit status 2 ----
+
+def test_help_documents_each_data_set(capsys):
+    for name in dp.CONVERTERS:
+        with pytest.raises(SystemExit) as e:
+            dp.main([name, "--help"])
+        text = capsys.readouterr().out
+        assert e.value.code == 0 and "Reads" in text and "Split" in text, name
+    with pytest.raises(SystemExit) as e:  # an unknown data set is argparse's usage error
+        dp.main(["no_such_set", "--root=x", "--out=y.csv"])
+    assert e.value.code == 2
+
+
+def test_user_errors_name_file_column_dataset(tmp_path):
     root = tmp_path / "rsna"
+    with pytest.raises(common.UserError, match="is not a folder"):
+        convert("rsna_pneumonia", root, tmp_path)
     root.mkdir()
-    with pytest.raises(dp.DataPrepError, match=r"rsna_pneumonia.*stage_2_train_labels\.csv"):
+    with pytest.raises(common.UserError, match=r"rsna_pneumonia.*stage_2_train_labels\.csv"):
         convert("rsna_pneumonia", root, tmp_path)
-    write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height"], [("a", 1, 2, 3, 4)])
-    with pytest.raises(dp.DataPrepError, match=r"rsna_pneumonia.*stage_2_train_labels\.csv.*'Target'"):
+    write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height"],
+              [("a", 1, 2, 3, 4)])
+    with pytest.raises(common.UserError, match=r"rsna_pneumonia.*stage_2_train_labels\.csv.*'Target'"):
         convert("rsna_pneumonia", root, tmp_path)
+    write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"],
+              [("a", "", "", "", "", 0)])
+    with pytest.raises(common.UserError, match="--fractions"):
+        convert("rsna_pneumonia", root, tmp_path, "--fractions=0.5,0.6")
+
+
+@pytest.mark.slow  # a subprocess: the command as a user runs it
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "data_prep.py", "siim", f"--root={tmp_path / 'none'}",
+                        f"--out={tmp_path / 'o.csv'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("data_prep.py: error: siim: --root=") and "not a folder" in r.stderr
 
 
 # ---- text steps ----
 
-def test_rule_splitter_and_parser():
-    report = ("HISTORY: Fall from bike. Right hip: No fracture of the femoral head. Joint space preserved. "
-              "Left knee: Small joint effusion. The patella is normal. No acute osseous abnormality.")
+def test_rules_remove_history_from_every_report():
+    report = ("HISTORY: Fall from bike, hip pain. Right hip: No fracture of the femoral head. Joint space "
+              "preserved. Left knee: Small joint effusion. The patella is normal. No acute osseous "
+              "abnormality.")
     got = dp.split_report_by_rules(report, ["hip", "knee"])
     assert got["hip"] == "No fracture of the femoral head. Joint space preserved."
     assert got["knee"] == "Small joint effusion. The patella is normal. No acute osseous abnormality."
+    one = ("Clinical history: Fall on the outstretched hand, wrist pain. Comparison: None. Findings: No "
+           "fracture of the distal radius. Soft tissues are normal.")
+    assert dp.split_report_by_rules(one, ["wrist"]) == {"wrist": "No fracture of the distal radius. Soft "
+                                                                 "tissues are normal."}
+    bare = "History of asthma. The lungs are clear. Indication: cough. IMPRESSION: Normal chest."
+    assert dp.split_report_by_rules(bare, ["chest"]) == {"chest": "The lungs are clear. Normal chest."}
     ans = "Hip: No fracture of the femoral head.\n**Knee**: none"
-    assert dp.parse_bodypart_answer(ans, ["hip", "knee"]) == {"hip": "No fracture of the femoral head.", "knee": ""}
-    assert dp.parse_bodypart_answer("Hip: fine.", ["hip", "knee"]) is None  # knee missing -> fallback
+    assert dp.parse_bodypart_answer(ans, ["hip", "knee"]) == {"hip": "No fracture of the femoral head.",
+                                                              "knee": ""}
+    assert dp.parse_bodypart_answer("Hip: fine.", ["hip", "knee"]) is None  # knee missing -> the rules
 
 
-WORDS = ("the of and a is no to in with hip knee chest lung heart fracture normal clear effusion define give me only "
-         "single paragraph short definition disease what are distinguishing radiographic signs compared other "
-         "similar conditions : . , answer report").split()
+WORDS = ("the of and a is no to in with hip knee chest lung heart fracture normal clear effusion define give "
+         "me only single paragraph short definition disease what are distinguishing radiographic signs "
+         "compared other similar conditions : . , answer report").split()
 
 
 def tiny_tokenizer():
@@ -458,8 +653,8 @@ def tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>"), len(vocab)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>"), len(vocab)
 
 
 @pytest.fixture(scope="module")
@@ -482,73 +677,84 @@ def tiny_marian(tmp_path_factory):
     torch.manual_seed(0)
     tok, v = tiny_tokenizer()
     d = tmp_path_factory.mktemp("tiny_marian")
-    MarianMTModel(MarianConfig(vocab_size=v, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                               max_position_embeddings=128, pad_token_id=0, eos_token_id=3, bos_token_id=2,
-                               decoder_start_token_id=0)).save_pretrained(d)
+    MarianMTModel(MarianConfig(vocab_size=v, d_model=16, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                               decoder_ffn_dim=32, max_position_embeddings=128, pad_token_id=0,
+                               eos_token_id=3, bos_token_id=2, decoder_start_token_id=0)).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
+
+
+WRIST_REPORT = "Clinical history: fall on the outstretched hand. Findings: No fracture of the distal radius."
 
 
 def text_csv(tmp_path):
     p = tmp_path / "pexr.csv"
     rep = "Right hip: no fracture. Left knee: small effusion."
     write_csv(p, dp.BASE_COLUMNS, [
-        ("a1.png", "s1", "p1", "train", "AP", "hip", "", "", rep), ("a2.png", "s1", "p1", "train", "AP", "knee", "", "", rep),
+        ("a1.png", "s1", "p1", "train", "AP", "hip", "", "", rep),
+        ("a2.png", "s1", "p1", "train", "AP", "knee", "", "", rep),
         ("b1.png", "s2", "p2", "train", "PA", "chest", "The lung is clear.", "No disease.", ""),
         ("c1.png", "s3", "p3", "train", "AP", "hip", "", "", "Hip: normal. Knee: normal."),
-        ("c2.png", "s3", "p3", "train", "AP", "knee", "", "", "Hip: normal. Knee: normal.")])
+        ("c2.png", "s3", "p3", "train", "AP", "knee", "", "", "Hip: normal. Knee: normal."),
+        ("d1.png", "s4", "p4", "train", "PA", "wrist", "", "", WRIST_REPORT)])
     return p
 
 
-def test_extract_bodyparts_with_tiny_lm_falls_back(tmp_path, tiny_lm):
+def test_extract_bodyparts_tiny_lm_falls_back_to_rules(tmp_path, tiny_lm):
     p = text_csv(tmp_path)
     stats = dp.main(["extract_bodyparts", f"--csv={p}", f"--model={tiny_lm}", "--max_new_tokens=4"])
-    rows = read_out(p)
-    assert stats["fallback_unparsed"] == 2 and stats["rules"] == 2 and stats["single"] == 1  # random LM: unparsable
-    assert [r["excerpt"] for r in rows] == ["no fracture.", "small effusion.",
-                                            "FINDINGS: The lung is clear. IMPRESSION: No disease.", "normal.", "normal."]
-    assert dp.main(["extract_bodyparts", f"--csv={p}", f"--model={tiny_lm}"])["skipped_done"] == 3  # resume
+    assert stats["fallback_unparsed"] == 4 and stats["rules"] == 4  # a random LM: every answer unparsable
+    assert [r["excerpt"] for r in read_out(p)] == ["no fracture.", "small effusion.",
+                                                   "The lung is clear. No disease.", "normal.", "normal.",
+                                                   "No fracture of the distal radius."]
+    assert dp.main(["extract_bodyparts", f"--csv={p}"])["skipped_done"] == 4  # resume
 
 
-def test_extract_bodyparts_parsed_answer_and_resume(tmp_path):
+def test_extract_bodyparts_asks_the_llm_for_every_report_and_resumes(tmp_path):
     p = text_csv(tmp_path)
     calls = []
 
     def fake_generate(prompts):
         calls.append(prompts)
-        assert "hip, knee" in prompts[0] and "Right hip: no fracture." in prompts[0]
-        return ["hip: No fracture.\nknee: Small effusion.", "garbled"]
+        return ["hip: No fracture.\nknee: Small effusion.", "chest: The lung is clear.", "garbled",
+                "wrist: No fracture of the distal radius."]
     stats = dp.extract_bodyparts(str(p), fake_generate, batch_size=8)
-    assert stats["llm"] == 1 and stats["fallback_unparsed"] == 1 and len(calls) == 1 and len(calls[0]) == 2
+    assert stats["llm"] == 3 and stats["fallback_unparsed"] == 1 and len(calls) == 1 and len(calls[0]) == 4
+    assert "X-rays of these body parts: hip, knee." in calls[0][0]
+    assert "X-rays of these body parts: wrist." in calls[0][3] and WRIST_REPORT in calls[0][3]
+    assert "remove the medical history" in calls[0][3]  # single-part reports too (Sec. 2.1)
     rows = read_out(p)
-    assert [(r["excerpt"], r["excerpt_source"]) for r in rows[:2]] == [("No fracture.", "llm"), ("Small effusion.", "llm")]
+    assert [(r["excerpt"], r["excerpt_source"]) for r in rows] == [
+        ("No fracture.", "llm"), ("Small effusion.", "llm"), ("The lung is clear.", "llm"),
+        ("normal.", "rules"), ("normal.", "rules"), ("No fracture of the distal radius.", "llm")]
     rows[3]["excerpt_source"] = ""  # "interrupted" before s3 was saved: only s3 is asked again
-    dp.common.write_csv_atomic(p, rows, list(rows[0].keys()))
+    common.write_csv_atomic(p, rows, list(rows[0].keys()))
     calls.clear()
     stats = dp.extract_bodyparts(str(p), lambda ps: calls.append(ps) or ["hip: a\nknee: b"] * len(ps))
-    assert stats["skipped_done"] == 2 and len(calls[0]) == 1 and read_out(p)[3]["excerpt"] == "a"
-    assert dp.extract_bodyparts(str(p), None)["skipped_done"] == 3  # nothing left to do
+    assert stats["skipped_done"] == 3 and len(calls[0]) == 1 and read_out(p)[3]["excerpt"] == "a"
 
 
 def test_knowledge_tiny_lm_and_resume(tmp_path, tiny_lm):
     out = tmp_path / "knowledge.json"
     out.write_text(json.dumps({"Edema": {"definition": "kept", "appearance": "kept too"}}))
-    dp.main(["knowledge", "--findings=Edema,Pleural_Effusion,Cardiomegaly", f"--model={tiny_lm}", f"--out={out}",
-             "--max_new_tokens=6"])
+    dp.main(["knowledge", "--findings=Edema,Pleural_Effusion,Cardiomegaly", f"--model={tiny_lm}",
+             f"--out={out}", "--max_new_tokens=6"])
     k = json.loads(out.read_text())
     assert k["Edema"] == {"definition": "kept", "appearance": "kept too"}
-    for n, v in k.items():
+    for v in k.values():
         assert set(v) == {"definition", "appearance"} and all(isinstance(x, str) and x for x in v.values())
     prompts = []
-    dp.build_knowledge(["Edema", "Pleural_Effusion", "Atelectasis"],
-                       lambda ps: prompts.extend(ps) or ["Definition: A collapse." if p.startswith("Define") else
-                                                         "Radiographic characteristics: Volume loss." for p in ps], str(out))
-    done = set(k)
-    assert ("Pleural_Effusion" in done) == all("Pleural Effusion" not in p for p in prompts)
-    assert dp.DEFINITION_PROMPT.format(name="Atelectasis") in prompts
-    assert dp.APPEARANCE_PROMPT.format(name="Atelectasis") in prompts
-    assert json.loads(out.read_text())["Atelectasis"] == {"definition": "A collapse.", "appearance": "Volume loss."}
+    def fake_generate(ps):
+        prompts.extend(ps)
+        return ["Definition: A collapse." if p.startswith("Define") else
+                "Radiographic characteristics: Volume loss." for p in ps]
+    dp.build_knowledge(["Edema", "Pleural_Effusion", "Atelectasis"], fake_generate, str(out))
+    assert ("Pleural_Effusion" in k) == all("pleural effusion" not in p for p in prompts)
+    assert dp.DEFINITION_PROMPT.format(name="atelectasis") in prompts
+    assert dp.APPEARANCE_PROMPT.format(name="atelectasis") in prompts
+    assert json.loads(out.read_text())["Atelectasis"] == {"definition": "A collapse.",
+                                                          "appearance": "Volume loss."}
 
 
 def test_backtranslate_tiny_marian_and_resume(tmp_path, tiny_marian):
@@ -560,128 +766,18 @@ def test_backtranslate_tiny_marian_and_resume(tmp_path, tiny_marian):
     assert rows[2]["findings_bt"] and rows[2]["impression_bt"] and rows[0]["findings_bt"] == ""
     seen = []
     st = dp.backtranslate(str(p), lambda t: seen.extend(t) or t, lambda t: t)
-    assert st["rows_skipped_done"] == 5 and seen == []
+    assert st["rows_skipped_done"] == 6 and seen == []
     rows[2]["impression_bt"] = ""
-    dp.common.write_csv_atomic(p, rows, list(rows[0].keys()))
+    common.write_csv_atomic(p, rows, list(rows[0].keys()))
     dp.backtranslate(str(p), lambda t: [s.upper() for s in t], lambda t: [s + "!" for s in t])
     rows = read_out(p)
     assert rows[2]["impression_bt"] == "NO DISEASE.!" and rows[2]["findings_bt"] != "THE LUNG IS CLEAR.!"
 
 
-def test_offline_model_fails_fast_with_message(tmp_path):
+def test_unreadable_model_folder_is_a_user_error(tmp_path):
     p = text_csv(tmp_path)
-    with pytest.raises(dp.DataPrepError, match=r"--model.*local_files_only=True"):
-        dp.main(["knowledge", "--findings=Edema", f"--model={tmp_path / 'no-such-model'}", f"--out={tmp_path / 'k.json'}"])
-    with pytest.raises(dp.DataPrepError, match=r"--en_it"):
+    with pytest.raises(common.UserError, match=r"--model=.*local_files_only=True"):
+        dp.main(["knowledge", "--findings=Edema", f"--model={tmp_path / 'no-such-model'}",
+                 f"--out={tmp_path / 'k.json'}"])
+    with pytest.raises(common.UserError, match=r"--en_it"):
         dp.main(["backtranslate", f"--csv={p}", "--en_it=nobody/no-such-model-xyz", "--it_en=x"])
-
-
-# ---- --decode_device: batched JPEG decoding on a device, then the CPU pass ----
-
-def _fake_decode_jpeg(calls):
-    """Stands in for torchvision.io.decode_jpeg(list, mode=GRAY, device=...) where torchvision cannot import:
-    the same contract (a list of 1-D uint8 byte tensors in, [1, H, W] uint8 tensors out, and one bad file
-    fails the whole call), decoded with PIL. Records the batch sizes it was called with."""
-    import io
-
-    import torch
-
-    def decode(datas, device):
-        calls.append(len(datas))
-        out = []
-        for d in datas:
-            try:
-                with Image.open(io.BytesIO(d.numpy().tobytes())) as im:
-                    im.load()
-                    if im.format != "JPEG":
-                        raise ValueError(f"not a JPEG but {im.format}")
-                    out.append(torch.from_numpy(np.array(im.convert("L")))[None].to(device))
-            except Exception as e:
-                raise RuntimeError(f"decode_jpeg: {e}") from e
-        return out
-    return decode
-
-
-def test_shrink_is_an_area_filter():
-    import cv2
-    import torch
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (60, 90), dtype=np.uint8)
-    # integer factor 3: exactly the mean of each 3x3 block (computed here with numpy), rounded
-    block = a.reshape(20, 3, 30, 3).astype(np.float64).mean(axis=(1, 3))
-    assert np.array_equal(dp.shrink(torch.from_numpy(a)[None], 20), np.round(block).astype(np.uint8))
-    # a non-integer factor on image-like (smooth) content: within a grey level of OpenCV's INTER_AREA, the
-    # CPU path's filter. (torch's area windows are whole pixels, OpenCV weights the partial edge pixels, so
-    # on white noise the two differ by ~10 levels; radiographs are not white noise.)
-    smooth = cv2.GaussianBlur(a, (0, 0), 4)
-    got = dp.shrink(torch.from_numpy(smooth)[None], 25).astype(np.float64)
-    ref = cv2.resize(smooth, (38, 25), interpolation=cv2.INTER_AREA)  # 90 * 25/60 = 37.5 -> 38 columns
-    assert got.shape == ref.shape == (25, 38)
-    assert np.abs(got - ref).mean() < 1.0
-    small = rng.integers(0, 256, (10, 12), dtype=np.uint8)  # never upscaled
-    assert np.array_equal(dp.shrink(torch.from_numpy(small)[None], 20), small)
-
-
-def test_resize_copies_on_device_matches_cpu_path(tmp_path, capsys):
-    import cv2
-    rng = np.random.default_rng(1)
-    root = tmp_path / "root"
-    root.mkdir()
-    films = []
-    for i in range(5):  # smooth content, like a radiograph; sizes differ (the batch is ragged)
-        h, w = 90 + 10 * i, 120
-        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w), dtype=np.uint8), (0, 0), 3)
-        cv2.imwrite(str(root / f"f{i}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        films.append(root / f"f{i}.jpg")
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # fails the batched call
-    png(root / "p.png", h=64, w=64)  # not a JPEG: never given to the device decoder
-    paths = films[:3] + [root / "broken.jpg", root / "p.png"] + films[3:]
-
-    def rows():
-        return [{"image": str(p)} for p in paths]
-
-    cpu_rows, dev_rows = rows(), rows()
-    cpu_err = dp.resize_copies(cpu_rows, root, tmp_path / "cpu", 32, "png", 1)
-    calls = []
-    dev_err = dp.resize_copies(dev_rows, root, tmp_path / "dev", 32, "png", 1, decode_device="cpu",
-                               decode=_fake_decode_jpeg(calls))
-    # one batched call of the 6 JPEGs, which the broken file fails, then one call per file to find it
-    assert calls == [6] + [1] * 6
-    assert "decoded and resized 5 JPEGs on cpu" in capsys.readouterr().out  # the 5 good films: not the CPU pass
-    # the broken file is reported by the CPU pass, by name, exactly as without --decode_device
-    assert [bool(e) for e in dev_err] == [bool(e) for e in cpu_err] == [False] * 3 + [True] + [False] * 3
-    assert "broken.jpg" in dev_err[3] and "broken.jpg" in cpu_err[3]
-    for a, b in zip(cpu_rows, dev_rows):
-        if a["image"].endswith("broken.jpg"):
-            continue
-        assert Path(b["image"]).is_relative_to(tmp_path / "dev")
-        x, y = (np.asarray(Image.open(r["image"]), dtype=np.float64) for r in (a, b))
-        assert x.shape == y.shape and min(x.shape) == 32
-        assert np.abs(x - y).mean() < 1.0, a["image"]  # area filter on the device vs cv2.INTER_AREA
-    assert not list((tmp_path / "dev").rglob("*.tmp*"))  # atomic writes
-
-
-def test_decode_device_flag_errors(tmp_path):
-    import torch
-    root = tmp_path / "r"
-    root.mkdir()
-    with pytest.raises(dp.DataPrepError, match="only applies to --resize"):
-        dp.main(["covidx", f"--root={root}", f"--out={tmp_path / 'o.csv'}", "--decode_device=cuda"])
-    if not torch.cuda.is_available():
-        with pytest.raises(dp.DataPrepError, match="--decode_device=cuda: no such device"):
-            dp.main(["covidx", f"--root={root}", f"--out={tmp_path / 'o.csv'}", "--resize=64",
-                     "--decode_device=cuda"])
-
-
-def test_bench_decode(tmp_path, capsys):
-    rows = dp.main(["bench_decode", "--n=3", "--synthetic=80x64", "--size=32", "--workers=1"])
-    out = capsys.readouterr().out
-    assert [r["decoder"] for r in rows] == ["original JPEG, PIL, 1 processes", "resized 32 PNG copy, PIL, 1 processes"]
-    assert all(r["images_per_s"] > 0 for r in rows) and "images/s" in out and "MiB each" in out
-    calls = []
-    paths = dp.synthetic_jpegs(tmp_path, 4, 48, 40)
-    rows = dp.bench_decode(paths, 16, [1], decode_device="cpu", batch_size=2, decode=_fake_decode_jpeg(calls))
-    assert rows[-1]["decoder"] == "original JPEG, decode_jpeg on cpu, batch 2" and rows[-1]["images_per_s"] > 0
-    assert calls == [2, 2, 2]  # start-up batch, then the two timed batches
-    with pytest.raises(dp.DataPrepError, match="--workers"):
-        dp.main(["bench_decode", "--workers=one"])
