@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.vision_transformer import MLPBlock, VisionTransformer, interpolate_embeddings
 
 import common
 
@@ -115,44 +115,15 @@ PHANTOMS = 3000  # images in the demo's phantom data set
 
 # ----------------------------------------------------------------------------------------------------
 # ---- model ----
-# A ViT whose parameter names are torchvision's (class_token, conv_proj, encoder.pos_embedding,
-# encoder.layers.encoder_layer_{i}.{ln_1, self_attention, ln_2, mlp}, encoder.ln), so that torchvision's
-# ImageNet state dict loads as it is.
-
-
-class SelfAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (in_proj_weight / bias, out_proj) through one SDPA call."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * dim, dim)))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x):  # x [B, S, C]
-        B, S, C = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, S, 3C]
-        q, k, v = qkv.view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # each [B, h, S, C/h]
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, S, C))
-
-
-def mlp_block(dim: int, hidden: int) -> nn.Sequential:
-    """torchvision's MLPBlock layout: Linear (mlp.0), GELU, Dropout, Linear (mlp.3), Dropout."""
-    m = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim),
-                      nn.Dropout(0.0))
-    for lin in (m[0], m[3]):
-        nn.init.xavier_uniform_(lin.weight)
-        nn.init.normal_(lin.bias, std=1e-6)
-    return m
+# phi_v is torchvision's VisionTransformer (its ImageNet weights load as they are); in the MoBE layers its MLP
+# block is replaced by a MoBE block (Fig. 3).
 
 
 class MoBE(nn.Module):
     """Mixture of Body-part Experts (Sec. 2.2): E MLP experts B_e(V) = g(V W1_e + b1_e) W2_e + b2_e and a gate
-    W_G that reads the [IMG] token. forward(x [B, S, C], expert_index [B] or None) -> (out [B, S, C], gate
-    logits [B, E]).
+    W_G that reads the [IMG] token. It takes the place of torchvision's MLP block, called as mlp(ln_2(x)) with
+    x [B, S, C]: the teacher-forced expert choice comes in, and the gate logits [B, E] go out, as attributes
+    (`expert_index`, `gate_logits`), set and read by PedCLIP.encode.
 
     The experts' weights are stacked as w1 [C, E, H], b1 [E, H], w2 [E, H, C], b2 [E, C], so that
       * the soft mixture of Eq. (2) is two dense matmuls, whatever E:
@@ -164,24 +135,24 @@ class MoBE(nn.Module):
 
     def __init__(self, dim: int, hidden: int, n_experts: int, topk: int = 0):
         super().__init__()
-        self.topk, self.n_experts = topk, n_experts
+        self.topk, self.n_experts, self.expert_index, self.gate_logits = topk, n_experts, None, None
         self.gate = nn.Linear(dim, n_experts, bias=False)  # W_G of Eq. (1), stored transposed as [E, C]
         nn.init.normal_(self.gate.weight, std=0.02)
-        experts = [mlp_block(dim, hidden) for _ in range(n_experts)]  # each its own draw of the MLP's init
+        experts = [MLPBlock(dim, hidden, 0.0) for _ in range(n_experts)]  # each its own draw of MLP's init
         self.w1 = nn.Parameter(torch.stack([m[0].weight.t() for m in experts], 1).detach())  # [C, E, H]
         self.b1 = nn.Parameter(torch.stack([m[0].bias for m in experts]).detach())  # [E, H]
         self.w2 = nn.Parameter(torch.stack([m[3].weight.t() for m in experts]).detach())  # [E, H, C]
         self.b2 = nn.Parameter(torch.stack([m[3].bias for m in experts]).detach())  # [E, C]
 
-    def forward(self, x, expert_index=None):
-        logits = self.gate(x[:, 0])  # Eq. (1) before the softmax: v_[IMG] . W_G, [B, E]
-        if expert_index is not None:  # teacher forcing (Sec. 3.1): the body-part label x_b picks the expert
-            return self.routed(x, expert_index.view(-1, 1), None), logits
-        s = logits.float().softmax(-1).to(x.dtype)  # Eq. (1): the expert assignment scores s, [B, E]
+    def forward(self, x):
+        self.gate_logits = self.gate(x[:, 0])  # Eq. (1) before the softmax: v_[IMG] . W_G, [B, E]
+        if self.expert_index is not None:  # teacher forcing (Sec. 3.1): the body-part label x_b decides
+            return self.routed(x, self.expert_index.view(-1, 1), None)
+        s = self.gate_logits.float().softmax(-1).to(x.dtype)  # Eq. (1): the expert assignment scores [B, E]
         if 0 < self.topk < self.n_experts:  # not Eq. (2), for speed: the K best experts, renormalised
             w, idx = s.topk(self.topk, dim=-1)
-            return self.routed(x, idx, w / w.sum(-1, keepdim=True)), logits
-        return self.mixture(x, s), logits
+            return self.routed(x, idx, w / w.sum(-1, keepdim=True))
+        return self.mixture(x, s)
 
     # Eq. (2), Sec. 2.2: MoBE(V) = sum_e s_e B_e(V), every expert on every token of the image.
     def mixture(self, x, s):  # x [B, S, C], s [B, E]
@@ -206,57 +177,6 @@ class MoBE(nn.Module):
         return torch.zeros_like(x, dtype=y.dtype).index_add_(0, rows, y)
 
 
-class EncoderLayer(nn.Module):
-    """Pre-LN transformer layer (torchvision's EncoderBlock); its MLP is a MoBE block when n_experts > 0."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int, n_experts: int = 0, topk: int = 0):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
-        self.self_attention = SelfAttention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MoBE(dim, mlp_dim, n_experts, topk) if n_experts else mlp_block(dim, mlp_dim)
-
-    def forward(self, x, expert_index=None):
-        x = x + self.self_attention(self.ln_1(x))
-        if isinstance(self.mlp, MoBE):  # the gate reads [IMG] as the replaced MLP would see it, after ln_2
-            y, logits = self.mlp(self.ln_2(x), expert_index)
-            return x + y, logits
-        return x + self.mlp(self.ln_2(x)), None
-
-
-class ViT(nn.Module):
-    """phi_v (Sec. 2.2). forward -> (tokens [B, 1+N, C], [IMG] first; gate logits [B, E] per MoBE layer)."""
-
-    def __init__(self, cfg: Config, n_experts: int):
-        super().__init__()
-        C, n_patches = cfg.vit_width, (cfg.image_size // cfg.patch_size) ** 2
-        if cfg.stem == "conv":  # demo: strided convs make the tokens (common.ConvStem says why)
-            self.conv_proj = common.ConvStem(C, cfg.patch_size)
-        else:
-            self.conv_proj = nn.Conv2d(3, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-            nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * cfg.patch_size ** 2)))
-            nn.init.zeros_(self.conv_proj.bias)
-        self.moe_layers = parse_moe_layers(cfg.moe_layers, cfg.vit_depth)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, C))  # the global image token [IMG]
-        self.encoder = nn.Module()
-        self.encoder.pos_embedding = nn.Parameter(torch.empty(1, n_patches + 1, C).normal_(std=0.02))
-        self.encoder.layers = nn.Sequential(OrderedDict(
-            (f"encoder_layer_{i}", EncoderLayer(C, cfg.vit_heads, cfg.vit_mlp_dim,
-                                                n_experts if i in self.moe_layers else 0, cfg.moe_topk))
-            for i in range(cfg.vit_depth)))
-        self.encoder.ln = nn.LayerNorm(C, eps=1e-6)
-
-    def forward(self, images, expert_index=None):
-        x = self.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C]
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.encoder.pos_embedding
-        gate_logits = []
-        for layer in self.encoder.layers:
-            x, logits = layer(x, expert_index)
-            if logits is not None:
-                gate_logits.append(logits)
-        return self.encoder.ln(x), gate_logits
-
-
 def parse_moe_layers(spec: str, depth: int) -> list[int]:
     """'11' or '8,9,10,11' or '-1' (from the end) or 'none' -> sorted layer indices, checked against depth."""
     if spec.strip().lower() in ("", "none"):
@@ -276,21 +196,38 @@ class PedCLIP(nn.Module):
     def __init__(self, cfg: Config, text_encoder: nn.Module, tokenizer, body_parts: list[str]):
         super().__init__()
         self.cfg, self.tokenizer, self.body_parts = cfg, tokenizer, body_parts
-        self.visual = ViT(cfg, len(body_parts))
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vit_depth, cfg.vit_heads,
+                                        cfg.vit_width, cfg.vit_mlp_dim)
+        self.visual.heads = nn.Identity()  # no classifier: [IMG] is projected
+        if cfg.stem == "conv":  # demo: strided convs make the tokens (common.ConvStem says why)
+            self.visual.conv_proj = common.ConvStem(cfg.vit_width, cfg.patch_size)
+        self.moe_layers = parse_moe_layers(cfg.moe_layers, cfg.vit_depth)
+        self.mobe = [MoBE(cfg.vit_width, cfg.vit_mlp_dim, len(body_parts), cfg.moe_topk) for _ in
+                     self.moe_layers]
+        for i, m in zip(self.moe_layers, self.mobe):  # the gate reads [IMG] as the MLP would: after ln_2
+            self.visual.encoder.layers[i].mlp = m
         self.text = text_encoder
         self.image_proj = nn.Linear(cfg.vit_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim, bias=False)
         # 1/tau of Eq. (3)-(4), learnable as in CLIP (the paper gives no value): tau starts at 0.07
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    def encode(self, images, expert_index=None):
+        """phi_v -> tokens [B, 1+N, C] ([IMG] first) after the last LayerNorm, gate logits [B, E] per MoBE."""
+        for m in self.mobe:
+            m.expert_index = expert_index
+        x = self.visual.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C]
+        x = self.visual.encoder(torch.cat([self.visual.class_token.expand(len(x), -1, -1), x], 1))
+        return x, [m.gate_logits for m in self.mobe]
+
     def forward(self, images, input_ids, attention_mask, expert_index=None):
         """-> image [B, D], text [B, D] (their dot product is sim of Eq. 3-4), gate logits per MoBE layer."""
-        tokens, gate_logits = self.visual(images, expert_index)
+        tokens, gate_logits = self.encode(images, expert_index)
         img = F.normalize(self.image_proj(tokens[:, 0]), dim=-1)
         return img, self.encode_tokens(input_ids, attention_mask), gate_logits
 
     def encode_image(self, images):  # [B, 3, H, W] -> [B, D], the [IMG] token, soft gating (test time)
-        return F.normalize(self.image_proj(self.visual(images)[0][:, 0]), dim=-1)
+        return F.normalize(self.image_proj(self.encode(images)[0][:, 0]), dim=-1)
 
     def encode_tokens(self, input_ids, attention_mask):  # -> [B, D], the [CLS] token
         h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -306,7 +243,7 @@ class PedCLIP(nn.Module):
                                    return_tensors="pt", return_token_type_ids=False))
 
     def image_tokens(self, images):  # [B, N, C] patch tokens after the last LayerNorm (segmentation heads)
-        return self.visual(images)[0][:, 1:]
+        return self.encode(images)[0][:, 1:]
 
     def image_transform(self, train: bool):
         return lambda img, rng=None: common.to_tensor(common.resize(img, self.cfg.image_size))
@@ -518,30 +455,23 @@ def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> PedCLIP:
 
         tv = common.load_pretrained("torchvision's ViT-B/16 ImageNet weights",
                                     lambda: torchvision.models.vit_b_16(weights="IMAGENET1K_V1"))
-        model.visual.load_state_dict(vit_state_from_torchvision(tv.state_dict(), model.visual))
+        model.visual.load_state_dict(vit_state_from_torchvision(tv.state_dict(), model))
     return model
 
 
-def vit_state_from_torchvision(tv_state: dict, vit: ViT) -> dict:
-    """torchvision VisionTransformer state dict -> this ViT's: the classifier head dropped, position
-    embeddings resized when --image_size is not 224, and each MoBE layer's pretrained MLP copied into all its
-    experts. The paper does not say how the experts start; copies of the layer's pretrained MLP (our choice)
-    keep the ImageNet features; the gate keeps its random init."""
-    own, out = vit.state_dict(), {k: v for k, v in tv_state.items() if not k.startswith("heads.")}
-    pos = out["encoder.pos_embedding"]
-    if pos.shape != own["encoder.pos_embedding"].shape:  # bicubic resize of the patch grid, [IMG] kept
-        n, m = math.isqrt(pos.shape[1] - 1), math.isqrt(own["encoder.pos_embedding"].shape[1] - 1)
-        grid = F.interpolate(pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2), size=(m, m), mode="bicubic")
-        grid = grid.permute(0, 2, 3, 1).reshape(1, m * m, -1)
-        out["encoder.pos_embedding"] = torch.cat([pos[:, :1], grid], 1)
-    for i in vit.moe_layers:
-        p = f"encoder.layers.encoder_layer_{i}.mlp."
+def vit_state_from_torchvision(tv_state: dict, model: PedCLIP) -> dict:
+    """torchvision's ImageNet ViT state dict -> model.visual's: no classifier, position embeddings resized to
+    --image_size (torchvision's interpolate_embeddings), and each MoBE layer's pretrained MLP copied into all
+    its experts. The paper does not say how the experts start: copies of the layer's pretrained MLP (our
+    choice) keep the ImageNet features, and the gate keeps its random init."""
+    out = interpolate_embeddings(model.cfg.image_size, model.cfg.patch_size, tv_state, reset_heads=True)
+    for i, m in zip(model.moe_layers, model.mobe):
+        p, E = f"encoder.layers.encoder_layer_{i}.mlp.", m.n_experts
         w0, b0, w3, b3 = (out.pop(p + n) for n in ("0.weight", "0.bias", "3.weight", "3.bias"))
-        E = own[p + "b1"].shape[0]
         out.update({p + "w1": w0.t().unsqueeze(1).repeat(1, E, 1), p + "b1": b0.repeat(E, 1),
                     p + "w2": w3.t().repeat(E, 1, 1), p + "b2": b3.repeat(E, 1),
-                    p + "gate.weight": own[p + "gate.weight"]})
-    return out
+                    p + "gate.weight": m.gate.weight})
+    return {k: v for k, v in out.items() if not k.startswith("heads.")}
 
 
 def load(path, map_location="cpu") -> tuple[PedCLIP, Config]:
@@ -647,7 +577,7 @@ def train(cfg: Config) -> dict:
         cfg.warmup_epochs * sampler.batches_per_epoch))))
     counts = np.bincount(train_ds.body_part, minlength=len(parts))
     common.print0(f"pedclip: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters, MoBE "
-                  f"in layers {raw_model.visual.moe_layers}; {len(tr)} training images, "
+                  f"in layers {raw_model.moe_layers}; {len(tr)} training images, "
                   f"{sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs ({cfg.teacher_epochs} "
                   f"teacher-forced), {world} process(es) on {device}; experts (images): "
                   + ", ".join(f"{p} ({c})" for p, c in zip(parts, counts)))
@@ -691,24 +621,15 @@ def train(cfg: Config) -> dict:
 def evaluate(model: PedCLIP, table: common.XrayCSV, device) -> dict:
     """Zero-shot AUC on the test split (common.zeroshot_eval, soft gating) and, per MoBE layer, the gate's
     body-part accuracy: how often argmax_e s_e is x_b."""
-    out = common.zeroshot_eval(model, table, device)
-    if model.visual.moe_layers:
-        tf, preds, ok = model.image_transform(False), [], []
-        for start in range(0, len(table), 256):
-            xs = []
-            for r in table.rows[start:start + 256]:
-                try:
-                    xs.append(tf(common.load_image(r["_path"])))
-                    ok.append(True)
-                except common.BadImageError:  # left out, as zeroshot_eval does
-                    ok.append(False)
-            gates = model.visual(torch.stack(xs).to(device))[1] if xs else []
-            preds.append(torch.stack([g.argmax(-1).cpu() for g in gates]))
-        y = torch.from_numpy(body_part_labels(table, model.body_parts))
-        acc = (torch.cat(preds, 1) == y[torch.tensor(ok)]).float().mean(1).tolist()
-        out.update(gate_accuracy=float(np.mean(acc)),
-                   gate_accuracy_per_layer=dict(zip(model.visual.moe_layers, acc)))
-        common.print0(f"gate body-part accuracy on the test split: {out['gate_accuracy']:.4f}")
+    out, hits = common.zeroshot_eval(model, table, device), []
+    ds = TripletDataset(table, model.body_parts, model.cfg)  # the images and their x_b
+    for start in range(0, len(ds) if model.mobe else 0, 256):
+        images, _, parts, _ = zip(*(ds[(i, 0)] for i in range(start, min(start + 256, len(ds)))))
+        gates = model.encode(torch.stack(images).to(device))[1]
+        hits.append(torch.stack([g.argmax(-1).cpu() == torch.tensor(parts) for g in gates]))
+    if hits:
+        acc = torch.cat(hits, 1).float().mean(1).tolist()
+        out.update(gate_accuracy=float(np.mean(acc)), gate_accuracy_by_layer=dict(zip(model.moe_layers, acc)))
     return out
 
 
