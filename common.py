@@ -65,13 +65,13 @@ def parse_config(cls, presets: dict[str, dict], argv: list[str] | None = None):
     preset = first.parse_known_args(argv)[0].preset
     p = argparse.ArgumentParser(parents=[first], allow_abbrev=False, usage="%(prog)s [--key=value ...]",
                                 description=f"Each flag shows the value that --preset={preset} runs with.",
-                                formatter_class=lambda prog: argparse.HelpFormatter(prog, 2, 44))
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, 2, 40, 160))
     hints, defaults = typing.get_type_hints(cls), {**dataclasses.asdict(cls()), **presets[preset]}
     for f in dataclasses.fields(cls):
         t, d = hints[f.name], defaults[f.name]
         flag = dict(type=_bool, nargs="?", const=True) if t is bool else dict(type=t)
         if f.name != "preset":
-            p.add_argument(f"--{f.name}", default=d, metavar=str(d), help=notes.get(f.name, ""), **flag)
+            p.add_argument(f"--{f.name}", default=d, metavar=str(d) or '""', help=notes.get(f.name), **flag)
     return cls(**vars(p.parse_args(argv)))
 
 
