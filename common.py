@@ -58,8 +58,8 @@ def parse_config(cls, presets: dict[str, dict], argv: list[str] | None = None):
     """argparse from the dataclass: `--preset=NAME` (the first by default) sets the defaults, `--key=value`
     overrides a field (a bare `--flag` sets a boolean), and `--help` lists every field with the value the
     chosen preset runs with and the field's comment. A bad flag exits with status 2 and names it."""
-    src = inspect.getsource(cls)  # each field's trailing comment is its help
-    notes = {m[1]: m[2] for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", src, re.M)}
+    fields = re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    notes = {m[1]: m[2].replace("%", "%%") for m in fields}  # each field's trailing comment is its help
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--preset", choices=list(presets), default=next(iter(presets)))
     preset = first.parse_known_args(argv)[0].preset

@@ -1,63 +1,66 @@
 """
-evaluate.py: every downstream protocol of the four papers (PedCLIP, CXR-CLIP, CXR-CML, D-MLM), on a checkpoint
-of any of them, so the four methods can be compared side by side on the same data.
+evaluate.py: the downstream protocols of the four papers (PedCLIP, CXR-CLIP, CXR-CML, D-MLM) on a checkpoint
+of any of them, with 95% bootstrap confidence intervals, and a side-by-side table of several checkpoints with
+paired bootstrap p-values.
 
-A checkpoint names the paper file that wrote it (its "paper" key); this file imports that module and rebuilds
-the model with its `load(path)`. Everything below uses only the shared model interface of DESIGN.md:
-`encode_image`, `encode_text(list[str])`, `image_tokens`, `image_transform(train)`, `zeroshot_prompts(label)`.
-
-    task                 protocol (paper)                                         headline metrics
-    zeroshot             positive vs negative prompt per label, softmax over the   AUC, F1, ACC (macro, base/rare)
-                         pair (CheXzero; all four papers); F1/ACC at the threshold
-                         that maximises F1 on the valid split
-    zeroshot_multiclass  argmax over class prompts (CheXpert 5x200; CXR-CLIP)     ACC, macro F1
-    retrieval            image->text and text->image, one frontal image per study  R@1/5/10 both ways, RSUM
-                         against the study's report (CXR-CLIP Table 3)
-    probe                logistic regression on frozen image embeddings, 1/10/100%  AUC mean ± std over seeds
-                         of the training labels (PedCLIP, CXR-CLIP, D-MLM)
-    finetune             image encoder + linear head trained end to end, 1/10/100%  AUC mean ± std over seeds
-    segmentation         light conv decoder on frozen `image_tokens` (SIIM,         Dice
-                         GRAZPEDWRI-DX: PedCLIP, D-MLM)
-    regression           bone age from a head on frozen or fine-tuned features      MAE (months)
-    grading              ordinal grades (edema severity 0-3)                        ACC, macro F1, quadratic kappa
-    concepts             a linear probe per concept column (PedCLIP)               AUC per concept
-    kfold                any task above, 5-fold CV over the evaluation split,      mean ± std over folds
-                         grouped by patient (CXR-CML)
-
-Run it:
-
-    python evaluate.py --ckpt=out/cxrclip/ckpt.pt --task=zeroshot                  # -> out/cxrclip/eval_zeroshot.json
-    python evaluate.py --ckpt=out/cxrclip/ckpt.pt --task=zeroshot --labels=Edema,Nodule --plots
-    python evaluate.py --ckpt=out/cxrclip/ckpt.pt --task=probe --seeds=0,1,2 --fractions=0.01,0.1,1
-    python evaluate.py --ckpt=out/cxrclip/ckpt.pt --task=regression --body_part=hand,wrist --mode=finetune
-    python evaluate.py --ckpt=out/cxrclip/ckpt.pt --task=grading --data=grades.csv --target_column=grade --classes=0,1,2,3
-    python evaluate.py --ckpt=out/cxrcml/ckpt.pt --task=kfold --kfold_task=zeroshot --folds=5
+    python evaluate.py --ckpt=out/pedclip/ckpt.pt                      # zero-shot AUC on the demo's phantoms
+    python evaluate.py --ckpt=out/pedclip/ckpt.pt --task=retrieval,probe
     python evaluate.py --ckpt=out/cxrclip/ckpt.pt,out/pedclip/ckpt.pt,out/cxrcml/ckpt.pt,out/dmlm/ckpt.pt \\
-        --tasks=zeroshot,retrieval,probe,kfold:zeroshot --out=results           # -> results/results.json + .md
-    python evaluate.py --help
+        --task=zeroshot,retrieval,probe --out=results                     # the comparison table
+    python evaluate.py --preset=vindr --ckpt=out/cxrclip/ckpt.pt           # a paper's protocol (below)
 
-Image embeddings are computed once per (checkpoint, data file, split, image size) and cached in
-`<out>/cache/<hash>.pt` (the hash covers the paths and modification times and the paper file's source), so
-several tasks reuse them.
-Batched, no-grad, bf16 autocast on GPUs; tqdm shows the progress.
+A checkpoint names the paper file that wrote it; that file's load(path) rebuilds the model, and only the
+interface all four share is used: encode_image, encode_text, image_tokens, image_transform, zeroshot_prompts.
 
-Choices worth knowing:
-  * A label with one class only among the rows that count (1 positive, 0 negative; -1 and blank left out) has
-    no AUC: it is reported as undefined (null in JSON) and left out of the macro means, never as 0.5.
-  * Zero-shot F1 / ACC use a per-label threshold chosen on the valid split (the one maximising F1); where the
-    valid split has no positive for a label the threshold is 0.5 on the pair-softmax probability. Said in the output.
-  * Probe fractions sample images (seeded); at 100% every seed sees the same data, so its std is 0.
-  * Segmentation Dice is computed at the model's input resolution (masks resized with nearest neighbour).
+    task                 protocol                                                  metrics         views
+    zeroshot             per label, cos(positive prompts) - cos(negative prompts)  AUC, F1, ACC    all
+                         (common.zeroshot_scores, as at the end of training); F1,  (macro)
+                         ACC at the threshold maximising F1 on the valid split
+    zeroshot_multiclass  argmax over the classes' prompts, on the images positive  ACC, macro F1   all
+                         for exactly one class (CheXpert 5x200: CXR-CLIP Table 2)
+    retrieval            image -> text: one frontal image per study against one    R@1, R@5, R@10  frontal
+                         report section per study, identical texts merged into one
+                         candidate (CXR-CLIP Table 3 and its evaluator)
+    probe                logistic regression on frozen embeddings, --fractions of  AUC@1/10/100%   all
+                         the training images x --seeds (PedCLIP Table 2; concept
+                         alignment: --labels=<concept columns> --fractions=1)
+    finetune             image encoder + linear head, D-MLM's recipe (Sec. 3.5)    AUC@1/10/100%   all
+    segmentation         light decoder on frozen image_tokens, images with a mask  Dice@1/10/100%  all
+                         (D-MLM Table 5, PedCLIP Table 2)
+    regression           ridge (--mode=frozen) or fine-tuning on --target_column   MAE             all
+                         (bone age in months: PedCLIP Table 2)
+    grading              ordinal grades (edema 0-3: D-MLM Table 4), logistic       ACC, F1, kappa, all
+                         regression or fine-tuning                                 one-vs-rest AUC
+
+Labels. A label cell is 1, 0, -1 (uncertain) or blank (not mentioned). --blank and --uncertain say what
+becomes of the last two (drop: left out of that label's metrics and fits), --no_finding makes a blank label
+negative where No Finding = 1. Every output states the policy it used. --labels / --exclude / --min_pos choose
+the labels; --rare splits them into base and rare groups (CXR-CML Sec. 3: < 1,000 positive images).
+Views. --views=auto takes the task's default above; frontal is PA, AP and their decubitus / axial variants
+(an empty or unknown view is not frontal); all; or a list such as PA,AP.
+Uncertainty. Every headline metric has a 95% percentile CI from --bootstrap resamples of the patients of the
+evaluation split (CheXzero: 1,000); with several checkpoints each metric of the 2nd, 3rd, ... is compared
+with the first on the same resamples: p is the two-sided paired bootstrap p-value of their difference.
+Probes and fine-tuning also give the std over --seeds. Nothing is fitted or chosen on the evaluation split.
+
+Presets: the papers' protocols on the CSVs data_prep.py writes (--help shows each preset's values):
+    --preset=vindr          CXR-CLIP Table 2: VinDr-CXR zero-shot AUC over the classes with >= 10 positive
+                            test images, without "Other disease(s)", "Other lesion" and "No finding"
+    --preset=chexpert5x200  CXR-CLIP Tables 2-3: 5-way zero-shot accuracy and retrieval on CheXpert 5x200
+    --preset=openi          CXR-CLIP Table 3: Open-I retrieval (data_prep writes no views for Open-I: all)
+    --preset=chexpert       D-MLM Table 1 (PRIOR / GLoRIA): fine-tuning on 1/10/100% of CheXpert, the five
+                            competition labels, frontal images, blank -> 0, -1 -> U-Ones / U-Zeros per label
+    --preset=cxrlt          CXR-CML Table 2: zero-shot AUC on CXR-LT, all / base / rare
+    --preset=edema          D-MLM Table 4: edema severity 0-3, fine-tuned
+Output: printed, and <out>/eval_<tasks>.json and .md (--out: the checkpoint's folder, or ./results for
+several checkpoints). A user error (a missing file or column, a bad flag) is one line and exit status 2.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
+import json
 import math
-import os
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,162 +69,263 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the paper files sit next to this one
-import common  # noqa: E402
+import common
 
-PAPERS = ("cxrclip", "pedclip", "cxrcml", "dmlm")
-TASKS = ("zeroshot", "zeroshot_multiclass", "retrieval", "probe", "finetune", "segmentation", "regression",
-         "grading", "concepts", "kfold")
+# ----------------------------------------------------------------------------------------------------
+# ---- config ----
 
 
 @dataclass
 class Config:
-    ckpt: str = "out/cxrclip/ckpt.pt"  # checkpoint of any paper file; comma-separated for a comparison table
-    task: str = "zeroshot"  # one task -> <out>/eval_<task>.json; the list is in the module docstring
-    tasks: str = ""  # several tasks, comma-separated (kfold:<task> allowed) -> <out>/results.json + results.md
-    data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (the demo's phantoms are made if absent)
-    split: str = "test"  # evaluation split
-    train_split: str = "train"  # split the probe / fine-tune / decoder / regression heads are trained on
-    valid_split: str = "valid"  # split the zero-shot F1 threshold is chosen on
-    out: str = ""  # output folder (default: the checkpoint's folder; ./results for several checkpoints)
-    labels: str = ""  # restrict to these label columns, comma-separated (default: every label:<Name> column)
-    rare: str = "auto"  # base/rare grouping (CXR-LT): comma list | auto (phantoms' rare tail) | none
-    classes: str = ""  # zeroshot_multiclass: label names (default: all); grading: the grade values (default: all seen)
-    target_column: str = "target"  # regression / grading target column
-    concepts: str = ""  # concepts task: columns, e.g. label:Fracture,label:Nodule (default: every label column)
-    body_part: str = ""  # keep only rows of these body parts, comma-separated (e.g. hand,wrist for bone age)
-    kfold_task: str = "zeroshot"  # the task --task=kfold cross-validates
-    folds: int = 5  # folds for kfold (grouped by patient)
-    seeds: str = "0,1,2"  # seeds for probe / finetune label fractions (mean ± std over them)
-    fractions: str = "0.01,0.1,1.0"  # shares of the training labels for probe / finetune
-    probe_c: float = 1.0  # inverse L2 strength of the logistic-regression probes (scikit-learn C)
-    mode: str = "frozen"  # regression / grading: frozen (scikit-learn on cached embeddings) | finetune
-    ft_epochs: int = 5  # fine-tuning epochs (finetune, and regression/grading with --mode=finetune)
-    ft_lr: float = 1e-4  # fine-tuning learning rate of the image encoder (AdamW)
-    head_lr: float = 1e-3  # learning rate of the linear head when fine-tuning
+    ckpt: str = ""  # checkpoint(s) of pedclip.py / cxrclip.py / cxrcml.py / dmlm.py, comma-separated
+    task: str = "zeroshot"  # task(s), comma-separated (the table in the manual above)
+    data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (data_prep.py writes them)
+    split: str = "test"  # evaluation split (heads are fitted on "train", thresholds chosen on "valid")
+    out: str = ""  # output folder (default: the checkpoint's folder; ./results for several)
+    # labels and images
+    labels: str = ""  # label columns to evaluate, comma-separated (default: all)
+    exclude: str = ""  # label columns to leave out, comma-separated
+    min_pos: int = 0  # evaluate only labels with at least this many positive images in the evaluation split
+    blank: str = "drop"  # a blank label: drop (left out) | zero (negative: GLoRIA, PRIOR)
+    uncertain: str = "drop"  # a -1 label: drop | ones (U-Ones) | zeros (U-Zeros) | gloria (per label)
+    no_finding: bool = False  # where No Finding = 1 every blank label is negative
+    views: str = "auto"  # auto (the task's default) | frontal | all | a list such as PA,AP
+    rare: str = "none"  # rare labels for base / rare AUC: none | auto (--rare_below) | a list
+    rare_below: int = 1000  # auto: rare is fewer positive images than this in the whole CSV (CXR-CML: 1,000)
+    # tasks
+    retrieval_text: str = "impression"  # a study's text: impression (else findings) | findings | a column
+    fractions: str = "0.01,0.1,1"  # shares of the training images for probe / finetune / segmentation
+    seeds: str = "0,1,2"  # one run per seed and fraction; mean and std over the seeds
+    probe_c: float = 1.0  # inverse L2 strength of the logistic-regression heads (scikit-learn C)
+    mode: str = "frozen"  # regression / grading: frozen (scikit-learn on embeddings) | finetune
+    target_column: str = "target"  # regression / grading target
+    classes: str = ""  # grading: the grades in order (default: the values in the training split)
+    ft_epochs: int = 10  # fine-tuning epochs (D-MLM Sec. 3.5: 10)
+    ft_lr: float = 1e-5  # fine-tuning: image encoder learning rate (D-MLM: 1e-5)
+    head_lr: float = 3e-4  # fine-tuning: head learning rate, one warm-up epoch then cosine (D-MLM: 3e-4)
     ft_batch_size: int = 32  # fine-tuning batch size
     seg_epochs: int = 20  # segmentation decoder epochs
-    seg_lr: float = 3e-3  # segmentation decoder learning rate (Adam)
-    seg_width: int = 32  # segmentation decoder channels
-    mask_rle_column: str = ""  # segmentation: masks from this Kaggle RLE column instead of `mask` PNGs
-    retrieval_text: str = "longest"  # retrieval candidates: longest of findings/impression/report | a column name
-    batch_size: int = 128  # images per forward pass when embedding
-    num_workers: int = 2  # DataLoader workers for image loading
+    mask_rle: str = ""  # segmentation: masks from this column of SIIM stage-1 (relative) RLE, not `mask`
+    bootstrap: int = 1000  # patient resamples for the confidence intervals and p-values (0: none)
+    # run
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16/fp16 autocast on GPU, off on CPU) | off
-    plots: bool = False  # PNG plots in <out>/plots: ROC curves, retrieval examples, embedding map
-    embed_plot: str = "pca"  # embedding map: pca | tsne
-    cache: bool = True  # cache image embeddings in <out>/cache
-    threads: int = 0  # torch CPU threads (0: the usable cores; 1 is fastest on a shared, busy CPU)
-    sklearn_threads: int = 1  # BLAS threads for the scikit-learn fits (small problems: more threads only contend)
-    preset: str = "default"  # filled in by the CLI
+    batch_size: int = 256  # images per forward pass
+    num_workers: int = 2  # DataLoader workers reading images
+    threads: int = 0  # CPU: torch threads (0: the usable cores)
+    preset: str = "demo"  # set by --preset
 
 
-PRESETS = {"default": {}}
+CHEXPERT_5 = "Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion"
+PRESETS = {  # the papers' protocols, on the CSVs data_prep.py writes (the manual above says which)
+    "demo": {},  # the phantoms the four demos train on
+    "vindr": dict(data="data/vindr.csv", min_pos=10,
+                  exclude="Other disease,Other diseases,Other lesion,No finding"),
+    "chexpert5x200": dict(data="data/chexpert5x200.csv", task="zeroshot_multiclass,retrieval", views="all"),
+    "openi": dict(data="data/openi.csv", task="retrieval", views="all"),
+    "chexpert": dict(data="data/chexpert.csv", task="finetune", labels=CHEXPERT_5, blank="zero",
+                     uncertain="gloria", views="frontal", seeds="0,1,2,3,4"),
+    "cxrlt": dict(data="data/cxrlt.csv", rare="auto"),
+    "edema": dict(data="data/edema.csv", task="grading", mode="finetune", classes="0,1,2,3"),
+}
+PHANTOMS = 3000  # images in the demos' phantom data set (the same as the paper files draw)
+PAPERS = ("pedclip", "cxrclip", "cxrcml", "dmlm")
+TASKS = ("zeroshot", "zeroshot_multiclass", "retrieval", "probe", "finetune", "segmentation", "regression",
+         "grading")
+DEFAULT_VIEWS = {"retrieval": "frontal"}  # CXR-CLIP Sec. 4.1: one frontal image per study; others: all
+FRONTAL_VIEWS = {"PA", "AP", "FRONTAL", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD"}
+# --uncertain=gloria: the mapping of CheXpert's uncertain labels that GLoRIA (ICCV 2021) and the works D-MLM's
+# Table 1 copies (PRIOR, MGCA) fine-tune with, for the five competition labels; other labels' -1 are left out.
+GLORIA_UNCERTAIN = {"atelectasis": 1.0, "cardiomegaly": 0.0, "consolidation": 0.0, "edema": 1.0,
+                    "pleural effusion": 1.0}
+NORMAL_LABELS = ("no finding", "normal")
 
 
-def _csv_list(s: str) -> list[str]:
+def csv_list(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- metrics (scikit-learn; a one-class label is undefined, None) ----
+# ---- metrics (vectorised: 1,000 bootstrap resamples stay quick; tests check them on scikit-learn) ----
 
 
-def auc_or_none(y: np.ndarray, s: np.ndarray) -> float | None:
-    """ROC AUC over rows with y in {0, 1}; None when only one class is there."""
-    from sklearn.metrics import roc_auc_score
+def auc_per_column(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """ROC AUC of each column over its 0 / 1 rows (nan rows left out), by the Mann-Whitney rank sum; nan for
+    a column with one class. Rows may repeat (a bootstrap resample): average ranks handle the ties."""
+    from scipy.stats import rankdata
 
-    y = common.binary_targets(y)
-    m = ~np.isnan(y)
-    y, s = y[m], np.asarray(s)[m]
-    if len(y) == 0 or y.min() == y.max():
-        return None
-    return float(roc_auc_score(y, s))
+    out = np.full(Y.shape[1], np.nan)
+    for j in range(Y.shape[1]):
+        m = (Y[:, j] == 0) | (Y[:, j] == 1)
+        pos = Y[m, j] == 1
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            r = rankdata(S[m, j])
+            out[j] = (r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
+
+
+def f1_acc_per_column(Y: np.ndarray, S: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """F1 and accuracy of predicting 1 where S >= T (per column), over the 0 / 1 rows; nan with one class."""
+    P, pos, neg = S >= T, Y == 1, Y == 0
+    tp, fp, fn, tn = (P & pos).sum(0), (P & neg).sum(0), (~P & pos).sum(0), (~P & neg).sum(0)
+    ok = (pos.sum(0) > 0) & (neg.sum(0) > 0)
+    f1 = np.where(ok, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
+    return f1, np.where(ok, (tp + tn) / np.maximum(tp + fp + fn + tn, 1), np.nan)
 
 
 def best_f1_threshold(y: np.ndarray, s: np.ndarray) -> float | None:
-    """The score threshold (predict 1 when s >= t) that maximises F1 on (y, s); None without a positive."""
+    """The threshold t (predict 1 where s >= t) with the highest F1 on (y, s); None without a positive."""
     from sklearn.metrics import precision_recall_curve
 
-    y = common.binary_targets(y)
-    m = ~np.isnan(y)
-    y, s = y[m], np.asarray(s, dtype=np.float64)[m]
-    if len(y) == 0 or y.sum() == 0:
+    m = (y == 0) | (y == 1)
+    if not (y[m] == 1).any():
         return None
-    p, r, t = precision_recall_curve(y, s)
-    f1 = 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12)
-    return float(t[int(np.argmax(f1))])
+    p, r, t = precision_recall_curve(y[m], s[m])
+    return float(t[np.argmax(2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12))])
 
 
-def f1_acc(y: np.ndarray, s: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
-    from sklearn.metrics import accuracy_score, f1_score
+def mean_or_none(v) -> float | None:
+    v = np.asarray(v, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else None
 
-    y = common.binary_targets(y)
-    m = ~np.isnan(y)
-    if not m.any():
-        return None, None
-    pred = (np.asarray(s)[m] >= threshold).astype(int)
-    return float(f1_score(y[m], pred, zero_division=0)), float(accuracy_score(y[m], pred))
+
+def confusion(gt: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts of (true class, predicted class)."""
+    return np.bincount(gt * k + pred, minlength=k * k).reshape(k, k)
+
+
+def class_metrics(gt: np.ndarray, pred: np.ndarray, k: int) -> dict:
+    """Accuracy, macro F1 (over all k classes; 0 for a class never true nor predicted, as scikit-learn's
+    zero_division=0) and quadratically weighted Cohen's kappa of class ids, from the confusion matrix."""
+    C = confusion(gt, pred, k).astype(np.float64)
+    n, tp, true, predicted = C.sum(), np.diag(C), C.sum(1), C.sum(0)
+    f1 = np.where(true + predicted > 0, 2 * tp / np.maximum(true + predicted, 1), 0.0)
+    w = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2 / max(1, (k - 1) ** 2)
+    expected = np.outer(true, predicted) / max(n, 1)
+    kappa = 1 - (w * C).sum() / (w * expected).sum() if (w * expected).sum() > 0 else None
+    return {"acc": float(tp.sum() / max(n, 1)), "f1_macro": float(f1.mean()),
+            "kappa_quadratic": None if kappa is None else float(kappa)}
+
+
+def recall_hits(sim: np.ndarray, target: np.ndarray, ks=(1, 5, 10)) -> np.ndarray:
+    """sim [Q, M] query-candidate similarities, target [Q] each query's own candidate -> bool [Q, len(ks)]:
+    is it among the top k? Its rank counts every candidate scoring at least as high (ties count against)."""
+    own = sim[np.arange(len(sim)), target]
+    rank = (sim >= own[:, None]).sum(1)
+    return rank[:, None] <= np.asarray(ks)[None, :]
+
+
+def dedupe_texts(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Identical report texts become one candidate (CXR-CLIP's evaluator) -> (unique texts, index of each)."""
+    index: dict[str, int] = {}
+    target = np.array([index.setdefault(t, len(index)) for t in texts], dtype=np.int64)
+    return list(index), target
 
 
 def dice_per_image(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """pred, gt: bool [N, H, W] -> Dice per image, 2|P∩G| / (|P| + |G|); nan where both are empty."""
-    pred, gt = pred.reshape(len(pred), -1).astype(bool), gt.reshape(len(gt), -1).astype(bool)
-    inter = (pred & gt).sum(1).astype(np.float64)
-    den = pred.sum(1) + gt.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, 2 * inter / np.maximum(den, 1), np.nan)
-
-
-def dice_summary(pred: np.ndarray, gt: np.ndarray) -> dict:
-    d = dice_per_image(pred, gt)
-    has = gt.reshape(len(gt), -1).any(1)
-    allv = np.where(np.isnan(d), 1.0, d)  # Kaggle SIIM convention: both empty counts as a perfect 1
-    p, g = pred.astype(bool), gt.astype(bool)
-    glob = 2 * (p & g).sum() / max(p.sum() + g.sum(), 1) if (p.sum() + g.sum()) else None
-    return {"dice_pos": float(np.mean(d[has])) if has.any() else None,  # mean over images with a finding
-            "dice_all": float(np.mean(allv)) if len(allv) else None,
-            "dice_global": None if glob is None else float(glob),
-            "n_images": int(len(gt)), "n_with_mask": int(has.sum())}
-
-
-def mean_std(vals) -> tuple[float | None, float | None]:
-    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return None, None
-    return float(np.mean(v)), float(np.std(v))
+    """bool [N, H, W] -> 2|P & G| / (|P| + |G|) per image; nan where both are empty."""
+    p, g = pred.reshape(len(pred), -1), gt.reshape(len(gt), -1)
+    den = (p.sum(1) + g.sum(1)).astype(np.float64)
+    return np.where(den > 0, 2 * (p & g).sum(1) / np.maximum(den, 1), np.nan)
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- models: any paper file's checkpoint through its own load() ----
+# ---- bootstrap: 95% CIs over patients, paired p-values ----
 
 
-def load_model(path: str, device: str):
-    """-> (model on device in eval mode, its config, paper name). The checkpoint's "paper" key names the file."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. `python cxrclip.py`")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # only to read the key
-    except Exception:
-        ck = common.load_checkpoint(path)
-    paper = ck.get("paper") if isinstance(ck, dict) else None
-    del ck
-    if paper not in PAPERS:
-        raise ValueError(f"{path}: checkpoint has paper={paper!r}; expected one of {PAPERS} (written by the "
-                         f"paper files' save())")
-    mod = importlib.import_module(paper)
-    model, cfg = mod.load(path)
-    return model.to(device).eval(), cfg, paper
+def patient_groups(rows: list[dict]) -> np.ndarray:
+    """The resampling unit of each row: its patient (else its study, else itself): images of one patient are
+    correlated, and resampling images would make the intervals too narrow."""
+    keys = [r.get("patient_id") or r.get("study_id") or f"row{r.get('_row', i)}" for i, r in enumerate(rows)]
+    return np.unique(keys, return_inverse=True)[1].reshape(-1)
 
 
-def model_image_size(model, cfg) -> int:
-    return int(getattr(cfg, "image_size", None) or getattr(model, "image_size"))
+def bootstrap(stat, groups: np.ndarray, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """stat(idx) -> {metric: value} on the rows idx (repeats allowed). n resamples of whole patients with
+    replacement -> {metric: [n] values, nan where undefined}. The draws depend only on (seed, groups), so two
+    checkpoints evaluated on the same rows see the same resamples (paired_p)."""
+    rng, n_groups = np.random.default_rng(seed), int(groups.max()) + 1 if len(groups) else 0
+    out: dict[str, list] = {}
+    for _ in range(n):
+        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        idx = np.repeat(np.arange(len(groups)), counts[groups])  # a drawn patient's rows, as often as drawn
+        for k, v in stat(idx).items():
+            out.setdefault(k, []).append(np.nan if v is None else v)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def percentile_ci(reps: np.ndarray) -> list[float] | None:
+    """The 95% percentile interval of the resampled values (None when most resamples are undefined)."""
+    v = reps[np.isfinite(reps)]
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) > len(reps) / 2 else None
+
+
+def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Two-sided paired bootstrap p-value of "metric a != metric b", from their values on the same resamples:
+    twice the share of resampled differences on the far side of 0 (+1 smoothing, so never exactly 0)."""
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    if not len(d):
+        return None
+    return float(min(1.0, 2 * (min((d <= 0).sum(), (d >= 0).sum()) + 1) / (len(d) + 1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- labels and rows ----
+
+
+def apply_label_policy(Y: np.ndarray, names: list[str], blank: str, uncertain: str,
+                       no_finding: bool) -> np.ndarray:
+    """Labels 1 / 0 / -1 / nan (blank) [N, L] -> 1 / 0 / nan (left out), per --blank, --uncertain and
+    --no_finding. The No Finding rule only fills blanks: a stated 1 or -1 stays."""
+    Y = np.array(Y, dtype=np.float64)
+    text = [common.label_text(n) for n in names]
+    if no_finding:
+        nf = [j for j, t in enumerate(text) if t in NORMAL_LABELS]
+        if not nf:
+            raise common.UserError(f"--no_finding: no No Finding column among the labels {names}")
+        normal = (Y[:, nf] == 1).any(1)
+        for j in range(len(names)):
+            if j not in nf:
+                Y[normal & np.isnan(Y[:, j]), j] = 0.0
+    if blank == "zero":
+        Y[np.isnan(Y)] = 0.0
+    for j, t in enumerate(text):
+        v = {"ones": 1.0, "zeros": 0.0, "gloria": GLORIA_UNCERTAIN.get(t, np.nan)}.get(uncertain, np.nan)
+        Y[Y[:, j] == -1, j] = v
+    return Y
+
+
+def views_of(cfg: Config, task: str) -> str:
+    return DEFAULT_VIEWS.get(task, "all") if cfg.views == "auto" else cfg.views
+
+
+def view_set(views: str) -> set[str] | None:
+    """--views -> the accepted view names (upper case), None for all."""
+    if views == "all":
+        return None
+    return set(FRONTAL_VIEWS) if views == "frontal" else {v.upper() for v in csv_list(views)}
+
+
+def retrieval_text(row: dict, how: str) -> str:
+    """One report section of a study (CXR-CLIP samples one section, not the concatenation)."""
+    if how in ("impression", "findings"):
+        other = "findings" if how == "impression" else "impression"
+        text = (row.get(how) or "").strip() or (row.get(other) or "").strip()
+    else:
+        text = (row.get(how) or "").strip()
+    return " ".join(text.split())
+
+
+@dataclass
+class Part:
+    """The readable rows of one split (after --views) and their image embeddings [n, D]."""
+    rows: list[dict]
+    emb: np.ndarray
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Rows of an XrayCSV -> (image tensor, index, error). A deterministic rng per (seed, epoch, index) when
-    `seed` is given (training augmentation), none for evaluation."""
+    """Rows -> (image [3, S, S], index, error text); `seed` set: the training transform with a generator per
+    (seed, epoch, index), so augmentations are reproducible in any worker."""
 
     def __init__(self, rows: list[dict], transform, size: int, seed: int | None = None):
         self.rows, self.tf, self.size, self.seed, self.epoch = rows, transform, size, seed, 0
@@ -239,979 +343,687 @@ class ImageRows(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size), i, str(e)
 
 
-# ----------------------------------------------------------------------------------------------------
-# ---- evaluation context: model, data parts with cached embeddings ----
+def load_model(path: str, device: str):
+    """(model in eval mode on device, paper name): the checkpoint's "paper" names the file whose load() reads
+    it. A missing, corrupt or foreign file is a UserError."""
+    ck = common.load_checkpoint(path)
+    paper = ck.get("paper") if isinstance(ck, dict) else None
+    del ck
+    if paper not in PAPERS:
+        raise common.UserError(f"{path} is not a checkpoint of {', '.join(f'{p}.py' for p in PAPERS)} "
+                               f"(its 'paper' entry is {paper!r})")
+    try:
+        model, _ = importlib.import_module(paper).load(path)
+    except (KeyError, RuntimeError, TypeError) as e:  # written by another version of the paper file
+        raise common.UserError(f"{paper}.load cannot rebuild {path} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]})") from None
+    return model.to(device).eval(), paper
 
 
-class Part:
-    """A set of readable rows of one split with their image embeddings [n, D]."""
+@torch.no_grad()
+def forward_images(model, rows: list[dict], fn, device: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """fn (encode_image, image_tokens, ...) of every row's image with the eval transform, in float32 ->
+    (array [n, ...], readable mask [n]): the same forward as common.zeroshot_eval at the end of training."""
+    from tqdm import tqdm
 
-    def __init__(self, rows: list[dict], emb: np.ndarray, label_names: list[str], name: str):
-        self.rows, self.emb, self.label_names, self.name = rows, emb, label_names, name
-
-    def __len__(self):
-        return len(self.rows)
-
-    def subset(self, idx, name: str | None = None) -> "Part":
-        idx = np.asarray(idx, dtype=int)
-        return Part([self.rows[i] for i in idx], self.emb[idx], self.label_names, name or self.name)
-
-    def labels(self, names: list[str]) -> np.ndarray:
-        """[n, len(names)] with 1 / 0 / -1 / nan."""
-        j = [self.label_names.index(n) for n in names]
-        if not self.rows:
-            return np.zeros((0, len(j)), np.float32)
-        return np.stack([r["_labels"][j] for r in self.rows])
-
-    def column(self, col: str) -> list[str]:
-        return [(r.get(col) or "").strip() for r in self.rows]
+    ds = ImageRows(rows, model.image_transform(False), model.cfg.image_size)
+    dl = torch.utils.data.DataLoader(ds, cfg.batch_size, num_workers=cfg.num_workers)
+    out, ok = [], np.ones(len(rows), bool)
+    for x, idx, err in tqdm(dl, desc="images", unit="batch", leave=False, disable=len(dl) < 4):
+        ok[[i for i, e in zip(idx.tolist(), err) if e]] = False
+        out.append(fn(x.to(device)).float().cpu().numpy())
+    return np.concatenate(out), ok
 
 
-class Context:
-    def __init__(self, cfg: Config, ckpt: str, out: Path):
-        self.cfg, self.ckpt, self.out = cfg, ckpt, out
-        dev = cfg.device
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
-        self.model, self.mcfg, self.paper = load_model(ckpt, self.device)
-        self.image_size = model_image_size(self.model, self.mcfg)
-        self.parts: dict[str, Part | None] = {}
-        self.token_cache: dict[str, np.ndarray] = {}
-        self.text_cache: dict[str, np.ndarray] = {}
-        self.columns: list[str] = []
-        self.notes: list[str] = []
+class Evaluator:
+    """One checkpoint on one CSV: its model, the CSV's splits (read once), their image embeddings (computed
+    once and shared by the tasks), and the label / view choices of the config."""
 
-    def autocast(self):
-        if self.device.startswith("cuda") and self.cfg.amp != "off":
-            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dt)
-        return nullcontext()
+    def __init__(self, cfg: Config, model, paper: str, ckpt: str = "", device: str = "cpu"):
+        self.cfg, self.model, self.paper, self.ckpt, self.device = cfg, model, paper, ckpt, device
+        self.table: common.XrayCSV | None = None  # the whole CSV, read on first use
+        self.parts: dict[tuple, Part] = {}  # (split, views) -> Part; tests fill it with hand-made features
+        self.label_names_all: list[str] | None = None
+        self.columns: list[str] | None = None
 
-    def label_names(self, part: Part) -> list[str]:
-        names = _csv_list(self.cfg.labels) or list(part.label_names)
-        bad = [n for n in names if n not in part.label_names]
-        if bad:
-            raise ValueError(f"--labels: {bad} are not label columns of {self.cfg.data}; it has {part.label_names}")
-        return names
+    # -- rows
+    def rows(self, split: str, views: str, required: bool = True) -> list[dict]:
+        """The rows of `split` whose view is in --views (all rows for --views=all)."""
+        if self.table is None:
+            self.table = common.XrayCSV(self.cfg.data, require=("image", "split"))
+            self.label_names_all, self.columns = self.table.label_names, self.table.columns
+        rows, accept = [r for r in self.table.rows if r["split"].strip() == split], view_set(views)
+        if accept is not None:
+            if "view" not in self.columns:
+                raise common.UserError(f"--views={views}: {self.cfg.data} has no `view` column; --views=all "
+                                       f"takes every image")
+            seen = sorted({(r.get("view") or "").strip() for r in rows})
+            rows = [r for r in rows if (r.get("view") or "").strip().upper() in accept]
+            if required and not rows and seen:
+                raise common.UserError(f"split {split!r} of {self.cfg.data} has no rows with --views={views} "
+                                       f"(its views: {seen}); --views=all takes every image")
+        if required and not rows:
+            raise common.UserError(f"split {split!r} of {self.cfg.data} has no rows")
+        return rows
+
+    def part(self, split: str, views: str, required: bool = True) -> Part | None:
+        key = (split, views)
+        if key not in self.parts:
+            rows = self.rows(split, views, required)
+            if not rows:
+                return None
+            emb, ok = self.images(rows, self.model.encode_image)
+            if not ok.all():
+                print(f"warning: {int((~ok).sum())} unreadable image(s) in split {split!r} left out (first: "
+                      f"{rows[int(np.argmin(ok))]['_path']})")
+            self.parts[key] = Part([r for r, k in zip(rows, ok) if k], emb[ok])
+        return self.parts[key]
+
+    def images(self, rows: list[dict], fn) -> tuple[np.ndarray, np.ndarray]:
+        return forward_images(self.model, rows, fn, self.device, self.cfg)
+
+    # -- labels
+    def labels(self, rows: list[dict], names: list[str]) -> np.ndarray:
+        """[n, L] 1 / 0 / nan after the label policy."""
+        j = [self.label_names_all.index(n) for n in names]
+        Y = np.array([r["_labels"][j] for r in rows], dtype=np.float64).reshape(len(rows), len(j))
+        c = self.cfg
+        return apply_label_policy(Y, names, c.blank, c.uncertain, c.no_finding)
+
+    def label_names(self, rows: list[dict]) -> tuple[list[str], list[str]]:
+        """The labels to evaluate (--labels, --exclude, --min_pos on the evaluation rows) and those that
+        --min_pos dropped."""
+        names = csv_list(self.cfg.labels) or list(self.label_names_all)
+        unknown = [n for n in names if n not in self.label_names_all]
+        if unknown:
+            raise common.UserError(f"--labels: {unknown} are not label columns of {self.cfg.data} (it has "
+                                   f"{self.label_names_all})")
+        excluded = {common.label_text(n) for n in csv_list(self.cfg.exclude)}
+        names = [n for n in names if common.label_text(n) not in excluded]
+        few = []
+        if self.cfg.min_pos > 0:
+            pos = (self.labels(rows, names) == 1).sum(0)
+            few = [n for n, p in zip(names, pos) if p < self.cfg.min_pos]
+            names = [n for n in names if n not in few]
+        if not names:
+            raise common.UserError(f"no label left to evaluate in {self.cfg.data} after --labels, --exclude "
+                                   f"and --min_pos={self.cfg.min_pos}")
+        return names, few
 
     def rare_labels(self, names: list[str]) -> list[str]:
+        """--rare: none; a list; or auto: the labels with fewer than --rare_below positive images in the data
+        set, all splits (CXR-CML Sec. 3, counted as cxrcml.py counts them)."""
         r = self.cfg.rare.strip()
-        if r.lower() in ("", "none"):
+        if r in ("", "none"):
             return []
-        if r.lower() == "auto":
-            return [n for n in names if n in common.PHANTOM_RARE]
-        return [n for n in _csv_list(r) if n in names]
+        if r != "auto":
+            unknown = [n for n in csv_list(r) if n not in names]
+            if unknown:
+                raise common.UserError(f"--rare: {unknown} are not among the evaluated labels {names}")
+            return csv_list(r)
+        self.rows("train", "all", required=False)  # reads the CSV
+        counts = (self.table.labels()[:, [self.label_names_all.index(n) for n in names]] == 1).sum(0)
+        return [n for n, c in zip(names, counts) if c < self.cfg.rare_below]
 
-    # -- embeddings, cached per (checkpoint, data, split, image size)
-    def cache_path(self, split: str) -> Path:
-        c, d = Path(self.ckpt).resolve(), Path(self.cfg.data).resolve()
-        # the paper file's source too: an edited encoder must not be served embeddings of the old one
-        code = hashlib.sha1(Path(importlib.import_module(self.paper).__file__).read_bytes()).hexdigest()
-        key = f"{c}|{c.stat().st_mtime_ns}|{d}|{d.stat().st_mtime_ns}|{split}|{self.image_size}|{code}"
-        return self.out / "cache" / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".pt")
-
-    @torch.no_grad()
-    def embed_rows(self, rows: list[dict], desc: str) -> tuple[np.ndarray, np.ndarray]:
-        """[n, D] image embeddings (eval transform) and a mask of readable rows."""
-        from tqdm import tqdm
-
-        ds = ImageRows(rows, self.model.image_transform(False), self.image_size)
-        dl = torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                                         pin_memory=self.device.startswith("cuda"))
-        feats, ok = [], np.ones(len(rows), bool)
-        for x, idx, err in tqdm(dl, desc=desc, unit="batch", leave=False, disable=len(dl) < 2):
-            for i, e in zip(idx.tolist(), err):
-                if e:
-                    ok[i] = False
-            with self.autocast():
-                feats.append(self.model.encode_image(x.to(self.device, non_blocking=True)).float().cpu())
-        emb = torch.cat(feats).numpy() if feats else np.zeros((0, 1), np.float32)
-        return emb, ok
-
-    def part(self, split: str) -> Part | None:
-        """The readable rows of `split` (after --body_part) with their embeddings; None if the split is empty."""
-        if split in self.parts:
-            return self.parts[split]
-        cfg = self.cfg
-        if cfg.data == Config.data:
-            common.ensure_phantoms(cfg.data, 3000, seed=0, size=64)  # the same demo data set as the paper files
-        table = common.XrayCSV(cfg.data, split=split)
-        self.columns = table.columns
-        if not len(table):
-            self.parts[split] = None
-            return None
-        cp = self.cache_path(split)
-        cached = torch.load(cp, weights_only=False) if cfg.cache and cp.exists() else None
-        if cached is not None and cached.get("n") == len(table):
-            emb, ok = cached["emb"].numpy(), cached["ok"].numpy()
-        else:
-            emb, ok = self.embed_rows(table.rows, f"embed {split}")
-            if cfg.cache:
-                cp.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cp.with_name(cp.name + ".tmp")
-                torch.save({"emb": torch.from_numpy(emb), "ok": torch.from_numpy(ok), "n": len(table),
-                            "ckpt": str(self.ckpt), "data": cfg.data, "split": split,
-                            "image_size": self.image_size}, tmp)
-                os.replace(tmp, cp)
-        if (~ok).any():
-            print(f"warning: {int((~ok).sum())} unreadable image(s) in split {split!r} left out "
-                  f"(first: {table.rows[int(np.argmin(ok))]['_path']})")
-        keep = ok.copy()
-        if cfg.body_part:
-            parts = {p.lower() for p in _csv_list(cfg.body_part)}
-            keep &= np.array([(r.get("body_part") or "").lower() in parts for r in table.rows])
-        idx = np.flatnonzero(keep)
-        p = Part([table.rows[i] for i in idx], emb[idx], table.label_names, split)
-        self.parts[split] = p if len(p) else None
-        return self.parts[split]
-
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str], batch: int = 256) -> np.ndarray:
-        out = []
-        for s in range(0, len(texts), batch):
-            with self.autocast():
-                out.append(self.model.encode_text(list(texts[s:s + batch])).float().cpu())
-        return torch.cat(out).numpy()
-
-    def prompt_embedding(self, prompts: list[str]) -> np.ndarray:
-        """The normalised mean of a prompt set's embeddings (prompt ensembling, as CLIP / CheXzero do)."""
-        key = "\x00".join(prompts)
-        if key not in self.text_cache:
-            e = self.embed_texts(prompts).mean(0)
-            self.text_cache[key] = e / max(np.linalg.norm(e), 1e-12)
-        return self.text_cache[key]
-
-    def logit_scale(self) -> float:
-        s = getattr(self.model, "scale", None)
-        try:
-            return float(s().detach()) if callable(s) else 1.0
-        except Exception:
-            return 1.0
-
-    def require(self, part: Part | None, split: str, task: str) -> Part:
-        if part is None:
-            raise ValueError(f"{task}: split {split!r} of {self.cfg.data} has no (readable) rows"
-                             + (f" of body part {self.cfg.body_part}" if self.cfg.body_part else ""))
-        return part
+    def policy(self) -> str:
+        c = self.cfg
+        return f"blank={c.blank}, uncertain={c.uncertain}, no_finding={'on' if c.no_finding else 'off'}"
 
 
 # ----------------------------------------------------------------------------------------------------
 # ---- zero-shot ----
 
 
-def zeroshot_probs(ctx: Context, emb: np.ndarray, names: list[str]) -> np.ndarray:
-    """CheXzero: p(label) = softmax over (positive, negative) prompt similarity = sigmoid(scale (s+ - s-)).
-    The model's learned temperature is used where it has one (it changes the probabilities, not the AUC)."""
-    scale = ctx.logit_scale()
-    out = np.zeros((len(emb), len(names)), np.float32)
-    for j, n in enumerate(names):
-        pos, neg = ctx.model.zeroshot_prompts(n)
-        d = emb @ ctx.prompt_embedding(list(pos))
-        if neg:  # a paper may give no negative prompt (CXR-CML's normal class): the positive similarity alone
-            d = d - emb @ ctx.prompt_embedding(list(neg))
-        out[:, j] = 1 / (1 + np.exp(-scale * d))
-    return out
+def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
+    test = ev.part(ev.cfg.split, views)
+    names, few = ev.label_names(test.rows)
+    # F1 / ACC thresholds: max-F1 on the valid split (MedKLIP, which D-MLM follows, takes it on the test set
+    # itself); without a valid positive, 0 on the score, the pair softmax's 0.5
+    valid = ev.part("valid", views, required=False) if ev.cfg.split != "valid" else None
+    emb = test.emb if valid is None else np.concatenate([test.emb, valid.emb])
+    Y, S = ev.labels(test.rows, names), common.zeroshot_scores(ev.model, emb, names)
+    S, Sv = S[:len(Y)], S[len(Y):]  # one call: the prompts are encoded once
+    T, fallback = np.zeros(len(names)), []
+    if valid is not None:
+        Yv = ev.labels(valid.rows, names)
+        for j, n in enumerate(names):
+            t = best_f1_threshold(Yv[:, j], Sv[:, j])
+            T[j] = 0.0 if t is None else t
+            fallback += [n] if t is None else []
+    rare = ev.rare_labels(names)
+    is_rare = np.array([n in rare for n in names])
+
+    def stat(idx):
+        auc = auc_per_column(Y[idx], S[idx])
+        f1, acc = f1_acc_per_column(Y[idx], S[idx], T)
+        out = {"auc_macro": mean_or_none(auc), "f1_macro": mean_or_none(f1), "acc_macro": mean_or_none(acc)}
+        if rare:
+            out.update(auc_base=mean_or_none(auc[~is_rare]), auc_rare=mean_or_none(auc[is_rare]))
+        return out
+
+    per = common.auc_per_label(Y, S, names)  # the per-label AUC and macro of the training-time evaluation
+    metrics = {**stat(np.arange(len(Y))), "auc_macro": per["macro"]}
+    f1, acc = f1_acc_per_column(Y, S, T)
+    res = {"metrics": metrics, "n_images": len(Y), "rare_labels": rare, "per_label": {
+        n: {"auc": per["per_label"][n], "f1": mean_or_none(f1[j]), "acc": mean_or_none(acc[j]),
+            "threshold": float(T[j]), "n_pos": int((Y[:, j] == 1).sum()), "n_neg": int((Y[:, j] == 0).sum())}
+        for j, n in enumerate(names)},
+        "note": "score cos(positive prompts) - cos(negative prompts); F1 / ACC at the threshold maximising "
+                "F1 on the valid split" + (f" (0 for {fallback}: no valid positive)" if fallback else "")
+                + "; a label with one class is undefined and left out of the macro"
+                + (f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else "")}
+    return res, stat, test.rows
 
 
-def task_zeroshot(ctx: Context, train: Part | None, valid: Part | None, test: Part) -> dict:
-    names = ctx.label_names(test)
-    rare = ctx.rare_labels(names)
-    y, p = test.labels(names), zeroshot_probs(ctx, test.emb, names)
-    pv, yv = (zeroshot_probs(ctx, valid.emb, names), valid.labels(names)) if valid is not None else (None, None)
-    per, notes = {}, []
-    for j, n in enumerate(names):
-        auc = auc_or_none(y[:, j], p[:, j])
-        t = best_f1_threshold(yv[:, j], pv[:, j]) if pv is not None else None
-        src = f"max-F1 on {valid.name}" if t is not None else "0.5 (no positive in the valid split)"
-        if t is None:
-            t = 0.5
-            notes.append(n)
-        f1, acc = f1_acc(y[:, j], p[:, j], t) if auc is not None else (None, None)
-        yb = common.binary_targets(y[:, j])
-        per[n] = {"auc": auc, "f1": f1, "acc": acc, "threshold": t, "threshold_from": src,
-                  "n_pos": int(np.nansum(yb == 1)), "n_neg": int(np.nansum(yb == 0))}
-    m = {"auc_macro": mean_std(v["auc"] for v in per.values())[0],
-         "f1_macro": mean_std(v["f1"] for v in per.values())[0],
-         "acc_macro": mean_std(v["acc"] for v in per.values())[0]}
-    if rare:
-        m["auc_base"] = mean_std(v["auc"] for k, v in per.items() if k not in rare)[0]
-        m["auc_rare"] = mean_std(v["auc"] for k, v in per.items() if k in rare)[0]
-    note = (f"F1/ACC at the per-label threshold maximising F1 on the '{valid.name if valid else 'valid'}' split"
-            + (f"; 0.5 for {notes} (no positive there)" if notes else "")
-            + "; labels with one class in the test split are undefined (null) and not averaged")
-    res = {"metrics": m, "per_label": per, "rare_labels": rare, "note": note, "n_images": len(test)}
-    if ctx.cfg.plots:
-        plot_roc(ctx, y, p, names, "zeroshot")
-    return res
+def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
+    test = ev.part(ev.cfg.split, views)
+    classes, _ = ev.label_names(test.rows)
+    raw = np.array([r["_labels"][[ev.label_names_all.index(c) for c in classes]] for r in test.rows])
+    one = np.flatnonzero((raw == 1).sum(1) == 1)  # CheXpert 5x200: positive for exactly one class
+    if not len(one):
+        raise common.UserError(f"zeroshot_multiclass: no image of split {ev.cfg.split!r} is positive for "
+                               f"exactly one of {classes}")
+    gt = np.argmax(raw[one] == 1, 1)
+    T = np.stack([common.prompt_embedding(ev.model, ev.model.zeroshot_prompts(c)[0]) for c in classes])
+    pred = np.argmax(test.emb[one].astype(np.float64) @ T.T, 1)
+    K = len(classes)
 
+    def stat(idx):
+        m = class_metrics(gt[idx], pred[idx], K)
+        return {"acc": m["acc"], "f1_macro": m["f1_macro"]}
 
-def task_zeroshot_multiclass(ctx: Context, train, valid, test: Part) -> dict:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-    classes = _csv_list(ctx.cfg.classes) or ctx.label_names(test)
-    bad = [c for c in classes if c not in test.label_names]
-    if bad:
-        raise ValueError(f"--classes: {bad} are not label columns; choose from {test.label_names}")
-    y = test.labels(classes)
-    one = (y == 1).sum(1) == 1  # CheXpert 5x200: images positive for exactly one class of the set
-    if not one.any():
-        raise ValueError(f"zeroshot_multiclass: no {test.name} image is positive for exactly one of {classes}")
-    gt = np.argmax(y[one] == 1, axis=1)
-    T = np.stack([ctx.prompt_embedding(list(ctx.model.zeroshot_prompts(c)[0])) for c in classes])
-    pred = np.argmax(test.emb[one] @ T.T, axis=1)
-    per = {c: {"n": int((gt == k).sum()),
-               "recall": float((pred[gt == k] == k).mean()) if (gt == k).any() else None} for k, c in enumerate(classes)}
-    return {"metrics": {"acc": float(accuracy_score(gt, pred)),
-                        "f1_macro": float(f1_score(gt, pred, labels=list(range(len(classes))), average="macro",
-                                                   zero_division=0))},
-            "per_class": per, "confusion": confusion_matrix(gt, pred, labels=list(range(len(classes)))).tolist(),
-            "classes": classes, "n_images": int(one.sum()),
-            "note": "images positive for exactly one class of the set; prediction = argmax over the classes' "
-                    "positive-prompt embeddings"}
+    res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes,
+           "confusion": confusion(gt, pred, K).tolist(),
+           "note": "images positive for exactly one class; prediction: argmax over the classes of the cosine "
+                   "to the mean embedding of the class's positive prompts; the label policy does not apply"}
+    return res, stat, [test.rows[i] for i in one]
 
 
 # ----------------------------------------------------------------------------------------------------
 # ---- retrieval (CXR-CLIP Table 3) ----
 
 
-def study_text(row: dict, how: str) -> str:
-    """The retrieval candidate of a study: the LONGEST report section by length (not max() of the strings,
-    which is the alphabetically last one), or a named column."""
-    if how == "longest":
-        secs = [(row.get(k) or "").strip() for k in ("findings", "impression", "report")]
-        return max(secs, key=len)
-    return (row.get(how) or "").strip()
+@torch.no_grad()
+def encode_texts(model, texts: list[str], batch: int = 256) -> np.ndarray:
+    return np.concatenate([model.encode_text(texts[i:i + batch]).double().cpu().numpy()
+                           for i in range(0, len(texts), batch)])
 
 
-def retrieval_pairs(part: Part, how: str) -> tuple[list[int], list[str]]:
-    """One frontal image per study (the first frontal row, else the first row) and the study's text."""
-    studies: dict[str, list[int]] = {}
-    for i, r in enumerate(part.rows):
-        studies.setdefault(r.get("study_id") or f"_row{i}", []).append(i)
-    q, texts = [], []
-    for rows in studies.values():
-        front = [i for i in rows if (part.rows[i].get("view") or "").upper() in common.FRONTAL_VIEWS]
-        i = (front or rows)[0]
-        t = study_text(part.rows[i], how)
-        if t:
-            q.append(i)
-            texts.append(t)
-    return q, texts
-
-
-def task_retrieval(ctx: Context, train, valid, test: Part) -> dict:
-    q, texts = retrieval_pairs(test, ctx.cfg.retrieval_text)
+def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
+    how = ev.cfg.retrieval_text
+    test = ev.part(ev.cfg.split, views)
+    if how not in ("impression", "findings") and how not in ev.columns:
+        raise common.UserError(f"--retrieval_text={how}: no such column in {ev.cfg.data}")
+    first: dict[str, int] = {}  # study -> its first image among the accepted views
+    for i, r in enumerate(test.rows):
+        if retrieval_text(r, how):
+            first.setdefault(r.get("study_id") or f"row{r['_row']}", i)
+    q = list(first.values())
     if len(q) < 2:
-        raise ValueError(f"retrieval: fewer than 2 studies with text ({ctx.cfg.retrieval_text}) in {test.name}")
-    img, txt = test.emb[q], ctx.embed_texts(texts)
-    sim = img @ txt.T  # [studies, studies]
-    # identical report texts cannot be told apart: every candidate with the same text counts as correct
-    same: dict[str, set] = {}
-    for k, t in enumerate(texts):
-        same.setdefault(t, set()).add(k)
-    gt = [same[t] for t in texts]
-    i2t, t2i = common.recall_at_k(sim, gt), common.recall_at_k(sim.T, gt)
-    m = {f"i2t_{k}": v for k, v in i2t.items()}
-    m.update({f"t2i_{k}": v for k, v in t2i.items()})
-    m["rsum"] = float(sum(i2t.values()) + sum(t2i.values()))
-    if ctx.cfg.plots:
-        plot_retrieval(ctx, test, q, texts, sim)
-    return {"metrics": m, "n_studies": len(q),
-            "note": f"queries: one frontal image per study; candidates: the {ctx.cfg.retrieval_text} report text "
-                    f"of each study; identical texts count as correct"}
+        raise common.UserError(f"retrieval: fewer than 2 studies with a {how} text and a {views} image in "
+                               f"split {ev.cfg.split!r}")
+    texts, target = dedupe_texts([retrieval_text(test.rows[i], how) for i in q])
+    sim = test.emb[q].astype(np.float64) @ encode_texts(ev.model, texts).T  # [queries, unique texts]
+    ks = (1, 5, 10)
+    hits = recall_hits(sim, target, ks)
+
+    def stat(idx):
+        r = hits[idx].mean(0)
+        return {**{f"R@{k}": float(v) for k, v in zip(ks, r)}, "rsum": float(r.sum())}
+
+    res = {"metrics": stat(np.arange(len(q))), "n_images": len(q), "n_texts": len(texts),
+           "note": f"image -> text; queries: the first image of each study (views: {views}); candidates: one "
+                   f"section per study ({how}), identical texts merged ({len(q) - len(texts)} duplicates); "
+                   f"ties in similarity count against the query"}
+    return res, stat, [test.rows[i] for i in q]
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- probes on frozen embeddings (scikit-learn) ----
+# ---- heads trained on the training split: probe, fine-tuning, segmentation, regression, grading ----
+
+
+def subsample(n: int, frac: float, seed: int) -> np.ndarray:
+    """A seeded random share `frac` of n training images (at least one), in order."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max(1, int(math.ceil(frac * n)))])
+
+
+def pct(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def over_fractions(ev: Evaluator, n_train: int, name: str, run, score) -> tuple[dict, callable]:
+    """run(train_idx, seed) -> predictions for the test rows, once per (--fractions, --seeds); score(pred,
+    idx) -> the metric on test rows idx. -> ({metrics: name@F, the mean over seeds; seed_std, ...}, stat)."""
+    fracs, seeds = [float(f) for f in csv_list(ev.cfg.fractions)], [int(s) for s in csv_list(ev.cfg.seeds)]
+    preds = {(f, s): run(subsample(n_train, f, s), s) for f in fracs for s in seeds}
+
+    def stat(idx):
+        return {f"{name}@{pct(f)}": mean_or_none([score(preds[f, s], idx) for s in seeds]) for f in fracs}
+
+    n_test = len(next(iter(preds.values())))
+    std = {f"{name}@{pct(f)}": float(np.nanstd([score(preds[f, s], np.arange(n_test)) for s in seeds]))
+           for f in fracs}
+    return {"metrics": stat(np.arange(n_test)), "seed_std": std, "seeds": seeds,
+            "n_train": {pct(f): len(subsample(n_train, f, 0)) for f in fracs}}, stat
+
+
+def fit(model, X: np.ndarray, y: np.ndarray):
+    """model.fit(X, y) on standardised features, with one BLAS thread: these fits are small, and more threads
+    only wait on each other (ten times slower on a busy 2-core machine)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        return make_pipeline(StandardScaler(), model).fit(X, y)
 
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, C: float, seed: int = 0):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, random_state=seed)).fit(X, y)
+    return fit(LogisticRegression(C=C, max_iter=2000, random_state=seed), X, y)
 
 
 def probe_scores(Xtr, Ytr, Xte, C: float, seed: int = 0) -> np.ndarray:
-    """One logistic regression per column of Ytr (rows with 1/0 only) -> P(1) on Xte [n_te, L]; nan columns
-    where the training rows hold one class only (no probe can be fitted: the label is undefined)."""
-    Ytr = common.binary_targets(Ytr)
-    out = np.full((len(Xte), Ytr.shape[1]), np.nan, np.float64)
+    """A logistic regression per label on its 0 / 1 training rows -> P(1) on Xte [n, L]; nan for a label whose
+    training rows hold one class (no probe: undefined in that run)."""
+    out = np.full((len(Xte), Ytr.shape[1]), np.nan)
     for j in range(Ytr.shape[1]):
-        m = ~np.isnan(Ytr[:, j])
-        yj = Ytr[m, j]
-        if len(yj) == 0 or yj.min() == yj.max():
-            continue
-        out[:, j] = fit_logreg(Xtr[m], yj.astype(int), C, seed).predict_proba(Xte)[:, 1]
+        m = (Ytr[:, j] == 0) | (Ytr[:, j] == 1)
+        if 0 < Ytr[m, j].sum() < m.sum():
+            out[:, j] = fit_logreg(Xtr[m], Ytr[m, j].astype(int), C, seed).predict_proba(Xte)[:, 1]
     return out
 
 
-def subsample(n: int, frac: float, seed: int) -> np.ndarray:
-    k = max(1, int(math.ceil(frac * n)))
-    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict, callable, list]:
+    train, test = ev.part("train", views), ev.part(ev.cfg.split, views)
+    names, few = ev.label_names(test.rows)
+    Ytr, Yte = ev.labels(train.rows, names), ev.labels(test.rows, names)
+
+    def run(idx, seed):
+        if finetune:
+            return finetune_predict(ev, [train.rows[i] for i in idx], Ytr[idx], "multilabel", len(names),
+                                    test.rows, seed, test.emb.shape[1])
+        return probe_scores(train.emb[idx], Ytr[idx], test.emb, ev.cfg.probe_c, seed)
+
+    res, stat = over_fractions(ev, len(train.rows), "auc", run, lambda P, idx: mean_or_none(
+        auc_per_column(Yte[idx], P[idx])))
+    how = (f"image encoder + linear head fine-tuned, masked BCE, {ev.cfg.ft_epochs} epochs" if finetune else
+           "logistic regression per label on frozen, standardised image embeddings")
+    res.update(n_images=len(test.rows), note=f"{how}; macro AUC over the labels defined in a run, mean over "
+               f"seeds" + (f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else ""))
+    return res, stat, test.rows
 
 
-def _frac_name(f: float) -> str:
-    return f"{f * 100:g}%"
+def warmup_cosine(total: int, warmup: int):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (D-MLM Sec. 3.5)."""
+    return lambda step: (step + 1) / warmup if step < warmup else \
+        0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def _fraction_table(names, per_run: dict, fractions) -> dict:
-    """per_run[(frac, seed)] = {label: auc} -> metrics auc@F (mean over seeds of the macro) and per label."""
-    metrics, per = {}, {}
-    for f in fractions:
-        runs = [v for (ff, _), v in per_run.items() if ff == f]
-        macros = [mean_std(r.values())[0] for r in runs]
-        metrics[f"auc@{_frac_name(f)}"], metrics[f"auc@{_frac_name(f)}_std"] = mean_std(macros)
-        for n in names:
-            mu, sd = mean_std(r[n] for r in runs)
-            per.setdefault(n, {})[_frac_name(f)] = {"auc": mu, "std": sd}
-    return {"metrics": metrics, "per_label": per}
-
-
-def task_probe(ctx: Context, train: Part, valid, test: Part) -> dict:
-    names = ctx.label_names(test)
-    seeds, fractions = [int(s) for s in _csv_list(ctx.cfg.seeds)], [float(f) for f in _csv_list(ctx.cfg.fractions)]
-    Ytr, Yte = train.labels(names), test.labels(names)
-    per_run, n_used = {}, {}
-    for f in fractions:
-        for s in seeds:
-            idx = subsample(len(train), f, s)
-            P = probe_scores(train.emb[idx], Ytr[idx], test.emb, ctx.cfg.probe_c, s)
-            per_run[(f, s)] = {n: (auc_or_none(Yte[:, j], P[:, j]) if not np.isnan(P[:, j]).all() else None)
-                               for j, n in enumerate(names)}
-            n_used[_frac_name(f)] = len(idx)
-    res = _fraction_table(names, per_run, fractions)
-    res.update(n_train=n_used, seeds=seeds, note="logistic regression (scikit-learn, standardised features) per label "
-               "on frozen image embeddings; AUC on the test split, macro over defined labels, mean ± std over seeds; "
-               "a label whose training sample holds one class is undefined for that run")
-    return res
-
-
-def task_concepts(ctx: Context, train: Part, valid, test: Part) -> dict:
-    """PedCLIP's concept alignment: can each concept be read linearly off the frozen image embedding?"""
-    cols = _csv_list(ctx.cfg.concepts) or [common.LABEL_PREFIX + n for n in test.label_names]
-    missing = [c for c in cols if c not in ctx.columns]
-    if missing:
-        raise ValueError(f"--concepts: columns {missing} are not in {ctx.cfg.data}")
-
-    def values(part):
-        return np.array([[common.parse_label(r.get(c))[0] for c in cols] for r in part.rows], np.float64)
-
-    Ytr, Yte = values(train), values(test)
-    P = probe_scores(train.emb, Ytr, test.emb, ctx.cfg.probe_c)
-    per = {}
-    for j, c in enumerate(cols):
-        auc = auc_or_none(Yte[:, j], P[:, j]) if not np.isnan(P[:, j]).all() else None
-        f1, acc = f1_acc(Yte[:, j], P[:, j], 0.5) if auc is not None else (None, None)
-        per[c] = {"auc": auc, "f1": f1, "acc": acc}
-    return {"metrics": {"auc_macro": mean_std(v["auc"] for v in per.values())[0],
-                        "acc_macro": mean_std(v["acc"] for v in per.values())[0]},
-            "per_label": per, "note": "a logistic-regression probe per concept column on frozen image embeddings "
-                                      "(all training rows); F1/ACC at probability 0.5"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- fine-tuning: image encoder + linear head, trained end to end ----
-
-
-def finetune_predict(ctx: Context, train_rows: list[dict], targets: np.ndarray, kind: str, n_out: int,
+def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, kind: str, n_out: int,
                      test_rows: list[dict], seed: int, dim: int) -> np.ndarray:
-    """Fresh copy of the checkpoint's model; its image encoder and a linear head on encode_image are trained
-    on (train_rows, targets); returns the head's output on test_rows.
-
-    kind: multilabel (targets [n, L], 1/0, nan ignored: masked BCE) | regression (targets [n], L1 on the
-    standardised target; output in target units) | multiclass (targets [n] ints: cross-entropy)."""
-    from tqdm import tqdm
-
-    cfg = ctx.cfg
+    """A fresh copy of the checkpoint's model; its image encoder and a linear head on encode_image are trained
+    on (rows, targets) with D-MLM's recipe (Sec. 3.5: AdamW, weight decay 0.05, encoder lr 1e-5, head lr 3e-4
+    warmed up then cosine, 10 epochs) -> the head's output on test_rows.
+    kind: multilabel (targets [n, L] 1 / 0 / nan: BCE on the known ones, -> probabilities) | multiclass
+    (targets [n] class ids: cross-entropy, -> probabilities) | regression (targets [n]: smooth L1 on the
+    standardised target, -> target units)."""
+    c, cuda = ev.cfg, ev.device.startswith("cuda")
     torch.manual_seed(seed)
-    mod = importlib.import_module(ctx.paper)
-    model, _ = mod.load(ctx.ckpt)
-    model.to(ctx.device).train()
-    head = nn.Linear(dim, n_out).to(ctx.device)
-    # the embedding is unit-norm: sqrt(D) brings its coordinates to unit scale so the head learns at a usual lr
-    feat_scale = math.sqrt(dim)
-    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.ft_lr},
-                             {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=1e-4)
+    model = importlib.import_module(ev.paper).load(ev.ckpt)[0].to(ev.device).train()
+    ds = ImageRows(rows, model.image_transform(True), model.cfg.image_size, seed)
+    head = nn.Linear(dim, n_out).to(ev.device)
+    feat_scale = math.sqrt(dim)  # the embedding is unit-norm: coordinates of unit scale suit the head's lr
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": c.ft_lr},
+                             {"params": head.parameters(), "lr": c.head_lr}], weight_decay=0.05)
+    per_epoch = max(1, len(rows) // c.ft_batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.ft_epochs * per_epoch, per_epoch))
     t = torch.as_tensor(np.asarray(targets, dtype=np.float64))
-    mu, sd = (float(t.mean()), float(t.std().clamp(min=1e-6))) if kind == "regression" else (0.0, 1.0)
-    ds = ImageRows(train_rows, model.image_transform(True), ctx.image_size, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    for epoch in range(cfg.ft_epochs):
+    mu, sd = (t.mean(), t.std().clamp(min=1e-6)) if kind == "regression" else (0.0, 1.0)
+    ctx = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+    for epoch in range(c.ft_epochs):
         ds.epoch = epoch
-        dl = torch.utils.data.DataLoader(ds, batch_size=cfg.ft_batch_size, shuffle=True, generator=g,
-                                         num_workers=cfg.num_workers, drop_last=len(ds) > cfg.ft_batch_size)
-        for x, idx, err in tqdm(dl, desc=f"finetune epoch {epoch + 1}/{cfg.ft_epochs}", leave=False,
-                                disable=len(dl) < 2):
+        dl = torch.utils.data.DataLoader(ds, c.ft_batch_size, shuffle=True, num_workers=c.num_workers,
+                                         drop_last=len(ds) >= c.ft_batch_size,
+                                         generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for x, idx, err in dl:
             good = torch.tensor([not e for e in err])
             if not good.any():
                 continue
-            x, idx = x[good].to(ctx.device), idx[good]
-            with ctx.autocast():
+            x, y = x[good].to(ev.device), t[idx[good]].to(ev.device)
+            with ctx:
                 out = head(model.encode_image(x).float() * feat_scale).float()
-            yt = t[idx].to(ctx.device)
             if kind == "multilabel":
-                m = ~torch.isnan(yt)
-                loss = F.binary_cross_entropy_with_logits(out[m], yt[m].float()) if m.any() else out.sum() * 0
-            elif kind == "regression":
-                loss = F.smooth_l1_loss(out[:, 0], ((yt - mu) / sd).float())
+                m = ~torch.isnan(y)
+                loss = F.binary_cross_entropy_with_logits(out[m], y[m].float()) if m.any() else out.sum() * 0
+            elif kind == "multiclass":
+                loss = F.cross_entropy(out, y.long())
             else:
-                loss = F.cross_entropy(out, yt.long())
+                loss = F.smooth_l1_loss(out[:, 0], ((y - mu) / sd).float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
+            nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
             opt.step()
+            sched.step()
     model.eval()
-    preds = []
-    dl = torch.utils.data.DataLoader(ImageRows(test_rows, model.image_transform(False), ctx.image_size),
-                                     batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    with torch.no_grad():
-        for x, _, _ in dl:
-            with ctx.autocast():
-                preds.append(head(model.encode_image(x.to(ctx.device)).float() * feat_scale).float().cpu())
-    out = torch.cat(preds)
-    if kind == "multilabel":
-        return torch.sigmoid(out).numpy()
+    with ctx:
+        out, _ = forward_images(model, test_rows, lambda x: head(model.encode_image(x).float() * feat_scale),
+                                ev.device, c)
+    out = torch.from_numpy(out).double()
     if kind == "regression":
         return (out[:, 0] * sd + mu).numpy()
-    return out.softmax(-1).numpy()
+    return (torch.sigmoid(out) if kind == "multilabel" else out.softmax(-1)).numpy()
 
 
-def task_finetune(ctx: Context, train: Part, valid, test: Part) -> dict:
-    names = ctx.label_names(test)
-    seeds, fractions = [int(s) for s in _csv_list(ctx.cfg.seeds)], [float(f) for f in _csv_list(ctx.cfg.fractions)]
-    Ytr, Yte = common.binary_targets(train.labels(names)), test.labels(names)
-    per_run, n_used = {}, {}
-    for f in fractions:
-        for s in seeds:
-            idx = subsample(len(train), f, s)
-            P = finetune_predict(ctx, [train.rows[i] for i in idx], Ytr[idx], "multilabel", len(names), test.rows, s,
-                                 train.emb.shape[1])
-            per_run[(f, s)] = {n: auc_or_none(Yte[:, j], P[:, j]) for j, n in enumerate(names)}
-            n_used[_frac_name(f)] = len(idx)
-    res = _fraction_table(names, per_run, fractions)
-    res.update(n_train=n_used, seeds=seeds, note=f"image encoder + linear head, masked BCE, AdamW (encoder lr "
-               f"{ctx.cfg.ft_lr}, head lr {ctx.cfg.head_lr}), {ctx.cfg.ft_epochs} epochs; AUC on the test split")
-    return res
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- regression (bone age) and ordinal grading ----
-
-
-def _targets(part: Part, col: str) -> tuple[np.ndarray, np.ndarray]:
-    """Float targets of a column and the mask of rows where it parses."""
-    vals, ok = [], []
+def numeric_targets(ev: Evaluator, part: Part) -> tuple[Part, np.ndarray]:
+    """The rows whose --target_column is a number, and the numbers."""
+    col = ev.cfg.target_column
+    if col not in ev.columns:
+        raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
+    vals = []
     for r in part.rows:
         try:
-            v = float((r.get(col) or "").strip())
-            ok.append(math.isfinite(v))
-            vals.append(v if math.isfinite(v) else 0.0)
+            vals.append(float((r.get(col) or "").strip()))
         except ValueError:
-            vals.append(0.0)
-            ok.append(False)
-    return np.array(vals), np.array(ok, bool)
+            vals.append(math.nan)
+    keep = np.flatnonzero(np.isfinite(vals))
+    return Part([part.rows[i] for i in keep], part.emb[keep]), np.asarray(vals)[keep]
 
 
-def task_regression(ctx: Context, train: Part, valid, test: Part) -> dict:
+def task_regression(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import mean_absolute_error, r2_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    col = ctx.cfg.target_column
-    if col not in ctx.columns:
-        raise ValueError(f"regression: column {col!r} is not in {ctx.cfg.data} (--target_column)")
-    ytr, mtr = _targets(train, col)
-    yte, mte = _targets(test, col)
-    tr, te = train.subset(np.flatnonzero(mtr)), test.subset(np.flatnonzero(mte))
-    ytr, yte = ytr[mtr], yte[mte]
-    if len(tr) < 2 or not len(te):
-        raise ValueError(f"regression: too few rows with a numeric {col!r}")
-    if ctx.cfg.mode == "finetune":
-        pred = finetune_predict(ctx, tr.rows, ytr, "regression", 1, te.rows, 0, tr.emb.shape[1])
+    (tr, ytr), (te, yte) = (numeric_targets(ev, ev.part(s, views)) for s in ("train", ev.cfg.split))
+    if len(tr.rows) < 2 or not len(te.rows):
+        raise common.UserError(f"regression: too few rows with a number in {ev.cfg.target_column!r}")
+    if ev.cfg.mode == "finetune":
+        pred = finetune_predict(ev, tr.rows, ytr, "regression", 1, te.rows, 0, te.emb.shape[1])
     else:
-        reg = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-        pred = reg.fit(tr.emb, ytr).predict(te.emb)
-    return {"metrics": {"mae": float(mean_absolute_error(yte, pred)),
-                        "mae_predict_mean": float(np.mean(np.abs(yte - ytr.mean()))),
-                        "r2": float(r2_score(yte, pred)) if len(te) > 1 else None},
-            "n_train": len(tr), "n_test": len(te), "mode": ctx.cfg.mode,
-            "note": f"{col}: MAE in the column's units (months for bone age); mae_predict_mean is the baseline of "
-                    f"always predicting the training mean; frozen = ridge regression (scikit-learn, alpha by CV)"}
+        pred = fit(RidgeCV(alphas=np.logspace(-3, 3, 13)), tr.emb, ytr).predict(te.emb)
+    err, base = np.abs(pred - yte), np.abs(ytr.mean() - yte)
+
+    def stat(idx):
+        return {"mae": float(err[idx].mean()), "mae_predict_mean": float(base[idx].mean())}
+
+    res = {"metrics": stat(np.arange(len(yte))), "n_train": len(ytr), "n_images": len(yte),
+           "mode": ev.cfg.mode, "note": f"MAE in the units of {ev.cfg.target_column!r} (bone age: months); "
+           f"mae_predict_mean: always the training mean; frozen: ridge regression, alpha by cross-validation"}
+    return res, stat, te.rows
 
 
-def task_grading(ctx: Context, train: Part, valid, test: Part) -> dict:
-    from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
-
-    col = ctx.cfg.target_column
-    if col not in ctx.columns:
-        raise ValueError(f"grading: column {col!r} is not in {ctx.cfg.data} (--target_column)")
-    classes = _csv_list(ctx.cfg.classes) or sorted({v for v in train.column(col) if v},
-                                                   key=lambda v: (float(v) if _isnum(v) else math.inf, v))
+def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
+    (tr, ytr), (te, yte) = (numeric_targets(ev, ev.part(s, views)) for s in ("train", ev.cfg.split))
+    classes = [float(c) for c in csv_list(ev.cfg.classes)] if ev.cfg.classes else sorted(set(ytr.tolist()))
     cid = {c: k for k, c in enumerate(classes)}
-
-    def grades(part):
-        g = np.array([cid.get(_norm_grade(v, classes), -1) for v in part.column(col)])
-        keep = np.flatnonzero(g >= 0)
-        return part.subset(keep), g[keep]
-
-    tr, ytr = grades(train)
-    te, yte = grades(test)
-    if len(set(ytr.tolist())) < 2 or not len(te):
-        raise ValueError(f"grading: need two or more grades of {classes} in {train.name} and rows in {test.name}")
-    if ctx.cfg.mode == "finetune":
-        prob = finetune_predict(ctx, tr.rows, ytr, "multiclass", len(classes), te.rows, 0, tr.emb.shape[1])
+    ktr, kte = (np.array([cid.get(v, -1) for v in y]) for y in (ytr, yte))
+    tr_keep, te_keep = np.flatnonzero(ktr >= 0), np.flatnonzero(kte >= 0)
+    ktr, kte = ktr[tr_keep], kte[te_keep]
+    if len(set(ktr.tolist())) < 2 or not len(kte):
+        raise common.UserError(f"grading: need two or more of the grades {classes} in the training split "
+                               f"and a graded row in {ev.cfg.split!r}")
+    if ev.cfg.mode == "finetune":
+        prob = finetune_predict(ev, [tr.rows[i] for i in tr_keep], ktr, "multiclass", len(classes),
+                                [te.rows[i] for i in te_keep], 0, te.emb.shape[1])
     else:
-        clf = fit_logreg(tr.emb, ytr, ctx.cfg.probe_c)
-        prob = np.zeros((len(te), len(classes)))
-        prob[:, clf.classes_] = clf.predict_proba(te.emb)
-    pred = prob.argmax(1)
-    lab = list(range(len(classes)))
-    return {"metrics": {"acc": float(accuracy_score(yte, pred)),
-                        "f1_macro": float(f1_score(yte, pred, labels=lab, average="macro", zero_division=0)),
-                        "kappa_quadratic": float(cohen_kappa_score(yte, pred, labels=lab, weights="quadratic")),
-                        "mae_grades": float(np.mean(np.abs(yte - pred)))},
-            "classes": classes, "confusion": confusion_matrix(yte, pred, labels=lab).tolist(),
-            "n_train": len(tr), "n_test": len(te), "mode": ctx.cfg.mode,
-            "note": "grades in the order of --classes; frozen = multinomial logistic regression on the embeddings"}
+        clf = fit_logreg(tr.emb[tr_keep], ktr, ev.cfg.probe_c)
+        prob = np.zeros((len(te_keep), len(classes)))
+        prob[:, clf.classes_] = clf.predict_proba(te.emb[te_keep])
+    K, pred = len(classes), prob.argmax(1)
+    onehot = (kte[:, None] == np.arange(K)[None, :]).astype(np.float64)
+
+    def stat(idx):
+        return {**class_metrics(kte[idx], pred[idx], K),
+                "auc_ovr_macro": mean_or_none(auc_per_column(onehot[idx], prob[idx]))}
+
+    res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": ev.cfg.mode,
+           "confusion": confusion(kte, pred, K).tolist(), "n_train": len(ktr),
+           "n_images": len(kte), "note": "grades in the order of --classes; auc_ovr_macro: each grade "
+                                         "against the rest (D-MLM Table 4), macro over the grades present"}
+    return res, stat, [te.rows[i] for i in te_keep]
 
 
-def _isnum(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def _norm_grade(v: str, classes: list[str]) -> str:
-    """'2.0' matches class '2' (CSV writers differ on integer formatting)."""
-    if v in classes or not _isnum(v):
-        return v
-    for c in classes:
-        if _isnum(c) and float(c) == float(v):
-            return c
-    return v
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- segmentation: a light decoder on the frozen image tokens ----
-
-
-def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
-    """Kaggle run-length string (1-based absolute starts, pixels numbered column by column) -> bool [H, W];
-    empty or "-1" is an empty mask."""
-    flat = np.zeros(height * width, bool)
-    v = [int(x) for x in rle.split()] if rle.strip() not in ("", "-1") else []
-    for start, length in zip(v[0::2], v[1::2]):
-        flat[start - 1:start - 1 + length] = True
-    return flat.reshape((height, width), order="F")
+# -- segmentation: a light decoder on the frozen image tokens
 
 
 def load_mask(row: dict, csv_dir: Path, size: int, rle_column: str = "") -> np.ndarray:
-    """bool [size, size]: pixel value > 0 of the `mask` PNG (empty cell: no finding), or the RLE column."""
+    """bool [size, size]: the `mask` image > 0 (an empty cell: no finding), or a SIIM stage-1 run-length
+    string (data_prep's decoder; "-1" or empty: no finding) at the image's own size, resized (nearest)."""
     import cv2
 
     if rle_column:
-        h, w = common.load_image(row["_path"]).shape
-        m = rle_decode(row.get(rle_column) or "", h, w).astype(np.uint8)
-    elif (row.get("mask") or "").strip():
-        p = Path(row["mask"])
-        p = p if p.is_absolute() else csv_dir / p
-        import PIL.Image
+        from data_prep import rle_decode
 
-        with PIL.Image.open(p) as im:
-            m = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+        h, w = common.load_image(row["_path"]).shape
+        m = rle_decode((row.get(rle_column) or "").strip(), h, w, relative=True)
+    elif (row.get("mask") or "").strip():
+        p = Path(row["mask"].strip())
+        m = common.load_image(p if p.is_absolute() else csv_dir / p)
     else:
         return np.zeros((size, size), bool)
-    return cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    return cv2.resize((m > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
 
 
 class SegDecoder(nn.Module):
-    """Tokens [B, N, C] -> grid [B, C, g, g] -> 1x1 conv -> upsample x2 -> 3x3 conv, GN, GELU -> 1x1 conv to one
-    logit map -> bilinear to the mask size. Light on purpose: the encoder's features must carry the finding."""
+    """Tokens [B, N, C] -> grid [B, C, g, g] -> 1x1 conv, x2 upsampling, 3x3 conv, GN, GELU, 1x1 conv -> one
+    logit map, bilinear to the mask size. Light on purpose: the frozen tokens must carry the finding."""
 
     def __init__(self, c_in: int, grid: int, out_size: int, width: int = 32):
         super().__init__()
         self.grid, self.out_size = grid, out_size
-        w2 = max(8, width // 2)
         self.net = nn.Sequential(
-            nn.Conv2d(c_in, width, 1), nn.GELU(), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            nn.Conv2d(width, w2, 3, padding=1), nn.GroupNorm(min(8, w2), w2), nn.GELU(), nn.Conv2d(w2, 1, 1))
+            nn.Conv2d(c_in, width, 1), nn.GELU(), nn.Upsample(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.GroupNorm(8, width // 2), nn.GELU(),
+            nn.Conv2d(width // 2, 1, 1))
 
     def forward(self, tokens):
-        B, N, C = tokens.shape
-        x = tokens.transpose(1, 2).reshape(B, C, self.grid, self.grid)
-        return F.interpolate(self.net(x), size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)[:, 0]
+        x = tokens.transpose(1, 2).reshape(len(tokens), -1, self.grid, self.grid)
+        return F.interpolate(self.net(x), size=(self.out_size,) * 2, mode="bilinear")[:, 0]
 
 
-def seg_tokens(ctx: Context, part: Part) -> np.ndarray:
-    """Frozen image_tokens [n, N, C] (float16 in memory), cached by image path for k-fold reuse."""
-    need = [r["_path"] for r in part.rows if r["_path"] not in ctx.token_cache]
-    if need:
-        rows = [r for r in part.rows if r["_path"] not in ctx.token_cache]
-        dl = torch.utils.data.DataLoader(ImageRows(rows, ctx.model.image_transform(False), ctx.image_size),
-                                         batch_size=ctx.cfg.batch_size, num_workers=ctx.cfg.num_workers)
+def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
+    c, S = ev.cfg, ev.model.cfg.image_size
+    ev.rows("train", views)  # reads the CSV's columns
+    if not c.mask_rle and "mask" not in ev.columns:
+        raise common.UserError(f"segmentation: {c.data} has no `mask` column (or give --mask_rle=<column>)")
+    if c.mask_rle and c.mask_rle not in ev.columns:
+        raise common.UserError(f"--mask_rle={c.mask_rle}: no such column in {c.data}")
+    data = {}
+    for split in ("train", c.split):  # the images with a finding (D-MLM: SIIM's 2,669 pneumothorax images)
+        rows = ev.rows(split, views)
+        masks = np.stack([load_mask(r, Path(c.data).parent, S, c.mask_rle) for r in rows])
+        keep = np.flatnonzero(masks.reshape(len(rows), -1).any(1))
+        if not len(keep):
+            raise common.UserError(f"segmentation: no image of split {split!r} has a non-empty mask")
+        rows = [rows[i] for i in keep]
+        tokens, ok = ev.images(rows, ev.model.image_tokens)
+        data[split] = (torch.from_numpy(tokens[ok]).half(), torch.from_numpy(masks[keep][ok]),
+                       [r for r, k in zip(rows, ok) if k])
+    (Xtr, Mtr, _), (Xte, Mte, te_rows) = data["train"], data[c.split]
+    grid = math.isqrt(Xtr.shape[1])
+    if grid * grid != Xtr.shape[1]:
+        raise common.UserError(f"segmentation: image_tokens gives {Xtr.shape[1]} tokens, not a square grid")
+
+    def run(idx, seed):
+        torch.manual_seed(seed)
+        dec = SegDecoder(Xtr.shape[2], grid, S).to(ev.device)
+        opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, c.seg_epochs))
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(c.seg_epochs):
+            for b in torch.from_numpy(idx)[torch.randperm(len(idx), generator=g)].split(32):
+                x, m = Xtr[b].float().to(ev.device), Mtr[b].float().to(ev.device)
+                logit = dec(x)
+                p = torch.sigmoid(logit)  # BCE + soft Dice
+                soft = 1 - (2 * (p * m).sum((1, 2)) + 1) / (p.sum((1, 2)) + m.sum((1, 2)) + 1)
+                loss = F.binary_cross_entropy_with_logits(logit, m) + soft.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
         with torch.no_grad():
-            for x, idx, _ in dl:
-                with ctx.autocast():
-                    tk = ctx.model.image_tokens(x.to(ctx.device)).float().cpu().half().numpy()
-                for i, t in zip(idx.tolist(), tk):
-                    ctx.token_cache[rows[i]["_path"]] = t
-    return np.stack([ctx.token_cache[r["_path"]] for r in part.rows])
+            pred = torch.cat([dec(x.float().to(ev.device)).cpu() > 0 for x in Xte.split(64)]).numpy()
+        return dice_per_image(pred, Mte.numpy())
+
+    res, stat = over_fractions(ev, len(Xtr), "dice", run, lambda d, idx: mean_or_none(d[idx]))
+    res.update(n_images=len(te_rows), note=f"decoder on frozen image_tokens ({grid}x{grid}), BCE + soft "
+               f"Dice, {c.seg_epochs} epochs, trained and tested on images with a finding; Dice at {S} px")
+    return res, stat, te_rows
 
 
-def task_segmentation(ctx: Context, train: Part, valid, test: Part) -> dict:
-    cfg = ctx.cfg
-    if not cfg.mask_rle_column and "mask" not in ctx.columns:
-        raise ValueError(f"segmentation: {cfg.data} has no `mask` column (or pass --mask_rle_column=...)")
-    csv_dir, S = Path(cfg.data).parent, ctx.image_size
-    Xtr, Xte = seg_tokens(ctx, train), seg_tokens(ctx, test)
-    N, C = Xtr.shape[1:]
-    g = int(round(math.sqrt(N)))
-    if g * g != N:
-        raise ValueError(f"segmentation: image_tokens gives {N} tokens, not a square grid")
-    Mtr = np.stack([load_mask(r, csv_dir, S, cfg.mask_rle_column) for r in train.rows])
-    Mte = np.stack([load_mask(r, csv_dir, S, cfg.mask_rle_column) for r in test.rows])
-    torch.manual_seed(0)
-    dec = SegDecoder(C, g, S, cfg.seg_width).to(ctx.device)
-    opt = torch.optim.Adam(dec.parameters(), lr=cfg.seg_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.seg_epochs))
-    Xt, Mt = torch.from_numpy(Xtr), torch.from_numpy(Mtr.astype(np.float32))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(cfg.seg_epochs):
-        for b in torch.randperm(len(Xt), generator=gen).split(32):
-            x, m = Xt[b].float().to(ctx.device), Mt[b].to(ctx.device)
-            logit = dec(x)
-            p = torch.sigmoid(logit)
-            soft_dice = 1 - (2 * (p * m).sum((1, 2)) + 1) / (p.sum((1, 2)) + m.sum((1, 2)) + 1)
-            loss = F.binary_cross_entropy_with_logits(logit, m) + soft_dice.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    dec.eval()
-    with torch.no_grad():
-        pred = np.concatenate([(dec(torch.from_numpy(Xte[s:s + 64]).float().to(ctx.device)) > 0).cpu().numpy()
-                               for s in range(0, len(Xte), 64)])
-    d = dice_summary(pred, Mte)
-    return {"metrics": {"dice_pos": d["dice_pos"], "dice_all": d["dice_all"], "dice_global": d["dice_global"]},
-            "n_test": d["n_images"], "n_test_with_mask": d["n_with_mask"], "n_train": len(train), "grid": g,
-            "note": f"decoder on frozen image_tokens ({g}x{g}x{C}), BCE + soft Dice, {cfg.seg_epochs} epochs; masks "
-                    f"binarised (> 0) at {S} px; dice_pos: mean over test images with a mask, dice_all: empty-empty "
-                    f"counts 1 (SIIM Kaggle), dice_global: pooled over all pixels"}
+TASK_FNS = {"zeroshot": task_zeroshot, "zeroshot_multiclass": task_zeroshot_multiclass,
+            "retrieval": task_retrieval, "probe": task_probe,
+            "finetune": lambda ev, views: task_probe(ev, views, finetune=True),
+            "segmentation": task_segmentation, "regression": task_regression, "grading": task_grading}
+
+
+def run_task(ev: Evaluator, task: str) -> dict:
+    """One task -> its result: metrics, their 95% CIs, what was evaluated and how. The bootstrap values are
+    kept under "_boot" (for paired_p; not written)."""
+    views = views_of(ev.cfg, task)
+    res, stat, rows = TASK_FNS[task](ev, views)
+    boot = bootstrap(stat, patient_groups(rows), ev.cfg.bootstrap) if ev.cfg.bootstrap > 0 else {}
+    res["ci"] = {k: percentile_ci(v) for k, v in boot.items()}
+    labels = ev.policy() if task in ("zeroshot", "probe", "finetune") else "not used"
+    return {"task": task, "paper": ev.paper, "ckpt": ev.ckpt, "data": ev.cfg.data, "split": ev.cfg.split,
+            "labels": labels, "views": views, "bootstrap": ev.cfg.bootstrap, **res, "_boot": boot,
+            "_rows": [(r["_row"], r.get("patient_id", "")) for r in rows]}
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- k-fold cross-validation over the evaluation split (CXR-CML) ----
+# ---- output: printed blocks, JSON, the Markdown comparison table ----
 
 
-def group_folds(groups: list[str], k: int, seed: int = 0) -> np.ndarray:
-    """Fold index per row; a group (patient) is never in two folds. Groups shuffled, then dealt round-robin
-    in order of size so the folds have similar numbers of rows."""
-    uniq = sorted(set(groups))
-    rng = np.random.default_rng(seed)
-    uniq = [uniq[i] for i in rng.permutation(len(uniq))]
-    size = {u: 0 for u in uniq}
-    for g in groups:
-        size[g] += 1
-    load, fold_of = np.zeros(k), {}
-    for u in sorted(uniq, key=lambda u: -size[u]):  # stable: ties keep the shuffled order
-        f = int(np.argmin(load))
-        fold_of[u] = f
-        load[f] += size[u]
-    return np.array([fold_of[g] for g in groups])
-
-
-def task_kfold(ctx: Context, base: str, part: Part) -> dict:
-    if base == "kfold" or base not in TASK_FNS:
-        raise ValueError(f"kfold: --kfold_task={base} must be one of {[t for t in TASKS if t != 'kfold']}")
-    k = ctx.cfg.folds
-    groups = [r.get("patient_id") or r.get("study_id") or str(i) for i, r in enumerate(part.rows)]
-    if len(set(groups)) < k:
-        raise ValueError(f"kfold: {len(set(groups))} patients in {part.name}, fewer than --folds={k}")
-    fold = group_folds(groups, k, 0)
-    runs = []
-    plots, ctx.cfg.plots = ctx.cfg.plots, False
-    try:
-        for f in range(k):
-            te = part.subset(np.flatnonzero(fold == f), f"{part.name} fold {f}")
-            tr = part.subset(np.flatnonzero(fold != f), f"{part.name} other folds")
-            print(f"kfold {base}: fold {f + 1}/{k} ({len(te)} test / {len(tr)} train rows)")
-            runs.append(TASK_FNS[base](ctx, tr, tr, te))
-    finally:
-        ctx.cfg.plots = plots
-    metrics = {}
-    for key in runs[0]["metrics"]:
-        if key.endswith("_std"):
-            continue
-        metrics[key], metrics[key + "_std"] = mean_std(r["metrics"].get(key) for r in runs)
-    return {"metrics": metrics, "base_task": base, "folds": k, "per_fold": [r["metrics"] for r in runs],
-            "note": f"{k}-fold cross-validation over the {part.name} split grouped by patient: each fold is the test "
-                    f"set once, the other folds are the training / threshold-selection set; mean ± std over folds"}
-
-
-TASK_FNS = {"zeroshot": task_zeroshot, "zeroshot_multiclass": task_zeroshot_multiclass, "retrieval": task_retrieval,
-            "probe": task_probe, "finetune": task_finetune, "segmentation": task_segmentation,
-            "regression": task_regression, "grading": task_grading, "concepts": task_concepts}
-NEEDS_TRAIN = {"probe", "finetune", "segmentation", "regression", "grading", "concepts"}
-
-
-def run_task(ctx: Context, task: str) -> dict:
-    cfg = ctx.cfg
-    base = None
-    if task.startswith("kfold"):
-        base = task.partition(":")[2] or cfg.kfold_task
-        task = "kfold"
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or kfold:<task>)")
-    from threadpoolctl import threadpool_limits
-
-    t0 = time.time()
-    with threadpool_limits(cfg.sklearn_threads if cfg.sklearn_threads > 0 else None, user_api="blas"):
-        res = _run_task(ctx, task, base)
-    res.update(task=task if base is None else f"kfold:{base}", ckpt=ctx.ckpt, paper=ctx.paper, data=cfg.data,
-               split=cfg.split, seconds=round(time.time() - t0, 1))
-    if cfg.plots:
-        plot_embeddings(ctx, ctx.part(cfg.split))
-    return res
-
-
-def _run_task(ctx: Context, task: str, base: str | None) -> dict:
-    cfg = ctx.cfg
-    test = ctx.require(ctx.part(cfg.split), cfg.split, task)
-    if task == "kfold":
-        res = task_kfold(ctx, base, test)
-    else:
-        train = ctx.require(ctx.part(cfg.train_split), cfg.train_split, task) if task in NEEDS_TRAIN else None
-        valid = ctx.part(cfg.valid_split) if task == "zeroshot" else None
-        res = TASK_FNS[task](ctx, train, valid, test)
-    return res
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- plots (matplotlib, PNG) ----
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_roc(ctx: Context, y: np.ndarray, p: np.ndarray, names: list[str], tag: str) -> Path | None:
-    from sklearn.metrics import roc_curve
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 6))
-    yb = common.binary_targets(y)
-    for j, n in enumerate(names):
-        m = ~np.isnan(yb[:, j])
-        a = auc_or_none(y[:, j], p[:, j])
-        if a is None:
-            continue
-        fpr, tpr, _ = roc_curve(yb[m, j], p[m, j])
-        ax.plot(fpr, tpr, lw=1.2, label=f"{n} ({a:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{ctx.paper}: {tag} ROC (test)")
-    ax.legend(fontsize=7, loc="lower right")
-    out = ctx.out / "plots" / f"roc_{tag}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_retrieval(ctx: Context, part: Part, q: list[int], texts: list[str], sim: np.ndarray, n: int = 4) -> Path:
-    import textwrap
-
-    plt = _plt()
-    n = min(n, len(q))
-    fig, axes = plt.subplots(n, 2, figsize=(11, 2.8 * n), gridspec_kw={"width_ratios": [1, 3]}, squeeze=False)
-    for r in range(n):
-        axes[r, 0].imshow(common.load_image(part.rows[q[r]]["_path"]), cmap="gray")
-        axes[r, 0].set_axis_off()
-        axes[r, 0].set_title(part.rows[q[r]].get("study_id", ""), fontsize=8)
-        top = np.argsort(-sim[r])[:5]
-        lines = [("* " if texts[c] == texts[r] else "  ") + f"{k + 1}. ({sim[r, c]:.2f}) "
-                 + textwrap.shorten(texts[c], 110) for k, c in enumerate(top)]
-        axes[r, 1].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=7)
-        axes[r, 1].set_axis_off()
-    fig.suptitle(f"{ctx.paper}: image -> top-5 report texts (* = the study's own report)", fontsize=9)
-    out = ctx.out / "plots" / "retrieval_examples.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_embeddings(ctx: Context, part: Part) -> Path | None:
-    """2-D map (PCA or t-SNE) of the image embeddings, coloured by body part and by the most common label."""
-    plt = _plt()
-    if len(part) < 3:
-        return None
-    X = part.emb
-    if ctx.cfg.embed_plot == "tsne" and len(X) > 10:
-        from sklearn.manifold import TSNE
-
-        Z = TSNE(2, perplexity=min(30, len(X) // 4), init="pca", random_state=0).fit_transform(X)
-    else:
-        from sklearn.decomposition import PCA
-
-        Z = PCA(2, random_state=0).fit_transform(X)
-    colourings = []
-    bp = part.column("body_part")
-    if len(set(bp)) > 1:
-        colourings.append(("body part", bp))
-    Y = part.labels(part.label_names) if part.label_names else None
-    if Y is not None and len(part.label_names):
-        j = int(np.argmax((Y == 1).sum(0)))
-        colourings.append((part.label_names[j], [{1: "positive", 0: "negative", -1: "uncertain"}.get(v, "blank")
-                                                 if not np.isnan(v) else "blank" for v in Y[:, j]]))
-    if not colourings:
-        colourings.append(("all", ["image"] * len(X)))
-    fig, axes = plt.subplots(1, len(colourings), figsize=(6 * len(colourings), 5), squeeze=False)
-    for ax, (title, c) in zip(axes[0], colourings):
-        for v in sorted(set(c)):
-            m = np.array([x == v for x in c])
-            ax.scatter(Z[m, 0], Z[m, 1], s=8, label=v, alpha=0.8)
-        ax.set_title(f"{ctx.paper}: {ctx.cfg.embed_plot.upper()} of image embeddings by {title}", fontsize=9)
-        ax.legend(fontsize=7, markerscale=1.5)
-    out = ctx.out / "plots" / f"embeddings_{ctx.cfg.embed_plot}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- output: printed tables, JSON, Markdown ----
-
-
-def _fmt(v, std=None) -> str:
+def fmt(v, ci=None, p=None, digits: int = 4) -> str:
+    """0.8123 (0.7901-0.8345), p=0.002; MAE-sized numbers with 2 decimals."""
     if v is None:
         return "undefined"
-    s = f"{v:.4f}" if isinstance(v, float) else str(v)
-    return s + (f" ± {std:.4f}" if isinstance(std, float) else "")
+    d = digits if abs(v) < 10 else 2
+    s = f"{v:.{d}f}" + (f" ({ci[0]:.{d}f}-{ci[1]:.{d}f})" if ci else "")
+    return s + (f", p={p:.3f}" if p is not None else "")
 
 
-def headline(metrics: dict) -> dict[str, str]:
-    return {k: _fmt(v, metrics.get(k + "_std")) for k, v in metrics.items() if not k.endswith("_std")}
+def format_result(r: dict) -> str:
+    lines = [f"== {r['task']} | {r['paper']} {r['ckpt']} | {r['data']} split {r['split']}: {r['n_images']} "
+             f"images, views {r['views']} | labels: {r['labels']}"]
+    for k, v in r["metrics"].items():
+        std = r.get("seed_std", {}).get(k)
+        lines.append(f"  {k:<16} {fmt(v, r['ci'].get(k))}"
+                     + (f"   std over seeds {std:.4f}" if std is not None else ""))
+    for n, d in r.get("per_label", {}).items():
+        lines.append(f"    {n[:28]:<28} AUC {fmt(d['auc'])}  F1 {fmt(d['f1'])}  ACC {fmt(d['acc'])}  "
+                     f"(threshold {d['threshold']:.3f}; {d['n_pos']} pos / {d['n_neg']} neg)")
+    if r["ci"]:
+        lines.append(f"  95% CIs: {r['bootstrap']} resamples of the patients")
+    return "\n".join(lines + [f"  note: {r['note']}"])
 
 
-def format_result(res: dict) -> str:
-    lines = [f"== {res['task']}  ({res['paper']}: {res['ckpt']}, {res['data']} split={res['split']}, "
-             f"{res['seconds']} s)"]
-    for k, v in headline(res["metrics"]).items():
-        lines.append(f"  {k:<22} {v}")
-    per = res.get("per_label") or res.get("per_class")
-    if per:
-        first = next(iter(per.values()))
-        if isinstance(first, dict) and first and all(not isinstance(v, dict) for v in first.values()):
-            cols = [c for c in first if c not in ("threshold_from",)]
-            lines.append("  " + f"{'':<26}" + "".join(f"{c:>12}" for c in cols))
-            for n, d in per.items():
-                lines.append("  " + f"{n[:26]:<26}" + "".join(
-                    f"{(_fmt(d[c]) if not isinstance(d[c], int) else str(d[c])):>12}" for c in cols))
-        else:  # fraction tables: label x fraction
-            fr = list(first)
-            lines.append("  " + f"{'':<26}" + "".join(f"{f:>20}" for f in fr))
-            for n, d in per.items():
-                lines.append("  " + f"{n[:26]:<26}" + "".join(f"{_fmt(d[f]['auc'], d[f]['std']):>20}" for f in fr))
-    if res.get("note"):
-        lines.append(f"  note: {res['note']}")
-    return "\n".join(lines)
-
-
-def markdown_table(results: dict) -> str:
-    """results[ckpt][task] -> one row per checkpoint, one column per task metric."""
-    cols = []
-    for per_task in results.values():
+def compare(results: dict):
+    """p-values of each later checkpoint's metrics against the first one's, on the same patient resamples
+    (only where both were evaluated on the same rows)."""
+    first = results[next(iter(results))]
+    for per_task in list(results.values())[1:]:
         for task, r in per_task.items():
-            for k in headline(r.get("metrics", {})):
-                if (task, k) not in cols:
-                    cols.append((task, k))
-    head = "| checkpoint | paper | " + " | ".join(f"{t} {k}" for t, k in cols) + " |"
-    lines = [head, "|" + " --- |" * (len(cols) + 2)]
-    for ck, per_task in results.items():
-        paper = next((r.get("paper") for r in per_task.values() if r.get("paper")), "")
-        cells = []
-        for t, k in cols:
-            r = per_task.get(t, {})
-            cells.append(headline(r["metrics"]).get(k, "") if "metrics" in r else r.get("error", "")[:40])
-        lines.append(f"| {ck} | {paper} | " + " | ".join(cells) + " |")
+            r0 = first[task]
+            if r["_boot"] and r["_rows"] == r0["_rows"]:
+                r["p_vs_first"] = {k: paired_p(v, r0["_boot"][k]) for k, v in r["_boot"].items()
+                                   if k in r0["_boot"]}
+
+
+def markdown_table(results: dict, cfg: Config) -> str:
+    """One row per (task, metric), one column per checkpoint: value (95% CI), p against the first column."""
+    ckpts = list(results)
+    papers = [next(iter(results[c].values()))["paper"] for c in ckpts]
+    heads = papers if len(set(papers)) == len(papers) else ckpts
+    policy = next((r["labels"] for r in results[ckpts[0]].values() if r["labels"] != "not used"), None)
+    lines = [f"{cfg.data}, split {cfg.split}" + (f"; labels: {policy}" if policy else "")
+             + f"; 95% CIs: {cfg.bootstrap} bootstrap resamples of the patients"
+             + (f"; p: paired bootstrap against {heads[0]}" if len(ckpts) > 1 else "") + ".", "",
+             "| task (views) | metric | " + " | ".join(heads) + " |", "| --- | --- |" + " --- |" * len(ckpts)]
+    for task, r in results[ckpts[0]].items():
+        for k in r["metrics"]:
+            cells = []
+            for c in ckpts:
+                rc = results[c][task]
+                cells.append(fmt(rc["metrics"].get(k), rc["ci"].get(k), rc.get("p_vs_first", {}).get(k), 3))
+            lines.append(f"| {task} ({r['views']}) | {k} | " + " | ".join(cells) + " |")
+    if heads != ckpts:
+        lines += ["", "Checkpoints: " + ", ".join(f"{h} = {c}" for h, c in zip(heads, ckpts)) + "."]
     return "\n".join(lines) + "\n"
 
 
+def check_config(cfg: Config) -> tuple[list[str], list[str]]:
+    """The flags a typo could break, checked before any work: -> (checkpoints, tasks)."""
+    ckpts, tasks = csv_list(cfg.ckpt), csv_list(cfg.task)
+    if not ckpts:
+        raise common.UserError("--ckpt=PATH[,PATH...] is required: a ckpt.pt or ckpt_best.pt written by "
+                               "pedclip.py, cxrclip.py, cxrcml.py or dmlm.py")
+    if len(set(ckpts)) < len(ckpts):
+        raise common.UserError(f"--ckpt names a checkpoint twice: {cfg.ckpt}")
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise common.UserError(f"--task={cfg.task}: choose from {', '.join(TASKS)} (comma-separated)")
+    choices = {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"),
+               "mode": ("frozen", "finetune")}
+    for k, ok in choices.items():
+        if getattr(cfg, k) not in ok:
+            raise common.UserError(f"--{k}={getattr(cfg, k)}: choose from {' | '.join(ok)}")
+    try:
+        fracs, _ = [float(f) for f in csv_list(cfg.fractions)], [int(s) for s in csv_list(cfg.seeds)]
+    except ValueError:
+        raise common.UserError(f"--fractions={cfg.fractions} / --seeds={cfg.seeds}: expected numbers, "
+                               f"e.g. 0.01,0.1,1 and 0,1,2") from None
+    if not fracs or not csv_list(cfg.seeds) or not all(0 < f <= 1 for f in fracs):
+        raise common.UserError(f"--fractions={cfg.fractions}: shares in (0, 1]; --seeds: at least one")
+    heads = [t for t in tasks if t not in ("zeroshot", "zeroshot_multiclass", "retrieval")]
+    if cfg.split == "train" and heads:
+        raise common.UserError(f"--split=train: {', '.join(heads)} fit their heads on the training split")
+    for c in ckpts:
+        if not Path(c).is_file():
+            raise common.UserError(f"no checkpoint at {c} (train one first, e.g. `python pedclip.py`)")
+    if cfg.data != Config.data and not Path(cfg.data).is_file():
+        raise common.UserError(f"data CSV {cfg.data} does not exist (data_prep.py writes one per data set)")
+    return ckpts, tasks
+
+
 def main(argv=None) -> dict:
-    cfg = common.parse_config(Config, PRESETS, argv, default_preset="default")
+    """-> {checkpoint: {task: result}}; also printed and written to <out>/eval_<tasks>.json and .md."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+    cfg = common.parse_config(Config, PRESETS, argv)
+    ckpts, tasks = check_config(cfg)
+    if cfg.data == Config.data:
+        common.ensure_phantoms(cfg.data, PHANTOMS)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"
+    if cuda:  # as the paper files' setup() does, so that the zero-shot numbers agree with training time
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     threads = torch.get_num_threads()
     torch.set_num_threads(common.cpu_threads(cfg.threads))
     try:
-        return _main(cfg)
+        results = {}
+        for ck in ckpts:
+            model, paper = load_model(ck, device)
+            print(f"{ck}: {paper}, {model.cfg.image_size} px, on {device}")
+            ev, results[ck] = Evaluator(cfg, model, paper, ck, device), {}
+            for t in tasks:
+                results[ck][t] = run_task(ev, t)
+                print(format_result(results[ck][t]))
+            del ev, model
     finally:
         torch.set_num_threads(threads)
-
-
-def _main(cfg: Config) -> dict:
-    ckpts = _csv_list(cfg.ckpt)
-    tasks = _csv_list(cfg.tasks)
-    if not ckpts:
-        raise common.ConfigError("--ckpt=<path>[,<path>...] is required")
-    if cfg.mode not in ("frozen", "finetune"):
-        raise common.ConfigError(f"--mode={cfg.mode}: expected frozen | finetune")
-    if cfg.embed_plot not in ("pca", "tsne"):
-        raise common.ConfigError(f"--embed_plot={cfg.embed_plot}: expected pca | tsne")
-    for t in tasks or [cfg.task]:
-        if t.partition(":")[0] not in TASKS:
-            raise common.ConfigError(f"unknown task {t!r}; choose from {', '.join(TASKS)} (or kfold:<task>)")
-    table_form = bool(tasks) or len(ckpts) > 1
-    out = Path(cfg.out or ("results" if table_form and len(ckpts) > 1 else str(Path(ckpts[0]).parent)))
+    compare(results)
+    out = Path(cfg.out or (Path(ckpts[0]).parent if len(ckpts) == 1 else "results"))
     out.mkdir(parents=True, exist_ok=True)
-    tasks = tasks or [cfg.task]
-    results: dict[str, dict] = {}
-    for ck in ckpts:
-        try:
-            ctx = Context(cfg, ck, out)
-        except Exception as e:
-            if not table_form:
-                raise
-            print(f"error: cannot load {ck}: {type(e).__name__}: {str(e)[:300]}")  # the other rows still run
-            results[ck] = {t: {"task": t, "error": f"load failed: {type(e).__name__}"} for t in tasks}
-            continue
-        print(f"{ck}: {ctx.paper} model, {ctx.image_size} px, device {ctx.device}")
-        results[ck] = {}
-        for t in tasks:
-            try:
-                res = run_task(ctx, t)
-            except Exception as e:
-                if not table_form:
-                    raise
-                print(f"error: {ck} {t}: {type(e).__name__}: {e}")  # one failing cell must not lose the table
-                res = {"task": t, "error": f"{type(e).__name__}: {e}", "paper": ctx.paper}
-                results[ck][t] = res
-                continue
-            print(format_result(res))
-            results[ck][t] = res
-            if not table_form:
-                p = out / f"eval_{t.replace(':', '_')}.json"
-                common.write_json_atomic(p, res)
-                print(f"wrote {p}")
-        del ctx
-    if table_form:
-        common.write_json_atomic(out / "results.json", results)
-        (out / "results.md").write_text(markdown_table(results))
-        print(markdown_table(results))
-        print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    stem = out / ("eval_" + "+".join(tasks))
+    clean = {c: {t: {k: v for k, v in r.items() if not k.startswith("_")} for t, r in rt.items()}
+             for c, rt in results.items()}
+    common.atomic_write(f"{stem}.json", lambda f: json.dump(clean, f, indent=2))
+    md = markdown_table(results, cfg)
+    common.atomic_write(f"{stem}.md", lambda f: f.write(md))
+    print(f"\n{md}\nwrote {stem}.json and {stem}.md")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)
