@@ -1,54 +1,49 @@
 """
 CXR-CLIP: Toward Large Scale Chest X-ray Language-Image Pre-training.
 K. You, J. Gu, J. Ham, B. Park, J. Kim, E. K. Hong, W. Baek, B. Roh. MICCAI 2023.
-doi:10.1007/978-3-031-43895-0_10 (paper: ../shared/papers/cxrclip.md)
+doi:10.1007/978-3-031-43895-0_10
 
-What this file implements, top to bottom (one file, sharing only common.py):
+Map of the method (Sec. 3, 4.2):
+    a study s = {X, T} gives two images x^1, x^2 (two views, else x^2 = A_i(x^1)) and two texts
+        t^1, t^2 (findings and impression, else t^2 = A_t(t^1): sentence shuffle, back-translation)  Sec. 3.1
+    image-label studies: T = Concat({p ~ P(y)}_{y in Y}), a prompt sentence per labelled class  Sec. 3.1, 4.1
+    v = f^i(E^i(x)) / ||.||, E^i ResNet-50 | Swin-T, average pooled
+    u = f^t(E^t(t)) / ||.||, E^t BioClinicalBERT at its [EOS] token                              Sec. 3.2
+    L_CLIP(U, V): symmetric InfoNCE with a learnable temperature tau                            Eq. (1)
+    L_MVS = 1/4 (L_CLIP(U1, V1) + L_CLIP(U2, V1) + L_CLIP(U1, V2) + L_CLIP(U2, V2))             Eq. (2)
+    L = L_MVS + lambda_I L_ICL + lambda_T L_TCL, ICL = L_CLIP(V1, V2), TCL = L_CLIP(U1, U2)     Sec. 3.3
+    AdamW, cosine schedule after 1 warm-up epoch, early stop on the validation loss             Sec. 4.2
+Equation -> function -> test (tests/test_cxrclip.py): Eq. (1) clip_loss (::test_clip_loss_eq1), Eq. (2)
+mvs_loss, ICL icl_loss, TCL tcl_loss, L cxrclip_loss (::test_mvs_icl_tcl_and_total), T label_prompt_text
+(::test_label_prompts_*), A_t sentence_shuffle on split_sentences (::test_split_sentences_*).
 
-    study s = {X images, T texts}         Sec. 3.1: two images per study (distinct views where possible, else an
-                                          augmented copy), two texts (findings + impression, else an augmented copy)
-    image-label rows -> texts             Sec. 3.1: T = Concat({p ~ P(y)}) from class prompts per label value
-    E^i: ResNet-50 | Swin-T | tiny CNN    Sec. 3.2: global average pooled, linear projection to 512, L2-normalised
-    E^t: BioClinicalBERT | tiny BERT      Sec. 3.2: the [EOS] (BERT's [SEP]) token's output, projection, L2-norm
-    L_CLIP                                Eq. (1): symmetric InfoNCE with a learnable temperature
-    L_MVS                                 Eq. (2): mean of L_CLIP over the 4 (image, text) view pairings
-    ICL, TCL                              Sec. 3.3: L_CLIP between the two images / the two texts of each study
-    L = L_MVS + λ_I ICL + λ_T TCL         λ_I = 1.0, λ_T = 0.5 (Sec. 4.2)
-    AdamW 5e-5 / wd 1e-4, cosine + 1 warm-up epoch, 15 epochs, AMP, 128 studies per global batch (Sec. 4.2)
+Run:
+    python cxrclip.py                                       # demo: phantoms, tiny CNN + BERT, 2 CPU cores
+    torchrun --nproc_per_node=2 cxrclip.py                  # the same demo in 2 processes
+    python cxrclip.py --preset=paper --data=data/mimic.csv  # ResNet-50 (ImageNet) + BioClinicalBERT, 224 px
+    python cxrclip.py --preset=paper --image_encoder=swin_t --data=data/mimic_chexpert.csv
+    torchrun --nproc_per_node=4 cxrclip.py --preset=paper --data=data/mimic.csv   # 4 GPUs x 32 studies
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        cxrclip.py --preset=paper --data=data/mimic.csv
 
-Run it:
-
-    python cxrclip.py                                        # demo: phantom data, tiny encoders, ~3 min on 2 CPU cores
-    python cxrclip.py --preset=paper --data=data/mimic.csv   # the paper: ResNet-50 + BioClinicalBERT, 224 px
-    python cxrclip.py --preset=paper --image_encoder=swin_t --data=data/mimic.csv
-    torchrun --nproc_per_node=2 cxrclip.py                   # 2 processes (GPUs, or gloo on CPU); --batch_size is global
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 cxrclip.py --preset=paper ...
-    python cxrclip.py --resume                               # continue out/cxrclip/ckpt.pt exactly where it stopped
-    python cxrclip.py --help                                 # every flag, with the paper section it comes from
-
-Where this differs from the paper or its published code, and why:
-  * Text augmentation A_t: sentence shuffle that really changes the order (the published one is a no-op), and
-    back-translation read from `findings_bt` / `impression_bt` columns when data_prep.py has written them.
-  * Swin-T is mean-pooled over its last feature map (Swin has no class token; the published code takes token 0).
-  * Hue/saturation jitter (Sec. 4.2) are no-ops on grayscale radiographs and are left out; CLAHE via OpenCV.
-  * The demo replaces the pretrained encoders by a small CNN and a 2-layer BERT with a WordPiece vocabulary
-    fitted on the training reports, and uses a larger lr and more epochs, because it trains from scratch.
-  * Early stopping on validation loss is `--patience` (the paper gives no patience; off by default).
+Departures from the paper are stated at their lines and in README.md ("CXR-CLIP").
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
-import time
-from contextlib import nullcontext
+import re
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 import common
 
@@ -59,291 +54,167 @@ import common
 @dataclass
 class Config:
     # data (Sec. 3.1, 4.1)
-    data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema; the demo makes phantoms here if absent
-    n_phantoms: int = 3000  # images in the phantom data set made when --data is the default and missing
-    image_size: int = 64  # input resolution (224 in the paper, Sec. 4.2)
-    text_source: str = "auto"  # auto: report sections, label prompts where a study has none | labels: prompts only
-    prompt_negatives: int = 3  # negative classes sampled into a label prompt (3 for ChestX-ray14, Sec. 4.1)
-    label_prompt_frac: float = 0.0  # share of training studies used as image-label data (reports withheld), like
-    #                                 the paper's MIMIC + CheXpert mix (Table 2, "M,C"); the demo uses 0.5
-    # model (Sec. 3.2)
-    image_encoder: str = "tiny"  # tiny | resnet50 | swin_t
-    text_encoder: str = "tiny"  # tiny | a Hugging Face BERT name or path, e.g. emilyalsentzer/Bio_ClinicalBERT
-    pretrained: bool = False  # ImageNet / BioClinicalBERT weights (needs them downloaded or cached)
-    embed_dim: int = 512  # shared embedding size (Sec. 4.2)
-    max_tokens: int = 128  # text length after tokenisation
-    tiny_width: int = 64  # tiny encoders: channels / hidden size
-    tiny_layers: int = 2  # tiny BERT layers
-    vocab_size: int = 2000  # WordPiece vocabulary fitted on the training reports when no pretrained tokenizer
+    data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (the demo draws phantoms here)
+    image_size: int = 64  # input resolution (224, Sec. 4.2)
+    label_prompt_frac: float = 0.0  # share of training studies used as image-label data (reports withheld)
+    prompt_negatives: int = 3  # negatives sampled per prompt of a 1/0-only (ChestX-ray14) row; -1: all
+    prompt_file: str = ""  # prompts P(y), JSON {class: {"pos": [...], "neg": [...], "unc": [...]}} (official)
+    # encoders E^i, E^t and projections f^i, f^t (Sec. 3.2)
+    image_encoder: str = "tiny"  # tiny (a small CNN) | resnet50 | swin_t (torchvision)
+    text_encoder: str = "tiny"  # tiny (2-layer BERT from scratch) | a BERT name or folder (BioClinicalBERT)
+    pretrained: bool = False  # ImageNet V1 (torchvision) and BioClinicalBERT weights (the paper)
+    embed_dim: int = 128  # shared embedding size (512, Sec. 4.2)
+    max_tokens: int = 128  # texts truncated to this many tokens (256 in the official code)
+    tiny_width: int = 64  # tiny encoders: CNN channels / BERT hidden size
+    vocab_size: int = 2000  # WordPiece vocabulary fitted on the training texts (tiny / unpretrained BERT)
     # loss (Sec. 3.3, 4.2)
-    lambda_icl: float = 1.0  # λ_I
-    lambda_tcl: float = 0.5  # λ_T
-    init_temperature: float = 0.07  # τ at the start, learnable (CLIP); logit scale clamped at 100
+    lambda_icl: float = 1.0  # lambda_I, the weight of ICL
+    lambda_tcl: float = 0.5  # lambda_T, the weight of TCL
     # optimisation (Sec. 4.2)
     epochs: int = 15  # training epochs
-    batch_size: int = 128  # studies per GLOBAL batch (256 image-text pairs); each rank gets batch_size // world
+    batch_size: int = 128  # GLOBAL batch of studies (2 image-text pairs each)
     lr: float = 5e-5  # AdamW peak learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay (matrices only; not biases, norms, temperature)
+    weight_decay: float = 1e-4  # AdamW weight decay on weight matrices
     warmup_epochs: float = 1.0  # linear warm-up, then cosine annealing to 0
-    grad_clip: float = 1.0  # max gradient norm (0: off)
-    patience: int = 0  # early stop after this many epochs without a lower validation loss (0: off)
+    grad_clip: float = 0.0  # max gradient norm, 0: off (neither the paper nor the official code clips)
+    patience: int = 0  # stop after this many epochs without a lower validation loss, 0: off
     # run
-    seed: int = 0  # seed for weights (same on every rank), data order and augmentations
+    seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
-    compile: bool = False  # torch.compile the model (same loss; faster on GPU after warm-up)
-    grad_ckpt: bool = False  # gradient checkpointing: recompute each ResNet / Swin stage and BERT layer in the backward (less memory, ~1/3 more compute)
-    num_workers: int = 2  # DataLoader workers per rank
-    threads: int = 1  # CPU only: torch intra-op threads per process (0: the usable cores / the processes on this node); 1 avoids OpenMP spin-waits
-    #                   fighting the DataLoader workers for 2 cores (measured several times faster on a busy machine)
-    out_dir: str = "out/cxrclip"  # ckpt.pt, ckpt_prev.pt, log.jsonl, metrics.json
-    resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimiser, schedule, data position, RNG)
-    overwrite: bool = False  # allow a new run to replace an existing run's checkpoint in out_dir
-    max_steps: int = -1  # stop (with a checkpoint) after this many optimiser steps; the schedule still spans --epochs
+    amp: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; off on CPU) | bf16 | fp16 | off
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 2  # DataLoader workers per process
+    threads: int = 0  # CPU: torch threads per process (0: the cores shared among the processes)
+    out_dir: str = "out/cxrclip"  # ckpt.pt, ckpt_best.pt, log.jsonl, metrics.json
+    resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
+    overwrite: bool = False  # replace an existing run in out_dir
+    max_steps: int = -1  # stop (with a checkpoint) after this many steps; the schedule still spans --epochs
     log_every: int = 10  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (and at every epoch end)
-    max_bad_frac: float = 0.01  # fail when more than this share of samples are unreadable / empty
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    fault_nan_step: int = -1  # TESTS ONLY: make rank 0's loss NaN at this step
-    eval_batch_size: int = 256  # images per forward pass in the final zero-shot evaluation
-    benchmark: str = "off"  # off | model (or bare --benchmark): time training steps on synthetic tensors | data
-    benchmark_steps: int = 10  # timed steps of --benchmark (after 3 warm-up steps)
-    benchmark_workers: str = "0,1,2,4"  # DataLoader worker counts that --benchmark=data times
-    preset: str = "demo"  # filled in by the CLI: demo | paper
+    max_bad_frac: float = 0.01  # fail when more than this share of samples is unreadable or empty
+    benchmark: bool = False  # time training steps of this preset on synthetic tensors, then exit
+    preset: str = "demo"  # set by --preset
 
 
 PRESETS = {
-    # Demo: phantoms at 64 px, tiny encoders from scratch (hence lr 2e-3). 3000 images -> ~990 training studies;
-    # 32 studies per batch -> 31 steps/epoch; 40 epochs -> ~1240 steps. Half of the studies play the image-label
-    # data (reports withheld, label prompts with 1 sampled negative class), as MIMIC + CheXpert do in the paper.
-    "demo": dict(batch_size=32, epochs=40, lr=2e-3, weight_decay=1e-4, warmup_epochs=1.0, embed_dim=128,
-                 label_prompt_frac=0.5, prompt_negatives=1),
-    # Paper (Sec. 4.2): ResNet-50 + BioClinicalBERT, 224 px, 128 studies x 2 = 256 pairs per global batch
-    # (e.g. 4 GPUs x 32 studies), lr 5e-5, wd 1e-4, cosine with 1 warm-up epoch, 15 epochs.
-    "paper": dict(image_encoder="resnet50", text_encoder="emilyalsentzer/Bio_ClinicalBERT", pretrained=True,
-                  image_size=224, embed_dim=512, batch_size=128, epochs=15, lr=5e-5, weight_decay=1e-4,
-                  warmup_epochs=1.0, vocab_size=30522, num_workers=8, threads=0, data=""),
+    # Demo: phantoms at 64 px, a tiny CNN and a 2-layer BERT from scratch (hence lr 2e-3 and clipping).
+    # ~990 training studies / 32 = 31 steps per epoch x 40 epochs. Half of the studies play the image-label
+    # data (reports withheld), as CheXpert beside MIMIC-CXR does in the paper. One thread per process leaves
+    # the second core to the DataLoader workers.
+    "demo": dict(batch_size=32, epochs=40, lr=2e-3, grad_clip=1.0, label_prompt_frac=0.5, threads=1),
+    # Paper (Sec. 4.2): ResNet-50 + BioClinicalBERT, 224 px, 512-d, 128 studies = 256 image-text pairs per
+    # global batch (4 GPUs x 32 in the paper), 15 epochs, lr 5e-5, wd 1e-4. The paper early-stops on the
+    # validation loss and gives no patience: ours is 3 epochs, and ckpt_best.pt is what is evaluated.
+    "paper": dict(data="", image_size=224, image_encoder="resnet50", pretrained=True, embed_dim=512,
+                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, vocab_size=28996,
+                  patience=3, num_workers=8),
 }
-
-# ----------------------------------------------------------------------------------------------------
-# ---- prompts (Sec. 3.1: class prompts per label value; the paper's appendix lists radiologists' prompts) ----
-# {x} is the lower-case class name. "No Finding" is itself a negative statement: giving it the generic
-# templates would produce "no no finding" (CheXzero's bug, AUC 0.07 for that class), so it has its own.
-
-PROMPTS = {
-    "positive": ["{x}.", "There is {x}.", "Findings consistent with {x}.", "{X} is present.", "{X} is seen."],
-    "negative": ["No {x}.", "There is no {x}.", "No evidence of {x}.", "{X} is not seen.", "Negative for {x}."],
-    "uncertain": ["Possible {x}.", "{X} cannot be excluded.", "Questionable {x}.", "Findings may represent {x}."],
-}
-NORMAL_LABELS = {"no finding", "normal"}
-NORMAL_PROMPTS = {
-    "positive": ["No acute abnormality.", "No acute findings.", "Normal study.", "No abnormal findings."],
-    # not "acute abnormality is present": it shares its words with the normal "no acute abnormality"
-    "negative": ["Abnormal study.", "The study is abnormal.", "There are abnormal findings."],
-    "uncertain": ["The study may be abnormal."],
-}
-# Zero-shot evaluation (Sec. 4.3): one positive and one negative prompt set per class, averaged embeddings.
-ZS_TEMPLATES = {"positive": ["There is {x}.", "{X} is present.", "{x}."],
-                "negative": ["There is no {x}.", "No {x}.", "No evidence of {x}."]}
-
-
-def class_prompts(label: str, value: str, templates=PROMPTS) -> list[str]:
-    """All prompt sentences P(y) for class `label` with value positive / negative / uncertain."""
-    if label.lower() in NORMAL_LABELS:
-        return NORMAL_PROMPTS[value]
-    x = label.lower()
-    return [t.format(x=x, X=x[0].upper() + x[1:]) for t in templates[value]]
-
-
-def zeroshot_prompts(label: str) -> tuple[list[str], list[str]]:
-    if label.lower() in NORMAL_LABELS:
-        return NORMAL_PROMPTS["positive"][:3], NORMAL_PROMPTS["negative"]
-    return class_prompts(label, "positive", ZS_TEMPLATES), class_prompts(label, "negative", ZS_TEMPLATES)
-
-
-def all_prompt_texts(labels: list[str]) -> list[str]:
-    """Every prompt the model can be asked about (the demo tokenizer is fitted on these too)."""
-    out = []
-    for n in labels:
-        for v in ("positive", "negative", "uncertain"):
-            out += class_prompts(n, v)
-        p, q = zeroshot_prompts(n)
-        out += p + q
-    return out
-
+PHANTOMS = 3000  # images in the demo's phantom data set
 
 # ----------------------------------------------------------------------------------------------------
 # ---- model (Sec. 3.2) ----
 
 
-class TinyCNN(nn.Module):
-    """Demo image encoder: three strided 3x3 conv blocks (64 px -> an 8x8 map) and a 1x1 conv, ~7 MMAC per
-    64 px image. GroupNorm, not BatchNorm, so a sample's features do not depend on which rank's batch it sits
-    in (the DDP equality test needs that)."""
-
-    def __init__(self, width: int = 64):
-        super().__init__()
-        chans = [3, width // 4 + 8, width // 2 + 16, width + 32]
-        blocks = []
-        for i in range(3):
-            blocks += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(8, chans[i + 1]), nn.GELU()]
-        blocks += [nn.Conv2d(chans[3], 2 * width, 1, bias=False), nn.GroupNorm(8, 2 * width), nn.GELU()]
-        self.body = nn.Sequential(*blocks)
-        self.out_dim = 2 * width
-
-    def tokens(self, x):  # [B, 3, H, W] -> [B, N, C]
-        return self.body(x).flatten(2).transpose(1, 2)
-
-
 class ImageEncoder(nn.Module):
-    """E^i: global average pooled features of ResNet-50 / Swin-T (torchvision) or the tiny CNN."""
+    """E^i: the feature map of torchvision's ResNet-50 or Swin-T, or of the demo's small CNN, as tokens
+    [B, N, C], average pooled to [B, C]. Swin-T has no class token (the official code pools "token 0")."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, pretrained: bool):
         super().__init__()
-        self.kind = cfg.image_encoder
-        if self.kind == "tiny":
-            self.net = TinyCNN(cfg.tiny_width)
-            self.out_dim = self.net.out_dim
-        elif self.kind == "resnet50":
-            w = "ResNet50_Weights.IMAGENET1K_V2" if cfg.pretrained else None
-            self.net = common.load_torchvision_model("resnet50", w)
-            self.out_dim = self.net.fc.in_features
-            self.net.fc = nn.Identity()
-        elif self.kind == "swin_t":
-            w = "Swin_T_Weights.IMAGENET1K_V1" if cfg.pretrained else None
-            self.net = common.load_torchvision_model("swin_t", w)
-            self.out_dim = self.net.head.in_features
-            self.net.head = nn.Identity()
+        self.kind, w = cfg.image_encoder, cfg.tiny_width
+        if self.kind == "tiny":  # three 3x3 stride-2 convs (64 px -> 8 x 8) and a 1x1 one; GroupNorm, so that
+            ch, layers = [3, w // 4 + 8, w // 2 + 16, w + 32, 2 * w], []  # no sample depends on its batch
+            for i, (k, stride) in enumerate([(3, 2), (3, 2), (3, 2), (1, 1)]):
+                conv = nn.Conv2d(ch[i], ch[i + 1], k, stride, padding=k // 2, bias=False)
+                layers += [conv, nn.GroupNorm(8, ch[i + 1]), nn.GELU()]
+            self.net, self.out_dim = nn.Sequential(*layers), 2 * w
+            return
+        if self.kind not in ("resnet50", "swin_t"):
+            raise common.UserError(f"--image_encoder={self.kind}: expected tiny | resnet50 | swin_t")
+        import torchvision
+
+        make = getattr(torchvision.models, self.kind)  # V1: the official code's resnet50(pretrained=True)
+        net = common.load_pretrained(f"torchvision's {self.kind} IMAGENET1K_V1 weights",
+                                     lambda: make(weights="IMAGENET1K_V1")) if pretrained else make()
+        if self.kind == "resnet50":  # up to layer4; the pooling and the ImageNet classifier dropped
+            self.net, self.out_dim = nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
         else:
-            raise ValueError(f"--image_encoder={self.kind}: expected tiny | resnet50 | swin_t")
-        self.grad_ckpt = cfg.grad_ckpt
+            self.net, self.out_dim = nn.Sequential(net.features, net.norm), net.head.in_features
 
-    def tokens(self, x):
-        """Patch / feature-map tokens [B, N, C] (for segmentation heads)."""
-        if self.kind == "tiny":
-            return self.net.tokens(x)
-        if self.kind == "resnet50":
-            n = self.net
-            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-            x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
-            return x.flatten(2).transpose(1, 2)
-        return self.net.norm(self.net.features(x)).flatten(1, 2)  # Swin: [B, H, W, C] -> [B, HW, C]
+    def tokens(self, x):  # [B, 3, H, W] -> [B, N, C] (also for segmentation heads)
+        f = self.net(x)  # [B, C, h, w]; Swin: [B, h, w, C]
+        return f.flatten(1, 2) if self.kind == "swin_t" else f.flatten(2).transpose(1, 2)
 
-    def forward(self, x):  # [B, 3, H, W] -> [B, C], mean over tokens (Swin has no class token)
-        if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return self._forward_recomputed(x)
-        if self.kind == "tiny":
-            return self.tokens(x).mean(1)
-        return self.net(x)
-
-    def _forward_recomputed(self, x):
-        """--grad_ckpt: the same forward, each stage's activations recomputed in the backward (its input kept).
-        ResNet's BatchNorm running statistics then see the recomputed stages a second time."""
-        ck = lambda f, x: torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False)  # noqa: E731
-        n = self.net
-        if self.kind == "tiny":
-            return ck(n.body, x).flatten(2).mean(2)
-        if self.kind == "resnet50":
-            x = ck(nn.Sequential(n.conv1, n.bn1, n.relu, n.maxpool), x)
-            for stage in (n.layer1, n.layer2, n.layer3, n.layer4):
-                x = ck(stage, x)
-            return torch.flatten(n.avgpool(x), 1)
-        for stage in n.features:  # Swin-T
-            x = ck(stage, x)
-        return n.flatten(n.avgpool(n.permute(n.norm(x))))
-
-
-def build_text_encoder(cfg: Config, vocab_size: int):
-    from transformers import AutoModel, BertConfig, BertModel
-
-    if cfg.text_encoder == "tiny":
-        bc = BertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_width, num_hidden_layers=cfg.tiny_layers,
-                        num_attention_heads=max(1, cfg.tiny_width // 32), intermediate_size=cfg.tiny_width * 4,
-                        max_position_embeddings=cfg.max_tokens, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-        bc._attn_implementation = "sdpa"
-        return BertModel(bc, add_pooling_layer=False)
-    if cfg.pretrained:
-        return common.hf_from_pretrained(AutoModel, cfg.text_encoder, add_pooling_layer=False,
-                                         attn_implementation="sdpa")
-    # --pretrained=false with a named model: the architecture of BERT-base, random weights, our own vocabulary
-    bc = BertConfig(vocab_size=vocab_size, max_position_embeddings=max(512, cfg.max_tokens))
-    bc._attn_implementation = "sdpa"
-    return BertModel(bc, add_pooling_layer=False)
+    def forward(self, x):  # [B, 3, H, W] -> [B, C]
+        return self.tokens(x).mean(1)
 
 
 class CXRCLIP(nn.Module):
-    def __init__(self, cfg: Config, tokenizer):
+    """E^i and E^t, the linear projections f^i and f^t to the shared space, and the learnable temperature."""
+
+    def __init__(self, cfg: Config, image_encoder, text_encoder, tokenizer):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.image_encoder = ImageEncoder(cfg)
-        self.text_encoder = build_text_encoder(cfg, len(tokenizer))
-        if cfg.grad_ckpt:
-            common.hf_grad_ckpt(self.text_encoder)
-        self.image_proj = nn.Linear(self.image_encoder.out_dim, cfg.embed_dim, bias=False)  # f^i
-        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, cfg.embed_dim, bias=False)  # f^t
-        # learnable temperature as a log logit scale (CLIP): exp(s) = 1/τ
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.image_proj = nn.Linear(image_encoder.out_dim, cfg.embed_dim)  # f^i, "a linear layer"
+        self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim)  # f^t
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log(1/tau), tau from 0.07 (CLIP)
 
-    # v = f^i(E^i(x)) / ||f^i(E^i(x))||   (Sec. 3.2)
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images):  # v = f^i(E^i(x)) / ||f^i(E^i(x))||: [B, 3, H, W] -> [B, D]
         return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
 
-    # u = f^t(E^t(t)) / ||f^t(E^t(t))||, E^t(t) = output at the [EOS] token (BERT's [SEP]: the last real token)
-    def encode_text(self, texts) -> torch.Tensor:
+    def encode_text(self, texts):  # u = f^t(E^t(t)) / ||f^t(E^t(t))||: list[str] or tokens -> [B, D]
         if isinstance(texts, (list, tuple)):
-            dev = self.logit_scale.device
-            texts = {k: v.to(dev) for k, v in self.tokenize(texts).items()}
-        h = self.text_encoder(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"]).last_hidden_state
-        eos = texts["attention_mask"].sum(1) - 1  # [B] index of [SEP]
-        feat = h[torch.arange(h.shape[0], device=h.device), eos]
-        return F.normalize(self.text_proj(feat), dim=-1)
+            texts = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
+        h = self.text_encoder(**texts).last_hidden_state  # [B, S, C]
+        eos = texts["attention_mask"].sum(1) - 1  # [EOS] (BERT's [SEP]): the last real token, right padding
+        return F.normalize(self.text_proj(h[torch.arange(h.shape[0], device=h.device), eos]), dim=-1)
 
-    def forward(self, images: torch.Tensor, texts1: dict, texts2: dict):
-        """Training forward (through DDP): both image views in one pass, [2b, 3, H, W] -> v [2b, D]; u1, u2 [b, D]."""
-        return self.encode_image(images), self.encode_text(texts1), self.encode_text(texts2)
+    def forward(self, images, texts1: dict, texts2: dict):
+        """images [2b, 3, H, W] (x^1 then x^2, in one pass), tokens of t^1, t^2 -> v1, v2, u1, u2 [b, D]."""
+        return *self.encode_image(images).chunk(2), self.encode_text(texts1), self.encode_text(texts2)
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_encoder.tokens(images)
+    def scale(self):  # 1/tau, clamped at 100 as CLIP does (the official code does not clamp)
+        return self.logit_scale.exp().clamp(max=100.0)
 
-    def tokenize(self, texts: list[str]) -> dict:
+    def tokenize(self, texts) -> dict:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_tokens,
                                    return_tensors="pt", return_token_type_ids=False))
 
+    def image_tokens(self, images):
+        return self.image_encoder.tokens(images)
+
     def image_transform(self, train: bool):
-        return ImageTransform(self.cfg.image_size, train)
+        return functools.partial(transform, size=self.cfg.image_size, train=train)  # picklable for workers
 
     @staticmethod
     def zeroshot_prompts(label: str):
-        return zeroshot_prompts(label)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=100.0)  # CLIP clamps 1/τ at 100 for stability
+        return zeroshot_pair(label)
 
 
 # ----------------------------------------------------------------------------------------------------
 # ---- losses (Sec. 3.3) ----
 
 
-# Eq. (1), Sec. 3.3. u, v: [b, D] L2-normalised, row i of u paired with row i of v. Under DDP each rank holds
-# b rows of the global batch n = world*b: it scores its own rows against all n gathered columns, so the mean
-# over ranks of this loss is exactly Eq. (1) over the global batch.
-def clip_loss(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+# Eq. (1), Sec. 3.3. u, v: [b, D] L2-normalised, row i of u paired with row i of v. Each rank scores its b
+# rows against the n = world * b gathered ones (with gradient): the mean over ranks is Eq. (1) over n.
+def clip_loss(u, v, scale):
     u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [n, D]
-    target = torch.arange(u.shape[0], device=u.device) + common.rank_offset(u.shape[0])
-    loss_u = F.cross_entropy(scale * u @ v_all.T, target)  # -log exp(u_i.v_i/τ) / Σ_j exp(u_i.v_j/τ)
-    loss_v = F.cross_entropy(scale * v @ u_all.T, target)  # -log exp(v_i.u_i/τ) / Σ_j exp(v_i.u_j/τ)
+    target = torch.arange(u.shape[0], device=u.device)
+    if common.ddp_active():
+        target = target + dist.get_rank() * u.shape[0]
+    loss_u = F.cross_entropy(scale * u @ v_all.T, target)  # -log exp(u_i.v_i/tau) / sum_j exp(u_i.v_j/tau)
+    loss_v = F.cross_entropy(scale * v @ u_all.T, target)  # -log exp(v_i.u_i/tau) / sum_j exp(v_i.u_j/tau)
     return 0.5 * (loss_u + loss_v)
 
 
-# Eq. (2), Sec. 3.3: the four pairings of two images (V^1, V^2) and two texts (U^1, U^2) of each study.
+# Eq. (2), Sec. 3.3: the four pairings of a study's two images (V^1, V^2) and two texts (U^1, U^2).
 def mvs_loss(u1, u2, v1, v2, scale):
     return 0.25 * (clip_loss(u1, v1, scale) + clip_loss(u2, v1, scale)
                    + clip_loss(u1, v2, scale) + clip_loss(u2, v2, scale))
 
 
-# Sec. 3.3: ICL = L_CLIP(V^1, V^2) (images of one study attract), TCL = L_CLIP(U^1, U^2) (texts of one study).
+# Sec. 3.3: ICL = L_CLIP(V^1, V^2) (the images of a study attract), TCL = L_CLIP(U^1, U^2) (its texts).
 def icl_loss(v1, v2, scale):
     return clip_loss(v1, v2, scale)
 
@@ -352,557 +223,449 @@ def tcl_loss(u1, u2, scale):
     return clip_loss(u1, u2, scale)
 
 
-# Sec. 3.3: L = L_MVS + λ_I ICL + λ_T TCL
-def cxrclip_loss(u1, u2, v1, v2, scale, lambda_icl: float, lambda_tcl: float) -> tuple[torch.Tensor, dict]:
+# Sec. 3.3: L = L_MVS + lambda_I ICL + lambda_T TCL.
+def cxrclip_loss(u1, u2, v1, v2, scale, lambda_icl: float, lambda_tcl: float):
     mvs, icl, tcl = mvs_loss(u1, u2, v1, v2, scale), icl_loss(v1, v2, scale), tcl_loss(u1, u2, scale)
-    total = mvs + lambda_icl * icl + lambda_tcl * tcl
-    return total, {"mvs": mvs.detach(), "icl": icl.detach(), "tcl": tcl.detach()}
+    return mvs + lambda_icl * icl + lambda_tcl * tcl, {"mvs": mvs.detach(), "icl": icl.detach(),
+                                                       "tcl": tcl.detach()}
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- data (Sec. 3.1) ----
+# ---- data (Sec. 3.1, 4.2) ----
 
 
-class ImageTransform:
-    """A_i (Sec. 4.2): random resized crop with scale [0.8, 1.1], CLAHE half of the time, brightness [0.9, 1.1]
-    and contrast [0.8, 1.2] jitter. Eval: resize only. uint8 [H, W] -> normalised float [3, S, S]."""
+def clahe(img: np.ndarray, clip_limit: float = 4.0) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (doi:10.1007/BF03178082) on 8 x 8 tiles."""
+    return cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(8, 8)).apply(np.ascontiguousarray(img))
 
-    def __init__(self, size: int, train: bool):
-        self.size, self.train = size, train
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
-        if not self.train:
-            return common.to_tensor(common.resize(img, self.size))
-        rng = rng or np.random.default_rng()
-        if max(img.shape) > 2 * self.size:  # crop from a smaller copy: same result, far less work
-            img = common.resize(img, 2 * self.size)
-        img = common.random_resized_crop(img, self.size, rng, scale=(0.8, 1.1))
-        if rng.random() < 0.5:
-            img = common.clahe(img)
-        img = common.color_jitter(img, rng, brightness=(0.9, 1.1), contrast=(0.8, 1.2))
-        return common.to_tensor(img)
+def resize_short(img: np.ndarray, side: int) -> np.ndarray:
+    """The shorter side to `side`, the aspect ratio kept (torchvision's Resize(int))."""
+    s = side / min(img.shape)
+    return cv2.resize(img, (max(side, round(img.shape[1] * s)), max(side, round(img.shape[0] * s))),
+                      interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+
+
+def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: int, train: bool):
+    """uint8 [H, W] -> float [3, S, S]. Training: A_i (Sec. 4.2) as the official configuration has it, a
+    random resized crop of scale 0.8-1.1, CLAHE half of the time with a clip limit drawn from [1, 4]
+    (albumentations' CLAHE(clip_limit=4.0)), brightness 0.9-1.1 and contrast 0.8-1.2 (hue and saturation
+    do nothing to grayscale). Evaluation: the official Resize + CenterCrop (shorter side to S, centre)."""
+    if not train:
+        img = resize_short(img, size)
+        y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        return common.to_tensor(img[y:y + size, x:x + size])
+    rng = rng or np.random.default_rng()
+    if min(img.shape) > 2 * size:  # crop from a smaller copy: the same crop, far less work
+        img = resize_short(img, 2 * size)
+    img = common.random_resized_crop(img, size, rng, scale=(0.8, 1.1))
+    if rng.random() < 0.5:
+        img = clahe(img, rng.uniform(1.0, 4.0))
+    return common.to_tensor(common.color_jitter(img, rng, brightness=(0.9, 1.1), contrast=(0.8, 1.2)))
+
+
+ABBREVIATIONS = {"e.g", "i.e", "a.m", "p.m", "vs", "approx", "etc", "cf", "esp"}  # end only before a capital
+TITLES = {"dr", "mr", "mrs", "ms", "prof"}  # never an end ("Dr. ___")
+LIST_ITEM = re.compile(r"\(?(\d{1,2})[.)]")  # "1." "2)" "(3)"
+
+
+def split_sentences(text: str) -> list[str]:
+    """A report -> its sentences, whitespace collapsed. ".", "?" or "!" at a word's end ends one, except
+    after a title or an abbreviation: "1.5 cm", "e.g.", "a.m.", "Dr. ___" and the blank "___" stay inside.
+    A list number ("1.", "2)") opens a sentence at the start, after a line break, a sentence end or a colon
+    (kept with it), or when it continues the list ("1. ... 2. ..."); elsewhere "3." is a number ending one."""
+    sents, cur, item = [], [], 0
+    parts = re.split(r"(\s+)", text.strip())  # words at even indices, the whitespace before them at odd
+    for k in range(0, len(parts), 2):
+        w, m = parts[k], LIST_ITEM.fullmatch(parts[k])
+        if m and (not cur or "\n" in parts[k - 1] or cur[-1].endswith(":") or int(m[1]) == item + 1 > 1):
+            if cur and not cur[-1].endswith(":"):
+                sents, cur = sents + [" ".join(cur)], []
+            cur, item = cur + [w], int(m[1])
+            continue
+        cur += [w] if w else []
+        end = w.rstrip("\"')]").lower()
+        if end[-1:] in (".", "?", "!"):
+            stem, nxt = end.rstrip(".").lstrip("(\"'"), parts[k + 2] if k + 2 < len(parts) else ""
+            if stem not in TITLES and not (stem in ABBREVIATIONS and nxt and not nxt[0].isupper()):
+                sents, cur = sents + [" ".join(cur)], []
+    return sents + [" ".join(cur)] if cur else sents
 
 
 def sentence_shuffle(text: str, rng: np.random.Generator) -> str:
-    """A_t (Sec. 4.2): swap the order of the report's sentences (meaning is kept; a real permutation)."""
-    sents = [s.strip() for s in text.replace("\n", " ").split(".") if s.strip()]
-    if len(sents) < 2:
-        return text
+    """A_t (Sec. 4.2): the sentences in a new order (a real permutation: the official code's shuffle result is
+    discarded). Sentences stay whole; one that refers back ("It is unchanged.") loses its referent."""
+    sents = split_sentences(text)
     order = rng.permutation(len(sents))
-    if (order == np.arange(len(sents))).all():
+    if len(sents) > 1 and (order == np.arange(len(sents))).all():
         order = np.roll(order, 1)
-    return " ".join(sents[i] + "." for i in order)
+    return " ".join(sents[i] for i in order) if len(sents) > 1 else text
 
 
-def label_prompt_text(names: list[str], labels: np.ndarray, rng: np.random.Generator, n_neg: int) -> str:
-    """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): a sampled prompt for every positive / uncertain class and
-    for `n_neg` sampled negative classes (as the paper does for ChestX-ray14)."""
-    parts, negs = [], []
-    for j in rng.permutation(len(names)):
-        y = labels[j]
-        if names[j].lower() in NORMAL_LABELS and y in (0, 1):  # the study-level summary label is always stated
-            parts.append(rng.choice(class_prompts(names[j], "positive" if y == 1 else "negative")))
-        elif y == 1:
-            parts.append(rng.choice(class_prompts(names[j], "positive")))
-        elif y == -1:
-            parts.append(rng.choice(class_prompts(names[j], "uncertain")))
-        elif y == 0:
-            negs.append(j)
-    for j in negs[:n_neg]:
-        parts.append(rng.choice(class_prompts(names[j], "negative")))
-    return " ".join(parts) if parts else rng.choice(NORMAL_PROMPTS["positive"])
+# P(y) (Sec. 3.1): sentences per class value; {x} the class as words (common.label_text), {X} capitalised.
+# Our own templates: the paper's radiologists' prompts (its appendix, the official repository's JSON) are
+# read with --prompt_file. The first three of each side are also the default zero-shot prompts.
+PROMPTS = {
+    "pos": ["There is {x}.", "{X} is present.", "{X}.", "{X} is seen.", "{X} is noted.",
+            "Findings consistent with {x}.", "Findings compatible with {x}.", "Evidence of {x}."],
+    "neg": ["There is no {x}.", "No {x}.", "No evidence of {x}.", "No definite {x}.", "{X} is not seen.",
+            "Negative for {x}.", "No radiographic evidence of {x}.", "{X} is absent."],
+    "unc": ["Possible {x}.", "{X} cannot be excluded.", "Questionable {x}.", "Findings may represent {x}.",
+            "Cannot rule out {x}.", "Suspected {x}.", "{X} is not excluded."],
+}
+# "No Finding" is itself a negation: the templates would say "no no finding" (CheXzero's bug).
+NORMAL = {"pos": ["No acute abnormality.", "No acute findings.", "Normal study.", "No abnormal findings.",
+                  "The study is within normal limits.", "Nothing abnormal is seen."],
+          "neg": ["Abnormal study.", "The study is abnormal.", "There are abnormal findings."],
+          "unc": ["The study may be abnormal.", "Possibly abnormal study."]}
+
+
+def read_prompts(path: str) -> dict:
+    """JSON {class: {"pos" | "neg" | "unc": [sentences]}} (the layout of the official train_prompts_all.json)
+    -> {class as words: {value: sentences}}; {} without a path."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            bank = {common.label_text(c): {v: [s for s in ps if s.strip()] for v, ps in d.items()}
+                    for c, d in json.load(f).items()}
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise common.UserError(f"prompt file {path}: {e}; expected {{class: {{'pos': [...]}}}}") from None
+    bank.setdefault("effusion", bank.get("pleural effusion", {}))  # ChestX-ray14's name for the class
+    return bank
+
+
+def class_prompts(label: str, value: str, bank: dict | None = None) -> list[str]:
+    """P(y): the sentences for class `label` with value pos / neg / unc (the prompt file's if it has them)."""
+    x = common.label_text(label)
+    if (bank or {}).get(x, {}).get(value):
+        return bank[x][value]
+    return NORMAL[value] if x in ("no finding", "normal") else [t.format(x=x, X=x[:1].upper() + x[1:])
+                                                               for t in PROMPTS[value]]
+
+
+def zeroshot_pair(label: str) -> tuple[list[str], list[str]]:
+    """(positive, negative) prompts for common.zeroshot_scores: the first three of ours per side. The paper
+    takes those of the works it compares with (Sec. 4.3): "{class}" vs "No {class}" (SIIM, VinDr-CXR),
+    BioViL's pair (RSNA); `evaluate.py --prompts=<file>` scores a checkpoint with them."""
+    return class_prompts(label, "pos")[:3], class_prompts(label, "neg")[:3]
+
+
+def label_prompt_text(names: list[str], labels, rng: np.random.Generator, n_neg: int = 3, bank=None) -> str:
+    """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): one sampled sentence per labelled class, in random order.
+    CheXpert-style rows (a blank or a -1 somewhere) state every class labelled 1, 0 or -1; ChestX-ray14-style
+    rows (1 or 0 everywhere: 0 is "not found", not a stated negative) their positives and n_neg sampled
+    classes labelled 0 (3, Sec. 4.1; n_neg < 0: all). Blank classes say nothing: "" for no labels."""
+    pos, neg, unc = ([j for j, y in enumerate(labels) if y == v] for v in (1, 0, -1))
+    if 0 <= n_neg < len(neg) and np.isin(labels, (0, 1)).all():
+        neg = list(rng.choice(neg, n_neg, replace=False))
+    said = [(j, "pos") for j in pos] + [(j, "neg") for j in neg] + [(j, "unc") for j in unc]
+    sents = [str(rng.choice(class_prompts(names[j], v, bank))) for j, v in said]
+    return " ".join(sents[i] for i in rng.permutation(len(sents)))
 
 
 class StudyDataset(torch.utils.data.Dataset):
-    """Item = one study -> two images (x^1, x^2) and two texts (t^1, t^2), as in Sec. 3.1 / Fig. 1.
+    """Item (study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1); every random choice is a
+    function of (seed, epoch, study). An unreadable image is replaced by another of the study, or the study
+    by another one; each replacement is reported in "bad" and counted by the loop."""
 
-    Indexed by (study index, sample seed) from common.EpochSampler, so every random choice is a function of
-    (seed, epoch, study) alone. An unreadable image is replaced by another image of the study, or the study
-    by the next one; every replacement is reported in the sample's "bad" field and counted by the loop.
-    """
-
-    def __init__(self, table: common.XrayCSV, cfg: Config, train: bool = True):
-        self.t, self.cfg, self.train = table, cfg, train
-        self.transform = ImageTransform(cfg.image_size, train)
+    def __init__(self, table: common.XrayCSV, cfg: Config, train: bool, bank=None):
+        self.t, self.cfg, self.train, self.bank = table, cfg, train, bank
 
     def __len__(self):
         return len(self.t.studies)
 
-    def _texts(self, idx: int, rows: list[int], rng) -> tuple[str, str]:
-        r0 = self.t.rows[rows[0]]
-        sections = self.t.texts(rows[0]) if self.cfg.text_source == "auto" else []
-        # a fixed subset of studies plays the image-label data set (the same studies in every epoch)
-        if self.train and self.t.label_names and (idx * 2654435761 % 2**32) / 2**32 < self.cfg.label_prompt_frac:
-            sections = []
-        if not sections:  # image-label study: two independently sampled prompt texts
-            lab = self.t.rows[rows[0]]["_labels"]
-            return (label_prompt_text(self.t.label_names, lab, rng, self.cfg.prompt_negatives),
-                    label_prompt_text(self.t.label_names, lab, rng, self.cfg.prompt_negatives))
-        if len(sections) >= 2:
-            t1, t2 = sections[0], sections[1]
-            if rng.random() < 0.5:
-                t1, t2 = t2, t1
-        else:
-            t1 = t2 = sections[0]
-        if self.train:  # A_t: back-translation where data_prep wrote it, else sentence shuffle
-            bt = [r0.get(k, "").strip() for k in ("findings_bt", "impression_bt") if r0.get(k, "").strip()]
-            if len(sections) < 2:
-                t2 = bt[0] if bt and rng.random() < 0.5 else sentence_shuffle(t1, rng)
-            elif rng.random() < 0.5:
-                t2 = sentence_shuffle(t2, rng)
-        return t1, t2
+    def texts(self, idx: int, row: int, rng) -> list[str]:
+        r, sections = self.t.rows[row], self.t.texts(row)
+        # a fixed share of the training studies plays the image-label data (the same studies every epoch)
+        label_study = self.train and (idx * 2654435761 % 2**32) / 2**32 < self.cfg.label_prompt_frac
+        if (label_study or not sections) and not np.isnan(r["_labels"]).all():  # two prompts, drawn apart
+            return [label_prompt_text(self.t.label_names, r["_labels"], rng, self.cfg.prompt_negatives,
+                                      self.bank) for _ in range(2)]
+        t = sections if len(sections) < 2 or rng.random() < 0.5 else sections[::-1]  # findings, impression
+        if self.train and len(t) < 2:  # A_t: a back-translation where data_prep.py wrote one, else a shuffle
+            bt = [s.strip() for s in (r.get("findings_bt"), r.get("impression_bt")) if (s or "").strip()]
+            return [t[0], bt[0] if bt and rng.random() < 0.5 else sentence_shuffle(t[0], rng)]
+        if self.train and rng.random() < 0.5:
+            t = [t[0], sentence_shuffle(t[1], rng)]
+        return t * 2 if len(t) < 2 else t
 
-    def _images(self, rows: list[int], rng, bad: list):
-        """Two images from distinct views where the study has them (Sec. 3.1), else one image twice."""
-        by_view: dict[str, list[int]] = {}
+    def images(self, rows: list[int], rng, bad: list) -> list[np.ndarray]:
+        """Two images of distinct views where the study has them (Sec. 3.1), else one image twice."""
+        by_view, imgs = {}, []
         for i in rng.permutation(rows):
             by_view.setdefault(self.t.rows[i].get("view", ""), []).append(int(i))
-        views = list(by_view)
-        order = [by_view[v][0] for v in views] + [i for v in views for i in by_view[v][1:]]
-        imgs = []
-        for i in order:
+        for i in [v[0] for v in by_view.values()] + [i for v in by_view.values() for i in v[1:]]:
             try:
                 imgs.append(common.load_image(self.t.rows[i]["_path"]))
             except common.BadImageError as e:
                 bad.append(("unreadable image", str(e)))
             if len(imgs) == 2:
                 break
-        if len(imgs) == 1:
-            imgs.append(imgs[0])  # x^2 = A_i(x^1): the same image, augmented independently below
-        return imgs
+        return imgs * 2 if len(imgs) == 1 else imgs  # x^2 = A_i(x^1): one image, augmented twice
 
     def __getitem__(self, key):
-        idx, seed = key if isinstance(key, tuple) else (key, key)
-        rng = np.random.default_rng(seed)
-        bad = []
+        idx, seed = key
+        rng, bad = np.random.default_rng(seed), []
         for attempt in range(8):
-            rows = self.t.studies[(idx + attempt * 7919) % len(self.t.studies)]
-            imgs = self._images(rows, rng, bad)
-            if imgs:
-                break
-        else:
-            raise RuntimeError(f"8 studies in a row around study {idx} have no readable image: is the image "
-                               f"folder next to {self.t.path}? First error: {bad[0][1]}")
-        t1, t2 = self._texts((idx + attempt * 7919) % len(self.t.studies), rows, rng)
-        x1, x2 = self.transform(imgs[0], rng), self.transform(imgs[1], rng)
-        return {"x1": x1, "x2": x2, "t1": t1, "t2": t2, "bad": bad}
+            i = (idx + attempt * 7919) % len(self.t.studies)
+            if imgs := self.images(self.t.studies[i], rng, bad):
+                t1, t2 = self.texts(i, self.t.studies[i][0], rng)
+                x1, x2 = (transform(im, rng, size=self.cfg.image_size, train=self.train) for im in imgs)
+                return {"x1": x1, "x2": x2, "t1": t1, "t2": t2, "bad": bad}
+        raise common.UserError(f"8 studies around study {idx} of {self.t.path} have no readable image: is "
+                               f"the image folder next to the CSV? First error: {bad[0][1]}")
 
 
 class Collate:
-    """Stacks images and tokenises both texts in the worker (keeps the training process free)."""
+    """Stacks the images and tokenises both texts in the DataLoader worker."""
 
     def __init__(self, tokenize):
         self.tokenize = tokenize
 
     def __call__(self, items):
-        out = {"x1": torch.stack([it["x1"] for it in items]), "x2": torch.stack([it["x2"] for it in items]),
-               "bad": [b for it in items for b in it["bad"]]}
-        for k in ("t1", "t2"):
-            out[k] = self.tokenize([it[k] for it in items])
-        return out
-
-
-def make_loader(ds, cfg: Config, di: common.DistInfo, local_batch: int, shuffle: bool, tokenize):
-    sampler = common.EpochSampler(len(ds), local_batch, di.rank, di.world_size, cfg.seed, shuffle=shuffle)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=local_batch, sampler=sampler, collate_fn=Collate(tokenize), num_workers=cfg.num_workers,
-        pin_memory=di.device.startswith("cuda"), persistent_workers=cfg.num_workers > 0, drop_last=True,
-        prefetch_factor=4 if cfg.num_workers > 0 else None)
-    return loader, sampler
+        return {**{k: torch.stack([it[k] for it in items]) for k in ("x1", "x2")},
+                **{k: self.tokenize([it[k] for it in items]) for k in ("t1", "t2")},
+                "bad": [b for it in items for b in it["bad"]]}
 
 
 # ----------------------------------------------------------------------------------------------------
 # ---- build / load ----
 
 
-def build_tokenizer(cfg: Config, table: common.XrayCSV | None):
-    if cfg.text_encoder != "tiny" and cfg.pretrained:
+def build_text_encoder(cfg: Config, vocab_size: int, bert_config: dict | None = None):
+    """E^t: BioClinicalBERT (paper), a 2-layer BERT from scratch (demo), or a checkpoint's BERT."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if bert_config is None and cfg.pretrained and cfg.text_encoder != "tiny":
+        return common.load_pretrained(cfg.text_encoder, lambda: AutoModel.from_pretrained(
+            cfg.text_encoder, add_pooling_layer=False, attn_implementation="sdpa"))
+    if bert_config is not None:
+        bc = BertConfig.from_dict(bert_config)
+    elif cfg.text_encoder == "tiny":
+        w = cfg.tiny_width
+        bc = BertConfig(vocab_size=vocab_size, hidden_size=w, num_hidden_layers=2, intermediate_size=4 * w,
+                        num_attention_heads=max(1, w // 32), max_position_embeddings=cfg.max_tokens,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    else:  # --pretrained=false with a named BERT: BERT-base's architecture, random weights, our vocabulary
+        bc = BertConfig(vocab_size=vocab_size, max_position_embeddings=max(512, cfg.max_tokens))
+    bc._attn_implementation = "sdpa"
+    return BertModel(bc, add_pooling_layer=False)
+
+
+def build_tokenizer(cfg: Config, table: common.XrayCSV, bank=None):
+    """BioClinicalBERT's tokenizer (paper), or WordPiece fitted on the training texts and all prompts."""
+    if cfg.pretrained and cfg.text_encoder != "tiny":
         from transformers import AutoTokenizer
 
-        return common.hf_from_pretrained(AutoTokenizer, cfg.text_encoder)
-    if table is None:
-        raise ValueError("a tokenizer fitted on the training reports needs the training CSV")
-    texts = [t for i in range(len(table)) for t in table.texts(i)] + all_prompt_texts(table.label_names)
+        return common.load_pretrained(cfg.text_encoder, lambda: AutoTokenizer.from_pretrained(
+            cfg.text_encoder))
+    texts = [t for i in range(len(table)) for t in table.texts(i)]
+    texts += [p for n in table.label_names for v in PROMPTS for p in class_prompts(n, v, bank)]
     return common.train_wordpiece(texts, cfg.vocab_size)
 
 
-def build(cfg: Config, tokenizer=None, table: common.XrayCSV | None = None) -> CXRCLIP:
-    tokenizer = tokenizer or build_tokenizer(cfg, table)
-    return CXRCLIP(cfg, tokenizer)
+def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> CXRCLIP:
+    """Config -> CXRCLIP, from ImageNet and BioClinicalBERT weights with --pretrained and no bert_config."""
+    model = CXRCLIP(cfg, ImageEncoder(cfg, cfg.pretrained and bert_config is None),
+                    build_text_encoder(cfg, len(tokenizer), bert_config), tokenizer)
+    if cfg.image_encoder == "resnet50":
+        model.image_encoder.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions
+    if common.ddp_active() and dist.get_backend() == "nccl":  # ResNet's BatchNorm over the global batch,
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # as the official code does
+    return model
 
 
-def load(path: str, map_location="cpu") -> tuple[CXRCLIP, Config]:
-    """Rebuild the model from a checkpoint alone: config and tokenizer vocabulary are stored in it."""
+def load(path, map_location="cpu") -> tuple[CXRCLIP, Config]:
+    """A model from its checkpoint alone (ckpt.pt or ckpt_best.pt: config, vocabulary, BERT config)."""
     ck = common.load_checkpoint(path, map_location)
-    cfg = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    tok = common.tokenizer_from_vocab(ck["tokenizer_vocab"]) if ck.get("tokenizer_vocab") else None
-    if tok is None:  # a pretrained tokenizer (paper preset): loaded by name, like the weights were
-        from transformers import AutoTokenizer
-
-        tok = common.hf_from_pretrained(AutoTokenizer, cfg.text_encoder)
-    cfg.pretrained = False  # the weights come from the checkpoint, not from ImageNet / the hub
-    model = CXRCLIP(cfg, tok)
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in Config.__dataclass_fields__})
+    model = build(cfg, common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]), ck["bert_config"])
     model.load_state_dict(ck["model"])
-    model.eval()
-    return model, cfg
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- evaluation: zero-shot classification (Sec. 4.3) ----
-
-
-@torch.no_grad()
-def embed_images(model, table: common.XrayCSV, device, batch_size: int = 256, counter=None):
-    """[N, D] normalised embeddings of every row of `table` (eval transform), and a mask of readable rows."""
-    tf = model.image_transform(False)
-    feats, ok = [], np.ones(len(table), bool)
-    for s in range(0, len(table), batch_size):
-        xs = []
-        for i in range(s, min(s + batch_size, len(table))):
-            try:
-                xs.append(tf(common.load_image(table.rows[i]["_path"])))
-            except common.BadImageError as e:
-                ok[i] = False
-                if counter is not None:
-                    counter.add("unreadable image", str(e))
-                xs.append(torch.zeros(3, model.cfg.image_size, model.cfg.image_size))
-        feats.append(model.encode_image(torch.stack(xs).to(device)).float().cpu())
-    return torch.cat(feats).numpy(), ok
-
-
-@torch.no_grad()
-def zeroshot_eval(model, table: common.XrayCSV, device, batch_size: int = 256) -> dict:
-    """Per class: similarity to the mean positive-prompt embedding minus the mean negative-prompt one, i.e. the
-    logit of CheXzero's softmax over the (positive, negative) pair; AUC per class and macro."""
-    model.eval()
-    img, ok = embed_images(model, table, device, batch_size)
-    scores = np.zeros((len(table), len(table.label_names)), np.float32)
-    for j, name in enumerate(table.label_names):
-        pos, neg = model.zeroshot_prompts(name)
-        tp = F.normalize(model.encode_text(pos).mean(0), dim=-1).float().cpu().numpy()
-        tn = F.normalize(model.encode_text(neg).mean(0), dim=-1).float().cpu().numpy()
-        scores[:, j] = img @ tp - img @ tn
-    res = common.auc_per_label(table.labels()[ok], scores[ok], table.label_names)
-    return {"zeroshot_auc_macro": res["macro"], "zeroshot_auc_per_label": res["per_label"], "n_images": int(ok.sum())}
+    return model.eval(), cfg
 
 
 # ----------------------------------------------------------------------------------------------------
 # ---- training ----
 
 
-def lr_lambda(total: int, warmup: int):
-    """Linear warm-up over `warmup` steps, then cosine annealing to 0 at `total` (Sec. 4.2)."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
-
-
-def amp_context(cfg: Config, device: str):
-    """bf16 autocast on GPUs that support it (no scaler needed), else fp16 + GradScaler; fp32 on CPU."""
-    mode = cfg.amp
-    if mode == "auto":
-        mode = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "off"
-    if mode == "off":
-        return nullcontext, None
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    scaler = torch.amp.GradScaler(dev_type) if mode == "fp16" else None
-    return (lambda: torch.autocast(dev_type, dtype=dtype)), scaler
+def setup(cfg: Config):
+    """CUDA and DDP from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), as nanoGPT's train.py does;
+    `python x.py` runs as rank 0 of 1. -> rank, world size, device, autocast context, GradScaler."""
+    ddp = "RANK" in os.environ
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(common.cpu_threads(cfg.threads))
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cfg.batch_size % world:
+        raise common.UserError(f"--batch_size={cfg.batch_size} (global) must divide by {world} processes")
+    if cfg.amp == "auto":  # bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler
+        cfg.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[cfg.amp]
+    ctx = torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
+    scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=cfg.amp == "fp16")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    return rank, world, device, ctx, scaler
 
 
 def param_groups(model: nn.Module, wd: float):
-    """Weight decay on matrices only (not on biases, norms or the temperature)."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+    """Weight decay on weight matrices only: not on biases, norms or the temperature."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def warmup_cosine(total: int, warmup: int):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (Sec. 4.2)."""
+    return lambda step: (step + 1) / warmup if step < warmup else \
+        0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def to_device(batch: dict, device):  # -> images [2b, 3, H, W] (x^1 then x^2), tokens of t^1, of t^2
+    x = torch.cat([batch["x1"], batch["x2"]]).to(device, non_blocking=True)
+    return x, *({k: v.to(device, non_blocking=True) for k, v in batch[t].items()} for t in ("t1", "t2"))
 
 
 def train(cfg: Config) -> dict:
-    di = common.setup_distributed(cfg.device)
-    common.set_cpu_threads(cfg.threads, di.device)
-    if cfg.batch_size % di.world_size:
-        raise common.ConfigError(f"--batch_size={cfg.batch_size} (global) must divide by the {di.world_size} processes")
-    local_batch = cfg.batch_size // di.world_size
-    out = common.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite) if di.is_main else None
-    common.seed_everything(cfg.seed)
-    if di.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+ for fp32 parts
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-    # -- data: the demo makes its phantom data set on first use
+    rank, world, device, ctx, scaler = setup(cfg)
+    ck = common.start_run(cfg)  # the checkpoint to continue (--resume), else None
     if cfg.data == Config.data:
-        common.ensure_phantoms(cfg.data, cfg.n_phantoms, seed=0, size=64)
+        common.ensure_phantoms(cfg.data, PHANTOMS)
     if not cfg.data:
-        raise common.ConfigError("--data=<csv> is required with --preset=paper (see data_prep.py)")
-    counter = common.BadSampleCounter(cfg.max_bad_frac, "bad samples: ")
-    tr = common.XrayCSV(cfg.data, split="train", require=("image", "study_id"), require_text=True, counter=counter)
-    va = common.XrayCSV(cfg.data, split="valid", require=("image", "study_id"), counter=counter)
-    te = common.XrayCSV(cfg.data, split="test", require=("image",), counter=counter)
+        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
+    counter = common.BadSampleCounter(cfg.max_bad_frac)
+    text = ("findings", "impression", "report", "labels")  # a study needs a report or labels (Sec. 3.1)
+    tr = common.XrayCSV(cfg.data, "train", ("image", "study_id"), text, counter)
+    va = common.XrayCSV(cfg.data, "valid", ("image", "study_id"), text, counter)
+    te = common.XrayCSV(cfg.data, "test", ("image",), counter=counter)
+    bank = read_prompts(cfg.prompt_file)
 
-    # -- model: the tokenizer is fitted on the training reports on rank 0's data; every rank fits the same one
-    ck = common.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.resume else None
-    tok = common.tokenizer_from_vocab(ck["tokenizer_vocab"]) if ck and ck.get("tokenizer_vocab") else None
-    model = build(cfg, tok, tr).to(di.device)
-    if cfg.image_encoder != "tiny" and di.device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    vocab = None if (cfg.text_encoder != "tiny" and cfg.pretrained) else common.tokenizer_vocab(model.tokenizer)
-
-    train_ds = StudyDataset(tr, cfg, train=True)
-    loader, sampler = make_loader(train_ds, cfg, di, local_batch, True, model.tokenize)
-    val_loader = None
+    # -- model: a resumed run takes it all from its checkpoint; each rank fits the same WordPiece (demo)
+    tok = (common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck is not None
+           else build_tokenizer(cfg, tr, bank))
+    model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
+    raw_model = model
+    torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
+    local_batch = cfg.batch_size // world
+    sampler = common.EpochSampler(len(tr.studies), local_batch, rank, world, cfg.seed)
+    loader = torch.utils.data.DataLoader(StudyDataset(tr, cfg, True, bank), local_batch, sampler=sampler,
+                                         num_workers=cfg.num_workers, collate_fn=Collate(raw_model.tokenize),
+                                         pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
+    val_loader = None  # L compares within a global batch: validation needs whole ones, the same each epoch
     if len(va.studies) >= cfg.batch_size:
-        val_loader, _ = make_loader(StudyDataset(va, cfg, train=False), cfg, di, local_batch, False, model.tokenize)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
+        vs = common.EpochSampler(len(va.studies), local_batch, rank, world, cfg.seed, shuffle=False)
+        val_loader = torch.utils.data.DataLoader(StudyDataset(va, cfg, False, bank), local_batch, sampler=vs,
+                                                 num_workers=cfg.num_workers, collate_fn=loader.collate_fn,
+                                                 persistent_workers=cfg.num_workers > 0)
+    total_steps = cfg.epochs * sampler.batches_per_epoch
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, fused=device != "cpu")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
+        cfg.warmup_epochs * sampler.batches_per_epoch))))
+    common.print0(f"cxrclip: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; "
+                  f"{len(tr.studies)} training studies, {sampler.batches_per_epoch} steps/epoch x "
+                  f"{cfg.epochs}; {len(va.studies) * bool(val_loader)} validation studies; {world} "
+                  f"process(es) on {device}")
+    meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
+            "bert_config": raw_model.text_encoder.config.to_dict()}  # what load() needs
+    loop = common.Loop(cfg, "cxrclip", raw_model, opt, sched, scaler, sampler, counter, ck, lambda: meta)
+    model = torch.compile(model) if cfg.compile else model
+    model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    fused = di.device.startswith("cuda")
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
-    autocast, scaler = amp_context(cfg, di.device)
-
-    step, start_epoch, start_batch, best_val, bad_epochs = 0, 0, 0, float("inf"), 0
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step, start_epoch, start_batch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
-        best_val, bad_epochs = ck.get("best_val", best_val), ck.get("bad_epochs", 0)
-        common.set_rng_state(ck["rng"])
-        changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-                   if k not in ("resume", "max_steps", "overwrite") and getattr(cfg, k, v) != v}
-        if changed:
-            common.print0(f"warning: flags differ from the checkpoint's run (saved, now): {changed}")
-        common.print0(f"resumed from {cfg.out_dir}/ckpt.pt at step {step} (epoch {start_epoch}, batch {start_batch})")
-        if di.is_main:
-            common.truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), step)
-        del ck
-    logger = common.JSONLLogger(os.path.join(cfg.out_dir, "log.jsonl"), resume=cfg.resume)
-
-    raw_model = model  # checkpoints hold the plain module: no "module." or "_orig_mod." prefixes
-    if cfg.compile:
-        model = torch.compile(model)
-    if di.ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[di.local_rank] if fused else None)
-
-    def save(epoch, batch_in_epoch):
-        if di.is_main:
-            common.save_checkpoint({
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": common.rng_state(), "config": dataclasses.asdict(cfg),
-                "tokenizer_vocab": vocab, "best_val": best_val, "bad_epochs": bad_epochs, "paper": "cxrclip",
-            }, os.path.join(cfg.out_dir, "ckpt.pt"))
-        if di.ddp:
-            torch.distributed.barrier()
-
-    def forward_loss(batch):
-        dev = di.device
-        x1, x2 = batch["x1"].to(dev, non_blocking=True), batch["x2"].to(dev, non_blocking=True)
-        t1 = {k: v.to(dev, non_blocking=True) for k, v in batch["t1"].items()}
-        t2 = {k: v.to(dev, non_blocking=True) for k, v in batch["t2"].items()}
-        with autocast():
-            # one pass per encoder over both views: [2b, ...] keeps the GPU busy; called through the DDP
-            # wrapper (not .module) so its gradient hooks are armed for this forward
-            v, u1, u2 = model(torch.cat([x1, x2]), t1, t2)
-        b = x1.shape[0]
-        v1, v2 = v[:b].float(), v[b:].float()
-        return cxrclip_loss(u1.float(), u2.float(), v1, v2, raw_model.scale(), cfg.lambda_icl, cfg.lambda_tcl)
-
-    stopper = common.StopSignal()
-    common.print0(f"cxrclip: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
-                  f"{len(tr.studies)} training studies, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                  f"global batch {cfg.batch_size} studies on {di.world_size} process(es), device {di.device}")
-    t_start, bad_run, n_skipped, stop_reason, fault_done = time.time(), 0, 0, None, False
-    pbar = None
-    if di.is_main:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=total_steps if cfg.max_steps < 0 else min(total_steps, cfg.max_steps), initial=step,
-                    desc="cxrclip", unit="step", dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+    for epoch in loop.epochs():
         model.train()
-        bi = start_batch if epoch == start_epoch else 0
-        for batch in loader:
-            for kind, detail in batch["bad"]:
-                counter.add(kind, detail)
-            counter.seen += local_batch
-            loss, parts = forward_loss(batch)
-            if cfg.fault_nan_step == step and di.rank == 0 and not fault_done:  # test hook: one NaN, rank 0 only
-                loss, fault_done = loss * float("nan"), True
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            gnorm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-            # a non-finite loss or gradient on ANY rank skips the step on ALL ranks (ranks must never diverge)
-            if common.all_reduce_flag(not (torch.isfinite(loss) and torch.isfinite(gnorm))):
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.update()
-                bad_run, n_skipped, bi = bad_run + 1, n_skipped + 1, bi + 1  # the batch is consumed all the same
-                common.print0(f"warning: non-finite loss/gradient at step {step}: step skipped "
-                              f"({bad_run} in a row, {n_skipped} in all)")
-                logger.log(step=step, skipped_nonfinite=True)
-                if bad_run >= cfg.max_bad_steps:
-                    save(epoch, bi)
-                    if pbar:
-                        pbar.close()
-                    raise SystemExit(f"stopping: {bad_run} non-finite steps in a row (--max_bad_steps="
-                                     f"{cfg.max_bad_steps}); last good state saved in {cfg.out_dir}/ckpt.pt. Lower "
-                                     f"--lr, check the data, or try --amp=off.")
+        for batch in loop.batches(loader):
+            with ctx:
+                v1, v2, u1, u2 = model(*to_device(batch, device))  # each [b, D]
+            loss, parts = cxrclip_loss(u1.float(), u2.float(), v1.float(), v2.float(), raw_model.scale(),
+                                       cfg.lambda_icl, cfg.lambda_tcl)  # L of Sec. 3.3
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+            if loop.skip_step(loss, grad_norm):  # not finite on some rank: no update on any rank
                 continue
-            bad_run = 0
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            step, bi = step + 1, bi + 1
-            if step % cfg.log_every == 0 or step == 1:
-                row = {"step": step, "epoch": epoch, "loss": common.all_reduce_mean(loss.detach()),
-                       **{k: common.all_reduce_mean(v) for k, v in parts.items()},
-                       "lr": sched.get_last_lr()[0], "temperature": 1 / float(raw_model.scale().detach()),
-                       "elapsed_s": round(time.time() - t_start, 2)}
-                logger.log(**row)
-                if pbar:
-                    pbar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
-            if pbar:
-                pbar.update(1)
-            if step % cfg.ckpt_every == 0:
-                save(epoch, bi)
-            if cfg.max_steps >= 0 and step >= cfg.max_steps:
-                stop_reason = f"--max_steps={cfg.max_steps} reached"
-            elif stopper.should_stop():
-                stop_reason = f"{stopper.name or 'stop signal'} received"
-            if stop_reason:
-                break
-        if stop_reason:
-            save(epoch, bi)
+            loop.step_done(loss=loss, **parts, tau=1 / raw_model.scale().detach(), lr=sched.get_last_lr()[0])
+        val = validate(raw_model, val_loader, device, ctx, cfg) if val_loader and not loop.stopped else None
+        loop.end_epoch(val)  # ckpt_best.pt: the weights of the lowest validation loss
+        if cfg.patience and loop.since_best >= cfg.patience:  # Sec. 4.2: "early stopped by validation loss"
+            common.print0(f"early stop: no lower validation loss in {cfg.patience} epochs")
             break
-        # -- end of epoch: bad-sample report, validation loss (sharded over ranks), checkpoint
-        common.print0(counter.summary())
-        if pbar and counter.seen and counter.total / counter.seen > counter.max_bad_frac:
-            pbar.close()  # the check below raises: close the bar first so it is not printed at exit
-        counter.check()
-        val = validate(model, val_loader, forward_loss) if val_loader is not None else None
-        if val is not None:
-            logger.log(step=step, epoch=epoch, val_loss=val)
-            best_val, bad_epochs = (val, 0) if val < best_val else (best_val, bad_epochs + 1)
-        start_batch = 0
-        save(epoch + 1, 0)
-        if cfg.patience and bad_epochs >= cfg.patience:
-            stop_reason = f"early stop: validation loss has not improved for {cfg.patience} epochs"
-            break
-    if pbar:
-        pbar.close()
-    stopper.restore()  # SIGTERM / Ctrl-C act normally again (and in processes forked from here on)
-    common.print0(f"training: {step} steps in {time.time() - t_start:.1f} s" + (f" ({stop_reason})" if stop_reason else ""))
-    if stop_reason and not stop_reason.startswith("early"):
-        common.print0(f"checkpoint written to {cfg.out_dir}/ckpt.pt; continue with --resume")
-        common.cleanup_distributed()
-        return {"stopped": stop_reason, "step": step}
-
-    # -- zero-shot evaluation on the test split, on rank 0 (the others wait at the barrier: it is small)
-    metrics = {}
-    if di.is_main:
-        metrics = zeroshot_eval(raw_model, te, di.device, cfg.eval_batch_size)
-        metrics.update(step=step, train_seconds=round(time.time() - t_start, 1), bad_samples=dict(counter.counts),
-                       skipped_nonfinite_steps=n_skipped)
-        common.write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), metrics)
-        print(f"zero-shot macro AUC on the test split: {metrics['zeroshot_auc_macro']:.4f} "
-              f"({metrics['n_images']} images)")
-        for n, a in metrics["zeroshot_auc_per_label"].items():
-            print(f"  {n:<24} {'undefined (one class only)' if a is None else f'{a:.4f}'}")
-        print(f"wrote {cfg.out_dir}/metrics.json")
-    common.cleanup_distributed()
-    return metrics
+    metrics, best = {}, {"best_epoch": None, "best_val_loss": None}
+    if rank == 0 and not loop.stopped:  # the weights of the lowest validation loss (else the last ones)
+        if loop.best_val < math.inf:
+            ck = common.load_checkpoint(loop.out / "ckpt_best.pt", device)
+            raw_model.load_state_dict(ck["model"])
+            best = {"best_epoch": ck["epoch"], "best_val_loss": ck["val_loss"]}
+            common.print0(f"evaluating ckpt_best.pt (epoch {ck['epoch']}, validation loss "
+                          f"{ck['val_loss']:.4f})")
+        metrics = {**common.zeroshot_eval(raw_model, te, device), **best, "epochs": loop.epoch}
+    out = loop.close(metrics)
+    if world > 1:
+        dist.destroy_process_group()
+    return out
 
 
 @torch.no_grad()
-def validate(model, loader, forward_loss) -> float:
+def validate(model: CXRCLIP, loader, device, ctx, cfg: Config) -> float:
+    """L on the validation split, sharded: each rank scores its part of every global batch (gathered as in
+    training) and the mean over the batches is averaged over the ranks. The same pairs every epoch."""
     model.eval()
-    tot, n = 0.0, 0
+    total = 0.0
     for batch in loader:
-        loss, _ = forward_loss(batch)
-        tot, n = tot + common.all_reduce_mean(loss), n + 1
-    model.train()
-    return tot / max(n, 1)
+        with ctx:
+            v1, v2, u1, u2 = (e.float() for e in model(*to_device(batch, device)))
+        total += float(cxrclip_loss(u1, u2, v1, v2, model.scale(), cfg.lambda_icl, cfg.lambda_tcl)[0])
+    return common.all_reduce_mean(total / max(1, len(loader)))
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- benchmark (python cxrclip.py --preset=paper --benchmark) ----
+# ---- benchmark: python cxrclip.py --preset=paper --benchmark ----
 
 
 def benchmark(cfg: Config) -> dict:
-    """Training steps of the preset's model and batch on synthetic tensors of the real shapes (random init,
-    no data loading): samples/s, step time, peak memory, FLOPs per sample (FlopCounterMode on the eager
-    model), MFU against the GPU's bf16 peak. `--benchmark=data` times the input pipeline instead."""
-    di = common.setup_distributed(cfg.device)
-    common.set_cpu_threads(cfg.threads, di.device)
-    common.seed_everything(cfg.seed)
-    if cfg.benchmark == "data":
-        cfg.data = common.benchmark_data_csv(cfg.data, Config.data, cfg.n_phantoms)
-        tr = common.XrayCSV(cfg.data, split="train", require=("image", "study_id"))
-        tok = build_tokenizer(cfg, tr)
-        ds = StudyDataset(tr, cfg, train=True)
-        keyed = [(i, i) for i in range(len(ds))]
-        res = common.benchmark_data(torch.utils.data.Subset(ds, keyed), Collate(lambda t: dict(
-            tok(list(t), padding=True, truncation=True, max_length=cfg.max_tokens, return_tensors="pt"))),
-            batch_size=min(64, cfg.batch_size), workers=common.parse_workers(cfg.benchmark_workers), n_batches=10)
-        common.cleanup_distributed()
-        return {"data": res}
-    if di.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    cfg.pretrained = False  # random init: the benchmark measures speed, not accuracy
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(cfg.vocab_size - 5)]
-    model = CXRCLIP(cfg, common.tokenizer_from_vocab(vocab)).to(di.device)
-    if cfg.image_encoder != "tiny" and di.device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    b = cfg.batch_size // di.world_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * b, 3, cfg.image_size, cfg.image_size, generator=g).to(di.device)
-    if di.device.startswith("cuda") and cfg.image_encoder != "tiny":
-        x = x.contiguous(memory_format=torch.channels_last)
-    texts = [{"input_ids": torch.randint(5, cfg.vocab_size, (b, cfg.max_tokens), generator=g).to(di.device),
-              "attention_mask": torch.ones(b, cfg.max_tokens, dtype=torch.long, device=di.device)} for _ in range(2)]
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=di.device.startswith("cuda"))
-    autocast, scaler = amp_context(cfg, di.device)
-    fwd = torch.compile(model) if cfg.compile else model
-    net = nn.parallel.DistributedDataParallel(fwd) if di.ddp else fwd
+    """Training steps of the preset's model at its per-process batch on random tensors (random init)."""
+    rank, world, device, ctx, scaler = setup(cfg)
+    b, specials = cfg.batch_size // world, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = common.tokenizer_from_vocab(specials + [f"w{i}" for i in range(cfg.vocab_size - 5)])
+    model = build(dataclasses.replace(cfg, pretrained=False), tok).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device != "cpu")
+    x = torch.randn(2 * b, 3, cfg.image_size, cfg.image_size, device=device)
+    t1, t2 = ({"input_ids": torch.randint(5, cfg.vocab_size, (b, cfg.max_tokens), device=device),
+               "attention_mask": torch.ones(b, cfg.max_tokens, dtype=torch.long, device=device)}
+              for _ in range(2))
+    net = torch.compile(model) if cfg.compile else model
+    net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
-    def step(m=net):
-        with autocast():
-            v, u1, u2 = m(x, texts[0], texts[1])
-        loss, _ = cxrclip_loss(u1.float(), u2.float(), v[:b].float(), v[b:].float(), model.scale(), 1.0, 0.5)
-        (scaler.scale(loss) if scaler else loss).backward()
-        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+    def step(net=net):
+        with ctx:
+            v1, v2, u1, u2 = (e.float() for e in net(x, t1, t2))
+        loss = cxrclip_loss(u1, u2, v1, v2, model.scale(), cfg.lambda_icl, cfg.lambda_tcl)[0]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-
-    flops = common.count_flops(lambda: step(model))  # counted on the eager model, one process's share
-    res = common.run_benchmark(step, 2 * b, di.device, warmup=3, steps=cfg.benchmark_steps, flops_per_step=flops,
-                               label=f"cxrclip {cfg.image_encoder}+{cfg.text_encoder.split('/')[-1]} "
-                                     f"{cfg.image_size}px, {b} studies ({2 * b} image-text pairs) per process"
-                                     + (", compiled" if cfg.compile else ""))
-    common.cleanup_distributed()
-    return res
+    flops = common.count_flops(lambda: step(net=model))  # on the eager model, this process's share
+    out = common.run_benchmark(step, 2 * b, device, 10, flops, f"cxrclip {cfg.preset} {cfg.image_encoder} + "
+                               f"{cfg.text_encoder.split('/')[-1]}, {cfg.image_size} px, {2 * b} pairs")
+    if world > 1:
+        dist.destroy_process_group()
+    return out
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    if cfg.benchmark != "off":
-        return benchmark(cfg)
-    return train(cfg)
+    return benchmark(cfg) if cfg.benchmark else train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

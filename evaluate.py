@@ -107,6 +107,7 @@ class Config:
     seg_epochs: int = 20  # segmentation decoder epochs
     mask_rle: str = ""  # segmentation: masks from this column of SIIM stage-1 (relative) RLE, not `mask`
     bootstrap: int = 1000  # patient resamples for the confidence intervals and p-values (0: none)
+    prompts: str = ""  # zero-shot prompts per class, a JSON {class: {"pos": [...], "neg": [...]}}
     # run
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # images per forward pass
@@ -343,9 +344,10 @@ class ImageRows(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size), i, str(e)
 
 
-def load_model(path: str, device: str):
+def load_model(path: str, device: str, prompts: str = ""):
     """(model in eval mode on device, paper name): the checkpoint's "paper" names the file whose load() reads
-    it. A missing, corrupt or foreign file is a UserError."""
+    it. A missing, corrupt or foreign file is a UserError. `prompts`: a JSON file of zero-shot prompts that
+    replace the paper file's for the classes it names (CXR-CLIP Sec. 4.3 takes each data set's own)."""
     ck = common.load_checkpoint(path)
     paper = ck.get("paper") if isinstance(ck, dict) else None
     del ck
@@ -357,6 +359,15 @@ def load_model(path: str, device: str):
     except (KeyError, RuntimeError, TypeError) as e:  # written by another version of the paper file
         raise common.UserError(f"{paper}.load cannot rebuild {path} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200]})") from None
+    if prompts:
+        try:
+            with open(prompts, encoding="utf-8") as f:
+                bank = {common.label_text(c): (d["pos"], d.get("neg", [])) for c, d in json.load(f).items()}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            raise common.UserError(f"--prompts={prompts}: {e}; expected {{class: {{'pos': [...], 'neg': "
+                                   f"[...]}}}}") from None
+        own = model.zeroshot_prompts
+        model.zeroshot_prompts = lambda name: bank.get(common.label_text(name)) or own(name)
     return model.to(device).eval(), paper
 
 
@@ -1003,7 +1014,7 @@ def main(argv=None) -> dict:
     try:
         results = {}
         for ck in ckpts:
-            model, paper = load_model(ck, device)
+            model, paper = load_model(ck, device, cfg.prompts)
             print(f"{ck}: {paper}, {model.cfg.image_size} px, on {device}")
             ev, results[ck] = Evaluator(cfg, model, paper, ck, device), {}
             for t in tasks:

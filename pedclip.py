@@ -31,6 +31,7 @@ Departures from the paper are stated at their lines and in README.md ("PedCLIP")
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -245,8 +246,8 @@ class PedCLIP(nn.Module):
     def image_tokens(self, images):  # [B, N, C] patch tokens after the last LayerNorm (segmentation heads)
         return self.encode(images)[0][:, 1:]
 
-    def image_transform(self, train: bool):
-        return lambda img, rng=None: common.to_tensor(common.resize(img, self.cfg.image_size))
+    def image_transform(self, train: bool):  # the same for training and evaluation
+        return functools.partial(image_tensor, size=self.cfg.image_size)
 
     @staticmethod
     def zeroshot_prompts(label: str):
@@ -358,9 +359,9 @@ def body_part_labels(table: common.XrayCSV, parts: list[str]) -> np.ndarray:
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image x_v, text x_t, body-part index x_b. The paper names no image
-    augmentation, and none is done. An unreadable image is replaced by the next readable row and reported in
-    "bad" (the loop counts it): every rank keeps its batch size, which the all-gathered InfoNCE needs."""
+    """Item (row, sample seed) -> image x_v, text x_t, body-part index x_b. An unreadable image is replaced by
+    the next readable row and reported in "bad" (the loop counts it): every rank keeps its batch size, which
+    the all-gathered InfoNCE needs."""
 
     def __init__(self, table: common.XrayCSV, parts: list[str], cfg: Config):
         self.t, self.cfg, self.body_part = table, cfg, body_part_labels(table, parts)
@@ -389,8 +390,13 @@ class TripletDataset(torch.utils.data.Dataset):
         else:
             raise common.UserError(f"8 rows in a row around row {idx} of {self.t.path} have no readable "
                                    f"image: is the image folder next to the CSV? First error: {bad[0][1]}")
-        image = common.to_tensor(common.resize(img, self.cfg.image_size))
-        return image, self.text(i, np.random.default_rng(seed)), int(self.body_part[i]), bad
+        return image_tensor(img, size=self.cfg.image_size), self.text(i, np.random.default_rng(seed)), \
+            int(self.body_part[i]), bad
+
+
+def image_tensor(img: np.ndarray, rng=None, *, size: int) -> torch.Tensor:
+    """uint8 [H, W] -> [3, S, S], ImageNet-normalised. The paper names no image augmentation: none is done."""
+    return common.to_tensor(common.resize(img, size))
 
 
 class Collate:

@@ -1,229 +1,238 @@
-"""cxrclip.py: Eq. (1) and (2), ICL/TCL composition, study sampling, DDP equality, resume, end-to-end."""
+"""cxrclip.py: Eq. (1) against explicit sums and open_clip's form, Eq. (2) / ICL / TCL / L, the sentence
+splitter on report text, label prompts (CheXpert- and ChestX-ray14-style, the official JSON layout), the
+evaluation transform against torchvision; end to end: the best checkpoint is evaluated, a resumed run equals
+an uninterrupted one, 2 processes equal 1."""
+import csv
 import json
-import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import cxrclip
 from conftest import ROOT
 
 TINY = ["--image_size=32", "--tiny_width=32", "--embed_dim=32", "--vocab_size=400", "--num_workers=0",
-        "--eval_batch_size=64", "--log_every=1"]
+        "--log_every=1", "--batch_size=8", "--lr=1e-3"]
 
 
-def _ref_clip_loss(u, v, tau):
-    """Eq. (1) written out term by term in float64 with explicit sums (independent of cxrclip.clip_loss)."""
+# ---- losses: Eq. (1), Eq. (2), ICL, TCL, L ----
+
+def _explicit_clip_loss(u, v, tau):
+    """Eq. (1) term by term in float64, with explicit sums over the batch."""
     u, v = u.double().numpy(), v.double().numpy()
-    n = len(u)
-    total = 0.0
+    n, total = len(u), 0.0
     for i in range(n):
         total += np.log(np.exp(v[i] @ u[i] / tau) / sum(np.exp(u[i] @ v[j] / tau) for j in range(n)))
         total += np.log(np.exp(u[i] @ v[i] / tau) / sum(np.exp(v[i] @ u[j] / tau) for j in range(n)))
     return -total / (2 * n)
 
 
+def _open_clip_loss(u, v, scale):
+    """open_clip's ClipLoss: one logit matrix and its transpose, cross-entropy both ways, averaged."""
+    logits_per_image = scale * v @ u.T
+    labels = torch.arange(len(u))
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
 def _unit(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def test_clip_loss_eq1_against_explicit_sums():
-    u, v = _unit(6, 8, 0), _unit(6, 8, 1)
-    tau = 0.07
+def test_clip_loss_eq1():
+    u, v, tau = _unit(6, 8, 0), _unit(6, 8, 1), 0.07
     got = cxrclip.clip_loss(u, v, torch.tensor(1 / tau)).item()
-    assert abs(got - _ref_clip_loss(u, v, tau)) < 1e-5
-    # perfectly aligned, well-separated pairs give a loss near 0; the loss is symmetric in its arguments
-    e = torch.eye(6, 8)
+    assert abs(got - _explicit_clip_loss(u, v, tau)) < 1e-5
+    assert abs(got - _open_clip_loss(u, v, 1 / tau).item()) < 1e-5
+    e = torch.eye(6, 8)  # aligned, well separated pairs: near 0; random pairs at 1/tau = 1: near log(6)
     assert cxrclip.clip_loss(e, e, torch.tensor(100.0)).item() < 1e-3
-    assert abs(cxrclip.clip_loss(v, u, torch.tensor(1 / tau)).item() - got) < 1e-6
+    assert abs(cxrclip.clip_loss(u, v, torch.tensor(1.0)).item() - np.log(6)) < 0.5
 
 
-def test_mvs_icl_tcl_composition():
+def test_mvs_icl_tcl_and_total():
     u1, u2, v1, v2 = (_unit(5, 8, s) for s in range(4))
     tau = 0.1
-    s = torch.tensor(1 / tau)
-    mvs = (_ref_clip_loss(u1, v1, tau) + _ref_clip_loss(u2, v1, tau) + _ref_clip_loss(u1, v2, tau)
-           + _ref_clip_loss(u2, v2, tau)) / 4  # Eq. (2)
-    icl, tcl = _ref_clip_loss(v1, v2, tau), _ref_clip_loss(u1, u2, tau)
-    total, parts = cxrclip.cxrclip_loss(u1, u2, v1, v2, s, lambda_icl=1.0, lambda_tcl=0.5)
+    ref = _explicit_clip_loss
+    mvs = (ref(u1, v1, tau) + ref(u2, v1, tau) + ref(u1, v2, tau) + ref(u2, v2, tau)) / 4  # Eq. (2)
+    icl, tcl = ref(v1, v2, tau), ref(u1, u2, tau)
+    total, parts = cxrclip.cxrclip_loss(u1, u2, v1, v2, torch.tensor(1 / tau), 1.0, 0.5)
+    assert abs(cxrclip.mvs_loss(u1, u2, v1, v2, 10.0).item() - mvs) < 1e-5
     assert abs(parts["mvs"].item() - mvs) < 1e-5
-    assert abs(parts["icl"].item() - icl) < 1e-5 and abs(parts["tcl"].item() - tcl) < 1e-5
+    assert abs(cxrclip.icl_loss(v1, v2, 10.0).item() - icl) < 1e-5 and abs(parts["icl"].item() - icl) < 1e-5
+    assert abs(cxrclip.tcl_loss(u1, u2, 10.0).item() - tcl) < 1e-5 and abs(parts["tcl"].item() - tcl) < 1e-5
     assert abs(total.item() - (mvs + 1.0 * icl + 0.5 * tcl)) < 1e-5
-    total2, _ = cxrclip.cxrclip_loss(u1, u2, v1, v2, s, lambda_icl=0.0, lambda_tcl=0.0)
-    assert abs(total2.item() - mvs) < 1e-5
 
 
-def test_prompts_handle_negative_class_names():
-    pos, neg = cxrclip.zeroshot_prompts("No Finding")
-    assert not any("no no" in p.lower() or "no finding" in p.lower() for p in pos + neg)
-    pos, neg = cxrclip.zeroshot_prompts("Pleural Effusion")
-    assert any("pleural effusion" in p.lower() for p in pos) and all(p.lower().startswith(("no", "there is no")) for p in neg)
-    rng = np.random.default_rng(0)
-    lab = np.array([1, 0, -1, np.nan, 0], np.float32)
-    names = ["Edema", "Nodule", "Fracture", "Mass", "Cardiomegaly"]
-    t = cxrclip.label_prompt_text(names, lab, rng, n_neg=1)
-    assert "edema" in t.lower() and "fracture" in t.lower() and "mass" not in t.lower()
+# ---- A_t: sentences of report text ----
+
+REPORTS = [  # (MIMIC-style text, its sentences written out by hand)
+    ("PA and lateral views of the chest were obtained. There is a 1.5 cm nodular opacity in the right\n"
+     "upper lobe, not significantly changed since ___. No pleural effusion or pneumothorax.",
+     ["PA and lateral views of the chest were obtained.",
+      "There is a 1.5 cm nodular opacity in the right upper lobe, not significantly changed since ___.",
+      "No pleural effusion or pneumothorax."]),
+    ("Findings were communicated to Dr. ___ by telephone at 9:15 a.m. on ___, approx. 10 minutes after "
+     "discovery. Recommend follow-up chest CT, e.g. in 3 months. Discussed with Dr. ___. No change.",
+     ["Findings were communicated to Dr. ___ by telephone at 9:15 a.m. on ___, approx. 10 minutes after "
+      "discovery.", "Recommend follow-up chest CT, e.g. in 3 months.", "Discussed with Dr. ___.",
+      "No change."]),
+    ("1. Interval increase in moderate left pleural effusion. 2. Mild pulmonary vascular congestion vs. "
+     "early edema.\n3. No pneumothorax.",
+     ["1. Interval increase in moderate left pleural effusion.",
+      "2. Mild pulmonary vascular congestion vs. early edema.", "3. No pneumothorax."]),
+    ("IMPRESSION: 1) Small right apical pneumothorax 2) Chest tube in place 3) Stable cardiomediastinal "
+     "silhouette",
+     ["IMPRESSION: 1) Small right apical pneumothorax", "2) Chest tube in place",
+      "3) Stable cardiomediastinal silhouette"]),
+    ("ETT terminates 4.5 cm above the carina. The nodule is seen on image 3. Is there free air? None seen.",
+     ["ETT terminates 4.5 cm above the carina.", "The nodule is seen on image 3.", "Is there free air?",
+      "None seen."]),
+    ("no mass. there is nodule. possible effusion.", ["no mass.", "there is nodule.", "possible effusion."]),
+    ("", []),
+]
 
 
-def test_sentence_shuffle_really_shuffles():
-    rng = np.random.default_rng(0)
-    t = "A b. C d. E f."
-    for _ in range(5):
-        s = cxrclip.sentence_shuffle(t, rng)
-        assert s != t and set(x.strip(". ") for x in s.split(".")) == {"A b", "C d", "E f", ""}
+@pytest.mark.parametrize("text,expected", REPORTS)
+def test_split_sentences_on_report_text(text, expected):
+    assert cxrclip.split_sentences(text) == expected
 
 
-def test_study_sampling_two_views_and_texts(phantom_csv):
-    cfg = cxrclip.Config(image_size=32)
-    tr = common.XrayCSV(phantom_csv, split="train")
-    ds = cxrclip.StudyDataset(tr, cfg, train=True)
-    item = ds[(0, 123)]
-    assert item["x1"].shape == (3, 32, 32) and item["x2"].shape == (3, 32, 32)
-    assert not torch.equal(item["x1"], item["x2"])
-    again = ds[(0, 123)]
-    assert torch.equal(item["x1"], again["x1"]) and item["t1"] == again["t1"]  # a function of (index, seed)
-    # t^1 is one of the study's report sections; t^2 is the other one or a sentence-shuffled copy (same sentences)
-    secs = tr.texts(tr.studies[0][0])
-    assert item["t1"] in secs
-    sents = lambda s: sorted(x.strip() for x in s.split(".") if x.strip())  # noqa: E731
-    assert any(sents(item["t2"]) == sents(s) for s in secs)
-    # distinct views: the two images come from two different rows with different views
-    chosen = []
-    orig = common.load_image
-    try:
-        common.load_image = lambda p: (chosen.append(p), orig(p))[1]
-        ds[(0, 7)]
-    finally:
-        common.load_image = orig
-    views = {tr.rows[i]["_path"]: tr.rows[i]["view"] for i in tr.studies[0]}
-    assert len(chosen) == 2 and views[chosen[0]] != views[chosen[1]]
+def test_split_sentences_shuffle_moves_whole_sentences():
+    text, sents = REPORTS[1]
+    for seed in range(5):
+        out = cxrclip.sentence_shuffle(text, np.random.default_rng(seed))
+        assert sorted(cxrclip.split_sentences(out)) == sorted(sents) and cxrclip.split_sentences(out) != sents
+    assert cxrclip.sentence_shuffle("One sentence only.", np.random.default_rng(0)) == "One sentence only."
 
 
-def test_bad_image_is_replaced_and_counted(phantom_csv, tmp_path):
-    import shutil
+# ---- T = Concat({p ~ P(y)}): label prompts ----
 
-    d = tmp_path / "copy"
-    shutil.copytree(os.path.dirname(phantom_csv), d)
-    tr = common.XrayCSV(d / "phantoms.csv", split="train")
-    victim = tr.rows[tr.studies[0][0]]["_path"]
-    with open(victim, "wb") as f:
-        f.write(b"\x89PNG truncated")
-    ds = cxrclip.StudyDataset(tr, cxrclip.Config(image_size=32), train=True)
-    item = ds[(0, 1)]
-    assert item["bad"] and item["bad"][0][0] == "unreadable image" and "S0" in item["bad"][0][1]
-    assert item["x1"].shape == (3, 32, 32)
+CLASSES = ("Atelectasis", "Cardiomegaly", "Edema", "Fracture", "Mass", "Nodule", "Pneumonia", "Hernia")
+SIGN = {"pos": "+", "neg": "-", "unc": "?"}
+BANK = {c: {v: [f"{c[0]}{sign}."] for v, sign in SIGN.items()} for c in CLASSES}  # "A+.", "A-.", "A?.", ...
 
 
-def test_label_only_studies_become_prompts(phantom_csv):
-    cfg = cxrclip.Config(image_size=32, text_source="labels")
-    tr = common.XrayCSV(phantom_csv, split="train")
-    item = cxrclip.StudyDataset(tr, cfg)[(3, 5)]
-    assert item["t1"] != tr.texts(tr.studies[3][0])[0]
-    vocab = set(" ".join(cxrclip.all_prompt_texts(tr.label_names)).lower().replace(".", " ").split())
-    assert set(item["t1"].lower().replace(".", " ").split()) <= vocab
+def _said(text):
+    return sorted(text.split())
 
 
-# ---- DDP: 2 gloo processes x B/2 == 1 process x B (loss and every gradient) ----
-
-def _ddp_worker(rank, world, init_file, out_dir, csv_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    _one_step(rank, world, out_dir, csv_path, ddp=True)
-    dist.destroy_process_group()
-
-
-def _one_step(rank, world, out_dir, csv_path, ddp):
-    torch.manual_seed(0)
-    cfg = cxrclip.Config(image_size=32, tiny_width=32, embed_dim=32, vocab_size=300)
-    tr = common.XrayCSV(csv_path, split="train")
-    model = cxrclip.build(cfg, None, tr).double()
-    ds = cxrclip.StudyDataset(tr, cfg, train=True)
-    items = [ds[(i, i)] for i in range(8)]
-    b = 8 // world
-    mine = cxrclip.Collate(model.tokenize)(items[rank * b:(rank + 1) * b])
-    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    v, u1, u2 = net(torch.cat([mine["x1"], mine["x2"]]).double(), mine["t1"], mine["t2"])
-    loss, _ = cxrclip.cxrclip_loss(u1, u2, v[:b], v[b:], model.scale(), 1.0, 0.5)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/ddp{rank}_{world}.pt")
+def test_label_prompts_state_every_labelled_class_chexpert_style():
+    names = list(BANK)
+    bank = {common.label_text(c): d for c, d in BANK.items()}
+    y = np.array([1, 0, 0, -1, 0, np.nan, 0, 0], np.float32)  # 5 explicit negatives, one blank
+    for seed in range(5):
+        text = cxrclip.label_prompt_text(names, y, np.random.default_rng(seed), 3, bank)
+        assert _said(text) == sorted(["A+.", "C-.", "E-.", "F?.", "M-.", "P-.", "H-."])
+    assert cxrclip.label_prompt_text(names, np.full(8, np.nan, np.float32), np.random.default_rng(0)) == ""
 
 
-def test_two_process_ddp_equals_one_process(tmp_path, phantom_csv):
-    import torch.multiprocessing as mp
+def test_label_prompts_sample_negatives_chestxray14_style():
+    names, bank = list(BANK), {common.label_text(c): d for c, d in BANK.items()}
+    y = np.array([0, 1, 0, 0, 0, 0, 0, 0], np.float32)  # 1 / 0 only: 0 means "not found"
+    seen = set()
+    for seed in range(20):
+        said = _said(cxrclip.label_prompt_text(names, y, np.random.default_rng(seed), 3, bank))
+        negs = [s for s in said if s.endswith("-.")]
+        assert "C+." in said and len(said) == 4 and len(set(negs)) == 3 and "C-." not in negs
+        seen |= set(negs)
+    assert len(seen) == 7  # every negative class gets drawn
+    assert len(_said(cxrclip.label_prompt_text(names, y, np.random.default_rng(0), -1, bank))) == 8
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), phantom_csv), nprocs=2)
-    _one_step(0, 1, str(tmp_path), phantom_csv, ddp=False)
-    one = torch.load(tmp_path / "ddp0_1.pt")
-    r0, r1 = torch.load(tmp_path / "ddp0_2.pt"), torch.load(tmp_path / "ddp1_2.pt")
-    assert abs(((r0["loss"] + r1["loss"]) / 2 - one["loss"]).item()) < 1e-5
-    assert set(one["grads"]) == set(r0["grads"])
-    for n, g in one["grads"].items():
-        assert torch.allclose(r0["grads"][n], g, atol=1e-5, rtol=1e-4), n  # DDP averaged: same on both ranks
-        assert torch.allclose(r1["grads"][n], g, atol=1e-5, rtol=1e-4), n
+
+def test_prompt_files_in_the_official_layout(tmp_path):
+    p = tmp_path / "train_prompts_all.json"
+    p.write_text(json.dumps({"Pleural Effusion": {"pos": ["effusion is seen.", ""], "neg": ["no effusion."],
+                                                 "unc": ["possible effusion."]},
+                             "Pleural_Thickening": {"pos": ["thickened pleura."],
+                                                    "neg": ["no thickened pleura."]}}))
+    bank = cxrclip.read_prompts(str(p))
+    assert cxrclip.class_prompts("Pleural Effusion", "pos", bank) == ["effusion is seen."]  # blanks dropped
+    assert cxrclip.class_prompts("Effusion", "unc", bank) == ["possible effusion."]  # ChestX-ray14's name
+    assert cxrclip.class_prompts("Pleural Thickening", "neg", bank) == ["no thickened pleura."]
+    assert "Possible pleural thickening." in cxrclip.class_prompts("Pleural_Thickening", "unc", bank)  # ours
+    pos, neg = cxrclip.zeroshot_pair("No Finding")  # a negation as a class name: no "no no finding"
+    assert not any("no finding" in s.lower() for s in pos + neg) and len(pos) == len(neg) == 3
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(common.UserError, match="prompt file"):
+            cxrclip.read_prompts(str(bad))
 
 
-# ---- training: loss falls, exact resume, fail-fast paper preset ----
+# ---- images ----
 
-def _run(args, tmp_path):
-    return cxrclip.main(args)
+def test_eval_transform_is_torchvisions_resize_and_centre_crop():
+    from torchvision.transforms.v2 import functional as TF
+
+    yy, xx = np.mgrid[0:300, 0:200]
+    img = (128 + 60 * np.sin(xx / 25) + 40 * np.cos(yy / 30)).astype(np.uint8)  # portrait, smooth
+    ref = TF.center_crop(TF.resize(torch.from_numpy(img)[None], 64, antialias=True), 64)[0].numpy()
+    got = cxrclip.transform(img, size=64, train=False)
+    assert got.shape == (3, 64, 64)
+    assert (got - common.to_tensor(ref)).abs().max() < 3 / 255 / 0.225  # within 3 grey levels
+    x = cxrclip.transform(img, np.random.default_rng(1), size=64, train=True)
+    assert x.shape == (3, 64, 64)
+    assert torch.equal(x, cxrclip.transform(img, np.random.default_rng(1), size=64, train=True))  # the rng's
+
+
+# ---- end to end ----
+
+def _csv_with_a_bad_row(src, dst):
+    """The phantom CSV with absolute image paths; one training row loses its report and its labels."""
+    rows = list(csv.DictReader(open(src)))
+    root = str(src).rsplit("/", 1)[0]
+    for r in rows:
+        r["image"] = f"{root}/{r['image']}"
+    bad = next(r for r in rows if r["split"] == "train")
+    bad.update({k: "" for k in bad if k in ("findings", "impression", "report") or k.startswith("label:")})
+    common.write_csv_atomic(dst, rows, list(rows[0]))
+    return dst
 
 
 def _weights(path):
     return common.load_checkpoint(path)["model"]
 
 
-def test_end_to_end_loss_falls(tmp_path, phantom_csv):
-    out = tmp_path / "run"
-    m = cxrclip.main([f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=12", "--batch_size=16",
-                      "--lr=2e-3", *TINY])
-    rows = [json.loads(l) for l in open(out / "log.jsonl") if '"loss"' in l]
-    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
-    assert last < first - 0.3, (first, last)
-    assert 0.0 <= m["zeroshot_auc_macro"] <= 1.0
-    assert json.load(open(out / "metrics.json"))["zeroshot_auc_macro"] == m["zeroshot_auc_macro"]
-    # the checkpoint alone rebuilds the model (config + tokenizer vocabulary are inside)
-    model, cfg = cxrclip.load(str(out / "ckpt.pt"))
-    assert cfg.image_size == 32 and model.encode_text(["no edema"]).shape == (1, 32)
+@pytest.mark.slow
+def test_best_checkpoint_evaluated_and_resume_gives_the_same_metrics(tmp_path, phantom_csv):
+    data = _csv_with_a_bad_row(phantom_csv, tmp_path / "data.csv")
+    args = [f"--data={data}", "--epochs=3", "--ckpt_every=4", "--label_prompt_frac=0.5",
+            "--max_bad_frac=0.05", *TINY]
+    a = cxrclip.main([*args, f"--out_dir={tmp_path / 'a'}"])
+    assert a["bad_samples"] == {"empty report text": 1}  # no text and no labels: counted, no "Normal study."
+    val = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if "val_loss" in line]
+    assert len(val) == 3 and a["best_epoch"] == int(np.argmin([r["val_loss"] for r in val]))
+    assert a["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in val))
+    model, cfg = cxrclip.load(tmp_path / "a" / "ckpt_best.pt")  # the evaluated weights are the best ones
+    te = common.XrayCSV(data, "test")
+    again = common.zeroshot_eval(model, te, "cpu")["zeroshot_auc_macro"]
+    assert again == pytest.approx(a["zeroshot_auc_macro"])
+
+    stop = cxrclip.main([*args, f"--out_dir={tmp_path / 'b'}", "--max_steps=13"])  # mid-epoch 1
+    assert stop["stopped"] and stop["step"] == 13
+    with pytest.raises(common.UserError, match="--resume"):  # a new run must not replace it
+        cxrclip.main([*args, f"--out_dir={tmp_path / 'b'}"])
+    b = cxrclip.main([*args, f"--out_dir={tmp_path / 'b'}", "--resume"])
+    for k in ("zeroshot_auc_macro", "best_epoch", "best_val_loss", "step"):
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    for f in ("ckpt.pt", "ckpt_best.pt"):
+        wa, wb = _weights(tmp_path / "a" / f), _weights(tmp_path / "b" / f)
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), f
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, phantom_csv):
-    common_args = [f"--data={phantom_csv}", "--epochs=3", "--batch_size=16", "--lr=1e-3", "--ckpt_every=2", *TINY]
-    a, b = tmp_path / "a", tmp_path / "b"
-    cxrclip.main([*common_args, f"--out_dir={a}"])
-    r = cxrclip.main([*common_args, f"--out_dir={b}", "--max_steps=5"])  # stops mid-epoch
-    assert r["stopped"] and r["step"] == 5
-    with pytest.raises(SystemExit):  # a new run must not clobber it
-        cxrclip.main([*common_args, f"--out_dir={b}"])
-    cxrclip.main([*common_args, f"--out_dir={b}", "--resume"])
-    wa, wb = _weights(a / "ckpt.pt"), _weights(b / "ckpt.pt")
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in open(p)]  # noqa: E731
-    assert strip(a / "log.jsonl") == strip(b / "log.jsonl")
-
-
-def test_paper_preset_offline_fails_fast_with_a_clear_message(tmp_path, phantom_csv):
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "cxrclip.py", "--preset=paper", f"--data={phantom_csv}", "--image_encoder=tiny",
-                        f"--out_dir={tmp_path}", "--num_workers=0"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode != 0
-    assert "emilyalsentzer/Bio_ClinicalBERT" in p.stderr and "--pretrained=false" in p.stderr
-    assert time.time() - t0 < 60
-
-
-def test_torchrun_two_processes(tmp_path, phantom_csv):
-    out = tmp_path / "ddp"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                        "cxrclip.py", f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=2", "--batch_size=16",
-                        *TINY], cwd=ROOT, capture_output=True, text=True, timeout=240)
+@pytest.mark.slow
+def test_two_processes_train_and_validate_as_one(tmp_path, phantom_csv):
+    """torchrun x 2 (gloo, each rank half of every global batch) against 1 process: the same validation loss
+    after an epoch (all-gathered losses, sharded validation; the tiny CNN has no BatchNorm)."""
+    args = [f"--data={phantom_csv}", "--epochs=1", *TINY]
+    one = cxrclip.main([*args, f"--out_dir={tmp_path / 'one'}"])
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=29520", "cxrclip.py", *args, f"--out_dir={tmp_path / 'two'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "2 process(es)" in p.stdout and (out / "metrics.json").exists()
+    two = json.load(open(tmp_path / "two" / "metrics.json"))
+    assert "2 process(es)" in p.stdout
+    assert two["best_val_loss"] == pytest.approx(one["best_val_loss"], abs=1e-4)
