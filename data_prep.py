@@ -63,6 +63,7 @@ import numpy as np
 from tqdm import tqdm
 
 import common
+from cxrclip import split_sentences  # clinical text: "1.5 cm", "Dr. ___", "1." items survive
 
 LP = common.LABEL_PREFIX
 BASE_COLUMNS = ["image", "study_id", "patient_id", "split", "view", "body_part", "findings", "impression",
@@ -1198,10 +1199,6 @@ def build_knowledge(names: list[str], generate, out_path: str, batch_size: int =
 
 # ----------------------------------------------------------------------------------------------------
 # ---- CXR-CLIP back-translation, English -> Italian -> English (Sec. 3.2, the text augmentation) ----
-
-def split_sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
-
 
 def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"), batch_size: int = 32,
                   rows_per_chunk: int = 512) -> dict:
