@@ -645,8 +645,8 @@ def convert_cxr_lt(root: Path, args) -> list[dict]:
                             so a checkpoint pre-trained on mimic_cxr never saw a test patient;
                      paper  CXR-CML's 80/20 by patient (MIMIC's test patients still all in test; the other
                             test patients are in MIMIC's train split).
-    `fold` 0-4 splits train by patient for CXR-CML's 5-fold cross-validation; `mimic_split` keeps each
-    patient's MIMIC split.
+    `mimic_split` keeps each patient's MIMIC split. CXR-CML's five runs draw their folds from the training
+    patients themselves (cxrcml.py --fold=k).
     """
     ds = "cxr_lt"
     labels = Path(args.labels) if args.labels else root
@@ -681,11 +681,6 @@ def convert_cxr_lt(root: Path, args) -> list[dict]:
         assign_splits(rows, fractions(args, (0.8, 0.0, 0.2)), args.seed)
         print("cxr_lt: --split=paper: test also holds patients of MIMIC's train split (column mimic_split); "
               "compare checkpoints pre-trained on mimic_cxr on the rows with mimic_split=test only")
-    train = sorted({r["patient_id"] for r in rows if r["split"] == "train"})
-    order = np.random.default_rng(args.seed).permutation(len(train))
-    fold = {train[j]: str(i % 5) for i, j in enumerate(order)}
-    for r in rows:
-        r["fold"] = fold.get(r["patient_id"], "")
     return rows
 
 

@@ -1,343 +1,365 @@
-"""Tests of cxrcml.py: the Student-t mixture (Eq. 1-2) against scipy / scikit-learn, its robustness to outliers,
-the triplet loss (Eq. 3) against hand-computed values and brute force, the CheXzero (OpenAI-CLIP) name mapping
-on a tiny CLIP, the meta-label text, and a short end-to-end run whose loss falls."""
+"""Tests of cxrcml.py against independent references: the Student-t density (Eq. 2) against scipy, the
+mixture (Eq. 1) against scikit-learn's GaussianMixture and adjusted Rand indices, the triplet loss (Eq. 3) and
+L_c against hand computations, CheXzero's pixels against its published pipeline (PIL + torchvision) and stated
+constants, the CheXzero weight mapping against OpenAI's CLIP forward written out with nn.MultiheadAttention,
+the five-fold protocol on phantoms, and a short end-to-end run."""
+import csv
 import json
 import math
-import os
-import subprocess
-import sys
+import statistics
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import adjusted_rand_score
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
-import cxrcml  # noqa: E402
+import common
+import cxrcml
 
 
-# ---- Eq. (2): the multivariate t log-density with diagonal Σ ----
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # small tensors: one thread is fastest, and two processes of this suite share 2 cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- Eq. (2): the multivariate t log-density with diagonal Sigma ----
 
 def test_student_t_log_density_matches_scipy_multivariate_t():
     from scipy.stats import multivariate_t
 
     rng = np.random.default_rng(0)
-    d, K, N = 6, 3, 20
-    mu = rng.normal(size=(K, d))
-    var = rng.uniform(0.2, 3.0, size=(K, d))
-    z = rng.normal(size=(N, d)) * 2
+    mu, var, z = rng.normal(size=(3, 6)), rng.uniform(0.2, 3.0, size=(3, 6)), rng.normal(size=(20, 6)) * 2
     for dof in (1.0, 4.0, 30.0):
         got, maha = cxrcml.student_t_log_density(torch.tensor(z), torch.tensor(mu), torch.tensor(var), dof)
-        for k in range(K):
+        for k in range(3):
             ref = multivariate_t(loc=mu[k], shape=np.diag(var[k]), df=dof).logpdf(z)
             np.testing.assert_allclose(got[:, k].numpy(), ref, rtol=1e-9, atol=1e-9)
             np.testing.assert_allclose(maha[:, k].numpy(), (((z - mu[k]) ** 2) / var[k]).sum(1), rtol=1e-9)
-    # a multivariate t with diagonal Σ is NOT a product of univariate t's: the test above could tell them apart
-    from scipy.stats import t as t1
-
-    prod = sum(t1(df=4.0, loc=mu[0, j], scale=np.sqrt(var[0, j])).logpdf(z[:, j]) for j in range(d))
-    got4, _ = cxrcml.student_t_log_density(torch.tensor(z), torch.tensor(mu), torch.tensor(var), 4.0)
-    assert np.abs(prod - got4[:, 0].numpy()).max() > 0.1
 
 
 def test_student_t_log_density_float32_large_dof_is_gaussian():
-    """At ν = 1e8 in float32 the density equals the Gaussian (the lnΓ constants are formed in float64)."""
+    """At nu = 1e8 in float32, d = 512: the Gaussian (the lnG constant is formed in float64)."""
     from scipy.stats import multivariate_normal
 
     rng = np.random.default_rng(1)
-    d = 512
-    mu, var = rng.normal(size=(1, d)) * 0.05, rng.uniform(1e-3, 3e-3, size=(1, d))
-    z = mu + rng.normal(size=(5, d)) * np.sqrt(var)
-    got, _ = cxrcml.student_t_log_density(torch.tensor(z, dtype=torch.float32), torch.tensor(mu, dtype=torch.float32),
-                                          torch.tensor(var, dtype=torch.float32), 1e8)
-    ref = multivariate_normal(mean=mu[0], cov=np.diag(var[0])).logpdf(z)
+    mu, var = rng.normal(size=(1, 512)) * 0.05, rng.uniform(1e-3, 3e-3, size=(1, 512))
+    z = mu + rng.normal(size=(5, 512)) * np.sqrt(var)
+    got, _ = cxrcml.student_t_log_density(*(torch.tensor(a, dtype=torch.float32) for a in (z, mu, var)), 1e8)
+    ref = multivariate_normal(mu[0], np.diag(var[0])).logpdf(z)
     np.testing.assert_allclose(got[:, 0].numpy(), ref, rtol=1e-4)
 
 
-# ---- Eq. (1): the mixture, EM ----
+# ---- Eq. (1): the mixture and its EM ----
 
-def _blobs(rng, n_per=(150, 100, 80), d=4, sep=6.0):
-    means = rng.normal(size=(len(n_per), d)) * sep
-    X = np.concatenate([m + rng.normal(size=(n, d)) * rng.uniform(0.5, 1.5, size=d) for m, n in zip(means, n_per)])
-    return X, means
+def _set(tm, means, variances, weights):
+    tm.load_state_dict({"means": torch.tensor(means), "variances": torch.tensor(variances),
+                        "weights": torch.tensor(weights), "center": torch.zeros(means.shape[1]).double()})
 
 
-def test_large_dof_matches_sklearn_gaussian_mixture_from_same_init():
-    from sklearn.exceptions import ConvergenceWarning
+def test_mixture_em_at_large_dof_is_sklearn_gaussian_mixture_from_the_same_start():
     from sklearn.mixture import GaussianMixture
 
     rng = np.random.default_rng(0)
-    X, _ = _blobs(rng)
-    K = 3
-    init_means = X[rng.choice(len(X), K, replace=False)]
-    init_var = np.ones((K, X.shape[1])) * X.var(0)
-    init_w = np.full(K, 1.0 / K)
+    X = np.concatenate([m + rng.normal(size=(n, 4)) * rng.uniform(0.5, 1.5, size=4)
+                        for m, n in zip(rng.normal(size=(3, 4)) * 6, (150, 100, 80))])
+    means, variances = X[rng.choice(len(X), 3, replace=False)], np.ones((3, 4)) * X.var(0)
+    weights = np.ones(3) / 3
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        gm = GaussianMixture(K, covariance_type="diag", max_iter=8, tol=0.0, reg_covar=1e-6, means_init=init_means,
-                             weights_init=init_w, precisions_init=1.0 / init_var).fit(X)
-    tm = cxrcml.StudentTMixture(K, dof=1e10, n_iter=8, reg_covar=1e-6)
-    tm.fit(torch.tensor(X), init={"means": init_means, "variances": init_var, "weights": init_w})
+        warnings.simplefilter("ignore")  # 8 iterations: "did not converge"
+        gm = GaussianMixture(3, covariance_type="diag", max_iter=8, tol=0.0, reg_covar=1e-6, means_init=means,
+                             weights_init=weights, precisions_init=1 / variances).fit(X)
+    tm = cxrcml.StudentTMixture(3, dof=1e10)
+    _set(tm, means, variances, weights)
+    tm._em(torch.tensor(X), 8, tm.dof)
     np.testing.assert_allclose(tm.means.numpy(), gm.means_, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tm.variances.numpy(), gm.covariances_, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(tm.log_likelihood(torch.tensor(X)).numpy(), gm.score_samples(X), rtol=1e-6, atol=1e-5)
-    np.testing.assert_array_equal(tm.predict(torch.tensor(X)).numpy(), gm.predict(X))
-    np.testing.assert_allclose(tm.predict_proba(torch.tensor(X)).numpy(), gm.predict_proba(X), atol=1e-5)
-    # float32 (the training dtype) agrees too, to float32 precision
-    tm32 = cxrcml.StudentTMixture(K, dof=1e8, n_iter=8, reg_covar=1e-6)
-    tm32.fit(torch.tensor(X, dtype=torch.float32), init={"means": init_means, "variances": init_var, "weights": init_w})
-    np.testing.assert_allclose(tm32.log_likelihood(torch.tensor(X, dtype=torch.float32)).numpy(),
-                               gm.score_samples(X), rtol=1e-3)
-    assert (tm32.predict(torch.tensor(X, dtype=torch.float32)).numpy() == gm.predict(X)).mean() > 0.99
+    np.testing.assert_allclose(tm.weights.numpy(), gm.weights_, rtol=1e-6)
+    resp, ll = tm.score(torch.tensor(X))
+    np.testing.assert_allclose(ll.numpy(), gm.score_samples(X), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(resp.numpy(), gm.predict_proba(X), atol=1e-5)
 
 
-def test_t_mixture_means_are_robust_to_gross_outliers():
-    """5% gross outliers pull the GMM's means; the t-mixture (ν = 4) down-weights them through u."""
-    from sklearn.exceptions import ConvergenceWarning
+def test_mixture_fit_on_clean_data_reaches_sklearn_likelihood():
+    """Our seeding and EM (nu = 1e8: Gaussian) find scikit-learn's optimum on four clean diagonal clusters."""
     from sklearn.mixture import GaussianMixture
 
-    rng = np.random.default_rng(3)
-    d, K = 3, 3
-    true = np.array([[0, 0, 0], [8, 0, 0], [0, 8, 0]], float)
-    clean = np.concatenate([m + rng.normal(size=(200, d)) for m in true])
-    n_out = int(0.05 * len(clean) / 0.95)
-    outliers = rng.uniform(-60, 60, size=(n_out, d))
-    X = np.concatenate([clean, outliers])
-    init = {"means": true + rng.normal(size=true.shape) * 0.5, "variances": np.ones((K, d)) * 2.0,
-            "weights": np.full(K, 1 / K)}
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), [120, 100, 90, 90])
+    X = np.array([[0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10.0]])[y] + rng.normal(size=(400, 3)) * \
+        rng.uniform(0.5, 1.5, size=(4, 3))[y]
+    tm = cxrcml.StudentTMixture(4, dof=1e8, em_iters=50).fit(torch.tensor(X), seed=0)
+    gm = GaussianMixture(4, covariance_type="diag", n_init=3, tol=1e-10, max_iter=500, random_state=0).fit(X)
+    assert abs(float(tm.score(torch.tensor(X))[1].mean()) - gm.score(X)) < 1e-4
+    assert adjusted_rand_score(y, tm.predict(torch.tensor(X)).numpy()) == 1.0
+
+
+def test_mixture_t_recovers_clusters_with_gross_outliers_better_than_gaussian():
+    """10% gross outliers: from the same start, scikit-learn's Gaussian mixture gives a component to them and
+    merges two clusters; the t-mixture (nu = 4) down-weights them and keeps the three."""
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    true, y = np.array([[0, 0], [6, 0], [0, 6.0]]), np.repeat([0, 1, 2], 150)
+    clean = true[y] + rng.normal(size=(450, 2))
+    X = np.concatenate([clean, rng.uniform(-40, 40, size=(45, 2))])
+    means, variances, weights = true + rng.normal(size=(3, 2)) * 0.5, np.ones((3, 2)), np.ones(3) / 3
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        gm = GaussianMixture(K, covariance_type="diag", max_iter=50, tol=0.0, means_init=init["means"],
-                             weights_init=init["weights"], precisions_init=1 / init["variances"]).fit(X)
-    tm = cxrcml.StudentTMixture(K, dof=4.0, n_iter=50).fit(torch.tensor(X), init=init)
-
-    def err(means):  # each true mean to its nearest fitted mean
-        return np.linalg.norm(true[:, None] - means[None], axis=-1).min(1).sum()
-
-    assert err(tm.means.numpy()) < 0.5 * err(gm.means_)
-    assert err(tm.means.numpy()) < 0.6
-
-
-def test_t_mixture_fit_float32_d512_is_finite_and_separates_clusters():
-    """The training setting: float32, d = 512, unit-norm embeddings, k-means++ -> GMM -> t-EM, then a warm refit."""
-    g = torch.Generator().manual_seed(0)
-    K, d = 8, 512
-    centres = torch.nn.functional.normalize(torch.randn(K, d, generator=g), dim=-1)
-    lab = torch.arange(1024) % K
-    X = torch.nn.functional.normalize(centres[lab] + 0.03 * torch.randn(1024, d, generator=g), dim=-1)
-    tm = cxrcml.StudentTMixture(K, dof=4.0, n_iter=5, gmm_iters=5, seed=0).fit(X)
-    ll = tm.log_likelihood(X)
-    assert torch.isfinite(ll).all() and torch.isfinite(tm.means).all() and (tm.variances > 0).all()
-    pred = tm.predict(X)
-    from sklearn.metrics import adjusted_rand_score
-
-    assert adjusted_rand_score(lab.numpy(), pred.numpy()) > 0.9
-    before = float(ll.mean())
-    tm.fit(X, warm_start=True, n_iter=2)  # the loop's cheap refit continues from the current parameters
-    assert float(tm.log_likelihood(X).mean()) >= before - 1e-3
-    p = tm.predict_proba(X)
-    torch.testing.assert_close(p.sum(1), torch.ones(len(X)))
+        warnings.simplefilter("ignore")
+        gm = GaussianMixture(3, covariance_type="diag", max_iter=100, tol=0.0, means_init=means,
+                             weights_init=weights, precisions_init=1 / variances).fit(X)
+    tm = cxrcml.StudentTMixture(3, dof=4.0)
+    _set(tm, means, variances, weights)
+    tm._em(torch.tensor(X), 100, tm.dof)
+    ari_t = adjusted_rand_score(y, tm.predict(torch.tensor(clean)).numpy())
+    ari_g = adjusted_rand_score(y, gm.predict(clean))
+    assert ari_t > 0.95 and ari_g < 0.7, (ari_t, ari_g)
 
 
-# ---- Eq. (3): triplet loss ----
+def test_mixture_every_seed_finds_four_separated_clusters():
+    """Greedy k-means++ and 3 starts: every one of 6 seeds finds the 4 clusters (one start, plain draws
+    merged two of them for some seeds)."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(4, 8))
+    y = np.repeat(np.arange(4), [150, 100, 80, 60])
+    means = 6 * means / np.linalg.norm(means, axis=1, keepdims=True)  # 6 sigma apart from the origin
+    X = torch.tensor(means[y] + rng.normal(size=(390, 8)))
+    for seed in range(6):
+        pred = cxrcml.StudentTMixture(4, dof=4.0).fit(X, seed).predict(X)
+        assert adjusted_rand_score(y, pred.numpy()) == 1.0, seed
+
+
+def test_kmeans_pp_seeds_as_well_as_sklearn_greedy_kmeans_plusplus():
+    """Greedy seeding (2 + ln K candidates per centre): over 40 seeds its mean potential sum D(x)^2 matches
+    scikit-learn's kmeans_plusplus and is well below plain k-means++ (one candidate per centre)."""
+    from sklearn.cluster import kmeans_plusplus
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 8, 400)
+    X = rng.uniform(-20, 20, size=(8, 2))[y] + rng.normal(size=(400, 2)) * rng.uniform(0.5, 3, size=(8, 1))[y]
+
+    def potential(seeds):
+        return ((X[:, None] - seeds[None]) ** 2).sum(-1).min(1).sum()
+    ours = np.mean([potential(cxrcml.kmeans_pp(torch.tensor(X), 8, torch.Generator().manual_seed(s)).numpy())
+                    for s in range(40)])
+    greedy, plain = (np.mean([potential(kmeans_plusplus(X, 8, random_state=s, n_local_trials=t)[0])
+                              for s in range(40)]) for t in (None, 1))
+    assert abs(ours / greedy - 1) < 0.1 and ours < 0.8 * plain, (ours, greedy, plain)
+
+
+# ---- Eq. (3): the triplet loss; L_c ----
 
 def _circle(deg):
-    return torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in deg], dtype=torch.float64)
+    rad = np.radians(deg)
+    return torch.tensor(np.stack([np.cos(rad), np.sin(rad)], 1))
 
 
 def test_triplet_loss_batch_hard_hand_computed():
-    # unit vectors at 0°, 60°, 180°, 250°: Euclidean distance 2 sin(Δθ/2); clusters {a, b}, {c, d}; α = 0.8
-    emb = _circle([0, 60, 180, 250])
-    labels = torch.tensor([0, 0, 1, 1])
-    ch = lambda deg: 2 * math.sin(math.radians(deg) / 2)  # noqa: E731
-    # anchor: hardest positive - hardest (nearest) negative + α
-    a = ch(60) - min(ch(180), ch(110)) + 0.8  # a: p = b, n in {c (180°), d (110°)}
-    b = ch(60) - min(ch(120), ch(170)) + 0.8  # b: p = a, n in {c (120°), d (170°)}
-    c = ch(70) - min(ch(180), ch(120)) + 0.8  # c: p = d, n in {a, b}
-    d = ch(70) - min(ch(110), ch(170)) + 0.8  # d: p = c, n in {a, b}
-    expected = np.mean([max(0, v) for v in (a, b, c, d)])
-    assert abs(expected - 0.18840) < 1e-4  # worked out on paper: (0.1617 + 0.0679 + 0.2151 + 0.3089) / 4
-    loss, n = cxrcml.triplet_loss(emb, labels, margin=0.8, mining="batch_hard")
-    assert n == 4
-    assert abs(float(loss) - expected) < 1e-6
-    # a singleton cluster has no positive: it is no anchor, but still a negative for the others
-    loss2, n2 = cxrcml.triplet_loss(emb, torch.tensor([0, 0, 1, 2]), margin=0.8, mining="batch_hard")
-    assert n2 == 2
-    assert abs(float(loss2) - np.mean([max(0, a), max(0, b)])) < 1e-6
-    # no pair in one cluster at all: zero loss that still backpropagates (DDP needs every parameter used)
-    e = emb.clone().requires_grad_(True)
-    loss3, n3 = cxrcml.triplet_loss(e, torch.tensor([0, 1, 2, 3]), 0.8)
-    loss3.backward()
-    assert n3 == 0 and float(loss3.detach()) == 0.0 and e.grad is not None
-
-
-def test_triplet_loss_semi_hard_matches_brute_force():
-    g = torch.Generator().manual_seed(0)
-    emb = torch.nn.functional.normalize(torch.randn(12, 5, generator=g, dtype=torch.float64), dim=-1)
-    labels = torch.randint(0, 3, (12,), generator=g)
-    margin = 0.3
-    D = torch.cdist(emb, emb).numpy()
-    terms = []
-    for i in range(12):
-        for j in range(12):
-            if i == j or labels[i] != labels[j]:
-                continue
-            negs = [D[i, k] for k in range(12) if labels[k] != labels[i]]
-            if not negs:
-                continue
-            far = [x for x in negs if x > D[i, j]]
-            dn = min(far) if far else max(negs)
-            terms.append(max(0.0, D[i, j] - dn + margin))
-    loss, n = cxrcml.triplet_loss(emb, labels, margin, mining="semi_hard")
-    assert n == len(terms)
-    assert abs(float(loss) - np.mean(terms)) < 1e-9
-
-
-def test_triplet_loss_gradient_pulls_positive_and_pushes_negative():
-    emb = _circle([0, 60, 180, 250]).requires_grad_(True)
-    loss, _ = cxrcml.triplet_loss(emb, torch.tensor([0, 0, 1, 1]), margin=0.8)
+    # unit vectors at 0, 60, 180, 250 degrees: Euclidean distance 2 sin(angle / 2); clusters {a, b}, {c, d}
+    emb, ch = _circle([0, 60, 180, 250]), lambda deg: 2 * math.sin(math.radians(deg) / 2)
+    a = ch(60) - min(ch(180), ch(110)) + 0.8  # anchor a: its positive b, its nearest negative d
+    b = ch(60) - min(ch(120), ch(170)) + 0.8
+    c = ch(70) - min(ch(180), ch(120)) + 0.8
+    d = ch(70) - min(ch(110), ch(170)) + 0.8
+    assert abs(np.mean([max(0, t) for t in (a, b, c, d)]) - 0.18840) < 1e-4  # (0.1617+0.0679+0.2151+0.3089)/4
+    loss = cxrcml.triplet_loss(emb, torch.tensor([0, 0, 1, 1]), margin=0.8)
+    assert abs(float(loss) - np.mean([max(0, t) for t in (a, b, c, d)])) < 1e-9
+    # a singleton cluster has no positive: no anchor, but still a negative of the others
+    loss = cxrcml.triplet_loss(emb, torch.tensor([0, 0, 1, 2]), 0.8)
+    assert abs(float(loss) - (max(0, a) + max(0, b)) / 2) < 1e-9
+    e = emb.clone().requires_grad_(True)  # no triplet at all: 0, and a gradient still flows (DDP)
+    loss = cxrcml.triplet_loss(e, torch.tensor([0, 1, 2, 3]), 0.8)
     loss.backward()
-    # moving a along -grad brings it nearer to b (its positive)
-    step = emb.detach() - 0.05 * emb.grad
-    assert torch.dist(step[0], emb.detach()[1]) < torch.dist(emb.detach()[0], emb.detach()[1])
+    assert loss.item() == 0.0 and e.grad is not None and torch.isfinite(e.grad).all()
+    assert float(cxrcml.triplet_loss(emb, None, 0.8)) == 0.0  # before the first fit
 
 
-# ---- meta-label text, prompts ----
+def test_clip_loss_hand_computed():
+    g = torch.Generator().manual_seed(0)
+    u, v = (F.normalize(torch.randn(4, 3, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    s = (u @ v.T).numpy() * 10.0
+
+    def ce(m):  # mean over rows of -log softmax(row)[diagonal]
+        return np.mean([-m[i, i] + np.log(np.exp(m[i]).sum()) for i in range(len(m))])
+    assert abs(float(cxrcml.clip_loss(u, v, torch.tensor(10.0))) - 0.5 * (ce(s) + ce(s.T))) < 1e-12
+
+
+# ---- text, pixels ----
 
 def test_meta_label_text_and_prompts():
-    names = ["Adenopathy", "Pleural Effusion", "Edema", "No Finding"]
+    names = ["Adenopathy", "Pleural Effusion", "Edema", "Normal"]
     assert cxrcml.meta_label_text(names, np.array([1, 1, 0, 0.0])) == \
         "adenopathy is present, pleural effusion is present"  # the paper's example (Sec. 2)
-    assert cxrcml.meta_label_text(names, np.array([0, -1, np.nan, 0])) == "pleural effusion may be present"
-    assert cxrcml.meta_label_text(names, np.array([0, 0, 0, 1.0])) == cxrcml.NO_FINDING_TEXT
-    pos, neg = cxrcml.zeroshot_prompts("No Finding")
-    assert not any("no no" in p.lower() for p in pos + neg) and neg == []
-    assert cxrcml.zeroshot_prompts("Edema")[0] == ["edema is present"]
-    assert len(cxrcml.CXR_LT_CLASSES) == 40 and len(cxrcml.CXR_LT_RARE) == 12
+    assert cxrcml.meta_label_text(names, np.array([0, -1, np.nan, 1])) == "normal is present"
+    assert cxrcml.meta_label_text(names, np.zeros(4)) == ""
+    m = cxrcml.CXRCML.__new__(cxrcml.CXRCML)
+    m.class_names = names
+    assert m.zeroshot_prompts("Edema") == (["edema is present"], ["normal is present"])
+    assert m.zeroshot_prompts("Normal") == (["normal is present"], [])
 
 
-# ---- CheXzero / OpenAI-CLIP checkpoints ----
+def test_chexzero_pixels_match_the_published_pipeline_and_constants():
+    """rajpurkarlab/CheXzero: PIL resize of the longer side to 320 (Lanczos), pasted centred on a black
+    320 x 320 'L' image, 3 equal channels, torchvision's Normalize((101.48761,) * 3, (83.43944,) * 3) and
+    Resize(224, bicubic) on the tensor."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, Normalize, Resize
 
-def _tiny_clip(heads=2, width=64, vocab=50):
-    CLIPConfig, CLIPModel = cxrcml._clip_classes()
-    kw = dict(num_attention_heads=heads, intermediate_size=2 * width, num_hidden_layers=2, hidden_size=width)
-    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=16, eos_token_id=3, **kw),
-                     vision_config=dict(image_size=32, patch_size=8, **kw), projection_dim=24)
-    torch.manual_seed(0)
-    m = CLIPModel(cfg).eval()
-    with torch.no_grad():  # non-trivial LayerNorm parameters, so a swapped ln_1 / ln_2 would show
-        for n, p in m.named_parameters():
-            if "layer_norm" in n or "layrnorm" in n or "layernorm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
-
-
-def _features(m, x, ids):
-    with torch.no_grad():
-        v = m.visual_projection(m.vision_model(pixel_values=x).pooler_output)
-        t = m.text_projection(m.text_model(input_ids=ids).pooler_output)
-    return v, t
-
-
-def test_openai_layout_roundtrip_loads_and_gives_same_outputs(tmp_path):
-    src = _tiny_clip()
-    oa = cxrcml.hf_to_openai(src.state_dict())
-    W = 64
-    # the OpenAI layout, checked by hand: stacked q/k/v in_proj, [W, E] projections, conv1 without bias
-    assert oa["visual.transformer.resblocks.1.attn.in_proj_weight"].shape == (3 * W, W)
-    assert oa["transformer.resblocks.0.attn.in_proj_bias"].shape == (3 * W,)
-    assert oa["visual.proj"].shape == (W, 24) and oa["text_projection"].shape == (W, 24)
-    assert "visual.conv1.weight" in oa and "positional_embedding" in oa and "ln_final.weight" in oa
-    torch.testing.assert_close(oa["transformer.resblocks.1.attn.in_proj_weight"][W:2 * W],
-                               src.state_dict()["text_model.encoder.layers.1.self_attn.k_proj.weight"])
-    # saved the way CheXzero's DataParallel training saves it ("module." prefix), read back, loaded
-    torch.save({"module." + k: v for k, v in oa.items()}, tmp_path / "chexzero.pt")
-    sd = cxrcml.read_openai_checkpoint(str(tmp_path / "chexzero.pt"))
-    dst = _tiny_clip()
-    with torch.no_grad():
-        for p in dst.parameters():
-            p.normal_()
-    cxrcml.load_openai_state_dict(dst, sd)
-    x, ids = torch.randn(2, 3, 32, 32), torch.tensor([[2, 7, 9, 3, 0], [2, 5, 3, 0, 0]])
-    for a, b in zip(_features(src, x, ids), _features(dst, x, ids)):
-        torch.testing.assert_close(a, b)
-
-
-def test_in_proj_split_matches_torch_multihead_attention():
-    """Independent of our own inverse map: nn.MultiheadAttention (the module OpenAI's CLIP uses) with the OpenAI
-    in_proj weights computes the same attention as the HF layer the mapping fills."""
-    m = _tiny_clip(heads=2)
-    oa = cxrcml.hf_to_openai(m.state_dict())
-    mha = nn.MultiheadAttention(64, 2, batch_first=True)
-    pre = "visual.transformer.resblocks.0.attn."
-    mha.load_state_dict({"in_proj_weight": oa[pre + "in_proj_weight"], "in_proj_bias": oa[pre + "in_proj_bias"],
-                         "out_proj.weight": oa[pre + "out_proj.weight"], "out_proj.bias": oa[pre + "out_proj.bias"]})
-    h = torch.randn(2, 17, 64)
-    with torch.no_grad():
-        ref = mha(h, h, h, need_weights=False)[0]
-        got = m.vision_model.encoder.layers[0].self_attn(hidden_states=h)[0]
+    img = np.random.default_rng(0).integers(0, 256, size=(300, 200), dtype=np.uint8)  # portrait: padded sides
+    small = Image.fromarray(img).resize((int(200 * 320 / 300), 320), Image.LANCZOS)
+    square = Image.new("L", (320, 320))
+    square.paste(small, ((320 - small.width) // 2, 0))
+    x = torch.from_numpy(np.array(square, np.float32))[None].repeat(3, 1, 1)
+    x = Normalize((101.48761,) * 3, (83.43944,) * 3)(x)
+    ref = Resize(224, InterpolationMode.BICUBIC, antialias=False)(x)
+    got = cxrcml.pixels(img, 224, chexzero=True)
+    assert got.shape == (3, 224, 224)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    flat = cxrcml.pixels(np.full((300, 200), 200, np.uint8), 224, chexzero=True)
+    assert abs(float(flat[1, 112, 112]) - 1.18064539) < 1e-5  # (200 - 101.48761) / 83.43944
+    assert abs(float(flat[2, 112, 2]) + 1.21630263) < 1e-5  # the black padding: -101.48761 / 83.43944
 
 
-def test_checkpoint_mismatch_lists_the_keys():
-    m = _tiny_clip()
-    oa = cxrcml.hf_to_openai(m.state_dict())
-    broken = dict(oa)
-    del broken["visual.ln_post.weight"]
-    broken["visual.attnpool.c_proj.weight"] = torch.zeros(3)  # a ResNet CLIP key: not this model
-    with pytest.raises(ValueError) as e:
-        cxrcml.load_openai_state_dict(m, broken, source="x.pt")
-    msg = str(e.value)
-    assert "vision_model.post_layernorm.weight" in msg and "visual.attnpool.c_proj.weight" in msg
-    bad = dict(oa)
-    bad["text_projection"] = torch.zeros(64, 7)
-    with pytest.raises(ValueError, match="mis-shaped"):
-        cxrcml.load_openai_state_dict(m, bad)
+# ---- CheXzero's weights (OpenAI-CLIP layout) -> CLIPModel ----
+
+W, E, V, C = 32, 16, 20, 8  # width, embedding, vocabulary, context of a tiny OpenAI-layout CLIP
 
 
-def test_clip_config_inferred_from_openai_state_dict():
-    m = _tiny_clip(heads=1)  # OpenAI convention: heads = width / 64
-    cfg = cxrcml.clip_config_from_openai(cxrcml.hf_to_openai(m.state_dict()))
-    v, t = cfg.vision_config, cfg.text_config
-    assert (v.hidden_size, v.num_hidden_layers, v.patch_size, v.image_size, v.num_attention_heads) == (64, 2, 8, 32, 1)
-    assert (t.hidden_size, t.num_hidden_layers, t.vocab_size, t.max_position_embeddings) == (64, 2, 50, 16)
-    assert cfg.projection_dim == 24
+def _openai_state_dict(layers=2):
+    g, sd = torch.Generator().manual_seed(0), {}
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+    for pre in ("visual.transformer.resblocks.", "transformer.resblocks."):
+        for i in range(layers):
+            p = f"{pre}{i}."
+            sd.update({p + "attn.in_proj_weight": r(3 * W, W), p + "attn.in_proj_bias": r(3 * W),
+                       p + "attn.out_proj.weight": r(W, W), p + "attn.out_proj.bias": r(W),
+                       p + "ln_1.weight": 1 + r(W), p + "ln_1.bias": r(W), p + "ln_2.weight": 1 + r(W),
+                       p + "ln_2.bias": r(W), p + "mlp.c_fc.weight": r(4 * W, W),
+                       p + "mlp.c_fc.bias": r(4 * W), p + "mlp.c_proj.weight": r(W, 4 * W),
+                       p + "mlp.c_proj.bias": r(W)})
+    sd.update({"visual.class_embedding": r(W), "visual.positional_embedding": r(17, W),
+               "visual.conv1.weight": r(W, 3, 8, 8), "visual.ln_pre.weight": 1 + r(W),
+               "visual.ln_pre.bias": r(W), "visual.ln_post.weight": 1 + r(W), "visual.ln_post.bias": r(W),
+               "visual.proj": r(W, E), "token_embedding.weight": r(V, W), "positional_embedding": r(C, W),
+               "ln_final.weight": 1 + r(W), "ln_final.bias": r(W), "text_projection": r(W, E),
+               "logit_scale": torch.tensor(4.6)})
+    return sd
+
+
+def _blocks(sd, pre, h, mask=None):  # OpenAI's ResidualAttentionBlock: nn.MultiheadAttention, QuickGELU
+    for i in range(2):
+        p, mha = f"{pre}{i}.", nn.MultiheadAttention(W, 2, batch_first=True)
+        keys = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+        mha.load_state_dict({k: sd[p + "attn." + k] for k in keys})
+        y = F.layer_norm(h, (W,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+        h = h + mha(y, y, y, attn_mask=mask, need_weights=False)[0]
+        y = F.layer_norm(h, (W,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+        y = F.linear(y, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
+        h = h + F.linear(y * torch.sigmoid(1.702 * y), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+    return h
+
+
+def test_chexzero_weights_give_openai_clip_outputs(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    sd = _openai_state_dict()
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "chexzero.pt")  # nn.DataParallel's names
+    kw = dict(hidden_size=W, intermediate_size=4 * W, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(vocab_size=V, max_position_embeddings=C, eos_token_id=V - 1, **kw)  # OpenAI's: the top id
+    clip = CLIPModel(CLIPConfig(projection_dim=E, vision_config=dict(image_size=32, patch_size=8, **kw),
+                                text_config=text))
+    cxrcml.load_chexzero(clip, str(tmp_path / "chexzero.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[0, 5, 7, V - 1, 0, 0, 0, 0], [0, 3, 4, 6, 2, V - 1, 0, 0]])
+    h = F.conv2d(x, sd["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
+    h = torch.cat([sd["visual.class_embedding"].expand(2, 1, W), h], 1) + sd["visual.positional_embedding"]
+    h = _blocks(sd, "visual.transformer.resblocks.", F.layer_norm(h, (W,), sd["visual.ln_pre.weight"],
+                                                                  sd["visual.ln_pre.bias"]))
+    img_ref = F.layer_norm(h[:, 0], (W,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) \
+        @ sd["visual.proj"]
+    h = _blocks(sd, "transformer.resblocks.", sd["token_embedding.weight"][ids] + sd["positional_embedding"],
+                torch.full((C, C), -math.inf).triu(1))
+    h = F.layer_norm(h, (W,), sd["ln_final.weight"], sd["ln_final.bias"])
+    txt_ref = h[torch.arange(2), ids.argmax(-1)] @ sd["text_projection"]  # at the end-of-text token
+    with torch.no_grad():
+        img = clip.visual_projection(clip.vision_model(pixel_values=x).pooler_output)
+        txt = clip.text_projection(clip.text_model(input_ids=ids).pooler_output)
+    torch.testing.assert_close(img, img_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(txt, txt_ref, rtol=1e-4, atol=1e-5)
+    del sd["visual.ln_post.weight"]
+    torch.save({**sd, "visual.attnpool.c_proj.weight": torch.zeros(3)}, tmp_path / "resnet.pt")
+    with pytest.raises(common.UserError, match="post_layernorm.weight.*visual.attnpool.c_proj.weight"):
+        cxrcml.load_chexzero(clip, str(tmp_path / "resnet.pt"))
+
+
+def test_paper_preset_without_chexzero_stops_at_once_naming_it(tmp_path):
+    with pytest.raises(common.UserError, match="CheXzero.*--chexzero=.*drive.google.com.*--init=openai"):
+        cxrcml.main(["--preset=paper", "--data=x.csv", f"--out_dir={tmp_path}"])
+
+
+# ---- the five runs (Sec. 3): folds of the training patients, and their summary ----
+
+def test_patient_folds_partition_the_training_patients_stratified_and_deterministic(phantom_csv):
+    tr = common.XrayCSV(phantom_csv, "train")
+    fold = cxrcml.patient_folds(tr, 5, seed=0)
+    patients = [r["patient_id"] for r in tr.rows]
+    assert sorted(set(fold)) == [0, 1, 2, 3, 4]  # every row in one of the 5 folds
+    assert all(len({f for f, p in zip(fold, patients) if p == q}) == 1 for q in set(patients))  # never split
+    pos = tr.labels() == 1
+
+    def spread(f):  # per class: most minus fewest positive images in a fold
+        return np.array([np.ptp([pos[f == k, j].sum() for k in range(5)]) for j in range(pos.shape[1])])
+    dealt = [np.random.default_rng(s).permutation(len(set(patients))) % 5 for s in range(10)]
+    index = {p: i for i, p in enumerate(sorted(set(patients)))}
+    at_random = np.mean([spread(d[[index[p] for p in patients]]) for d in dealt], 0)  # patients dealt blindly
+    assert spread(fold).max() <= 4 and spread(fold).sum() < 0.5 * at_random.sum(), (spread(fold), at_random)
+    sizes = np.bincount(fold)
+    assert sizes.max() - sizes.min() <= 0.25 * len(fold) / 5
+    np.testing.assert_array_equal(fold, cxrcml.patient_folds(tr, 5, seed=0))
+    assert (fold != cxrcml.patient_folds(tr, 5, seed=1)).any()
+
+
+def test_summarize_gives_mean_and_sample_std(tmp_path):
+    aucs = [0.71, 0.74, 0.69]
+    for i, a in enumerate(aucs):
+        (tmp_path / f"fold{i}").mkdir()
+        (tmp_path / f"fold{i}" / "metrics.json").write_text(json.dumps(
+            {"zeroshot_auc_macro": a, "zeroshot_auc_base": a - 0.01, "zeroshot_auc_rare": None}))
+    out = cxrcml.main(["summarize", *(str(tmp_path / f"fold{i}") for i in range(3))])
+    assert abs(out["zeroshot_auc_macro"]["mean"] - statistics.mean(aucs)) < 1e-12
+    assert abs(out["zeroshot_auc_macro"]["std"] - statistics.stdev(aucs)) < 1e-12
+    assert out["zeroshot_auc_rare"]["n"] == 0
+    with pytest.raises(common.UserError, match="metrics.json"):
+        cxrcml.main(["summarize", str(tmp_path / "fold9")])
 
 
 # ---- end to end ----
 
-def test_end_to_end_loss_falls_and_checkpoint_loads(phantom_csv, tmp_path):
+@pytest.mark.slow
+def test_end_to_end_fold_run_trains_evaluates_and_loads(phantom_csv, tmp_path):
     out = tmp_path / "run"
-    flags = [f"--data={phantom_csv}", f"--out_dir={out}", "--image_size=32", "--patch_size=8", "--batch_size=32",
-             "--epochs=6", "--bank_size=64", "--refit_every=3", "--n_clusters=4", "--num_workers=0", "--folds=2",
-             "--log_every=1", "--lr=2e-3", "--warmup_steps=5", "--vocab_size=300",
-             # CLIP's own patchify: at 32 px (a 4x4 token grid) and 30 steps the demo's conv stem has not moved L_c
-             # off chance yet; the conv stem is run by the compile and grad-ckpt tests and by the demo itself
-             "--stem=patch"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(ROOT / "cxrcml.py"), *flags], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    steps = [x for x in rows if "l_c" in x]
-    assert len(steps) >= 20
-    first, last = np.mean([x["l_c"] for x in steps[:4]]), np.mean([x["l_c"] for x in steps[-4:]])
-    assert last < first - 0.05, (first, last)
-    assert any(x["triplets"] > 0 for x in steps)  # the mixture was fitted and L_m was on
-    m = json.loads((out / "metrics.json").read_text())
-    for k in ("zeroshot_auc_macro", "zeroshot_auc_base", "zeroshot_auc_rare", "cluster_share", "cv"):
-        assert k in m
-    assert len(m["cv"]["folds"]) == 2 and m["cv"]["auc_macro_mean"] is not None
-    assert "clustering + mining" in r.stdout
-    model, cfg = cxrcml.load(str(out / "ckpt.pt"))
-    x = torch.randn(3, 3, 32, 32)
-    v = model.encode_image(x)
-    t = model.encode_text(["edema is present", "no finding is present"])
-    assert v.shape == (3, cfg.embed_dim) and t.shape == (2, cfg.embed_dim)
-    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3))
-    assert model.image_tokens(x).shape == (3, 16, cfg.vision_width)
-    assert model.mixture is not None and model.mixture.means.shape == (4, cfg.embed_dim)
+    res = cxrcml.main([f"--data={phantom_csv}", f"--out_dir={out}", "--image_size=32", "--batch_size=16",
+                       "--epochs=4", "--bank_size=64", "--refit_every=3", "--n_clusters=4", "--num_workers=0",
+                       "--log_every=1", "--lr=1e-3", "--warmup_steps=2", "--fold=1", "--rare_below=20",
+                       "--threads=1"])
+    steps = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "l_c" in r]
+    assert len(steps) == 4 * 8 and sum(r["l_m"] > 0 for r in steps) >= 10  # L_m on once the bank is full
+    assert np.mean([r["l_c"] for r in steps[-8:]]) < np.mean([r["l_c"] for r in steps[:8]]) - 0.1
+    with open(phantom_csv, newline="") as f:  # rare: fewer than --rare_below positive images, all splits
+        all_rows = list(csv.DictReader(f))
+    names = [c[len("label:"):] for c in all_rows[0] if c.startswith("label:")]
+    assert res["rare_classes"] == [n for n in names if sum(r["label:" + n] == "1" for r in all_rows) < 20]
+    for k in ("zeroshot_auc_macro", "zeroshot_auc_base", "zeroshot_auc_rare"):
+        assert res[k] is not None and 0 <= res[k] <= 1
+    for ck in ("ckpt.pt", "ckpt_best.pt"):
+        model, cfg = cxrcml.load(out / ck)
+        v, t = model.encode_image(torch.randn(3, 3, 32, 32)), model.encode_text(["edema is present", ""])
+        assert v.shape == (3, 64) and t.shape == (2, 64) and model.mixture.means.shape == (4, 64)
+        assert model.class_names == names and cfg.fold == 1

@@ -487,9 +487,7 @@ def test_cxr_lt_2024_official_file_and_mimic_split(tmp_path):
     assert test_patients == {f"1{p:07d}" for p in range(3)}  # exactly MIMIC's test patients
     assert {r["split"] for r in out} == {"train", "test"} and {r["mimic_split"] for r in out} == \
         {"train", "valid", "test"}
-    folds = Counter(f for f, _ in {(r["fold"], r["patient_id"]) for r in out if r["split"] == "train"})
-    assert sorted(folds.values()) == [3, 3, 3, 4, 4]  # the 17 other patients, by patient
-    assert all(r["fold"] == "" for r in out if r["split"] == "test")
+    assert "fold" not in out[0]  # cxrcml.py --fold=k draws the five runs' folds itself
     by = {Path(r["image"]).stem: r for r in out}
     assert by["d4a"][LP + "Azygos Lobe"] == "1" and by["d4a"][LP + "Normal"] == "0"
     assert by["d3a"][LP + "Normal"] == "1"
