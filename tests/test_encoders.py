@@ -1,5 +1,6 @@
 """The paper presets' encoders, built at their real sizes with random weights (no download), each taking
 one training step at batch 2, 224 px, on the CPU: the architectures the paper presets train are tested."""
+
 import dataclasses
 
 import pytest
@@ -23,8 +24,9 @@ def _step(model, loss):
 def test_pedclip_paper_preset_vit_b16_with_23_experts_and_bert_base():
     import pedclip
 
-    cfg = dataclasses.replace(common.parse_config(pedclip.Config, pedclip.PRESETS, ["--preset=paper"]),
-                              pretrained=False)
+    cfg = dataclasses.replace(
+        common.parse_config(pedclip.Config, pedclip.PRESETS, ["--preset=paper"]), pretrained=False
+    )
     torch.manual_seed(0)
     model = pedclip.build(cfg, _vocab())
     mobe = model.visual.encoder.layers.encoder_layer_11.mlp
@@ -35,3 +37,35 @@ def test_pedclip_paper_preset_vit_b16_with_23_experts_and_bert_base():
     v, t, gates = model(x, ids, torch.ones_like(ids), expert_index=xb)
     l_v2t, l_t2v = pedclip.infonce_losses(v, t, model.logit_scale)
     _step(model, pedclip.total_loss(l_v2t, l_t2v, pedclip.gate_loss(gates, xb), 1.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_encoder", ["resnet50", "swin_t"])
+def test_cxrclip_paper_preset_resnet50_or_swin_t_and_bert_base(image_encoder):
+    import cxrclip
+
+    cfg = common.parse_config(cxrclip.Config, cxrclip.PRESETS, ["--preset=paper"])
+    cfg = dataclasses.replace(cfg, pretrained=False, image_encoder=image_encoder)
+    torch.manual_seed(0)
+    model = cxrclip.build(cfg, _vocab())
+    assert model.image_encoder.out_dim == {"resnet50": 2048, "swin_t": 768}[image_encoder]
+    ids = torch.randint(5, 1000, (2, 32))
+    t = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    v1, v2, u1, u2 = model(torch.randn(4, 3, 224, 224), t, t)  # 2 studies: x^1 then x^2
+    _step(model, cxrclip.cxrclip_loss(u1, u2, v1, v2, model.scale(), 1.0, 0.5)[0])
+
+
+@pytest.mark.slow
+def test_cxrcml_paper_preset_clip_vit_b32():
+    import cxrcml
+
+    cfg = common.parse_config(cxrcml.Config, cxrcml.PRESETS, ["--preset=paper"])
+    cfg = dataclasses.replace(cfg, init="random")
+    torch.manual_seed(0)
+    model = cxrcml.build(cfg, _vocab())
+    vision = model.clip.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size) == (768, 12, 32)
+    ids = torch.randint(5, 1000, (2, 16))
+    ids[:, -1] = 3  # [SEP]: CLIP pools at the end-of-text token
+    v, u = model(torch.randn(2, 3, 224, 224), ids, torch.ones_like(ids))
+    _step(model, cxrcml.clip_loss(u, v, model.scale()) + cxrcml.triplet_loss(v, torch.tensor([0, 1]), 0.2))
