@@ -69,3 +69,24 @@ def test_cxrcml_paper_preset_clip_vit_b32():
     ids[:, -1] = 3  # [SEP]: CLIP pools at the end-of-text token
     v, u = model(torch.randn(2, 3, 224, 224), ids, torch.ones_like(ids))
     _step(model, cxrcml.clip_loss(u, v, model.scale()) + cxrcml.triplet_loss(v, torch.tensor([0, 1]), 0.2))
+
+
+@pytest.mark.slow
+def test_dmlm_paper_preset_vit_b16_bert_base_and_four_fusion_layers():
+    import dmlm
+
+    cfg = common.parse_config(dmlm.Config, dmlm.PRESETS, ["--preset=paper"])
+    cfg = dataclasses.replace(cfg, pretrained=False)
+    torch.manual_seed(0)
+    model = dmlm.build(cfg, _vocab(), {})
+    assert model.visual.encoder.pos_embedding.shape == (1, 197, 768) and len(model.fusion) == 4
+    assert model.text.config.hidden_size == 768 and model.text.config.num_hidden_layers == 12
+    ids = torch.randint(5, 1000, (2, 32))
+    text_mask = torch.rand(ids.shape).argsort(1) < 10
+    patch_mask = torch.rand(2, 196).argsort(1) < 59
+    x, masked_ids = torch.randn(2, 3, 224, 224), ids.masked_fill(text_mask, 4)  # 4: [MASK]
+    out = model(x, ids, torch.ones_like(ids), masked_ids, patch_mask)
+    l_dmlm = dmlm.dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
+                            out["target_image"], patch_mask)
+    l_align = dmlm.align_contrastive_loss(out["image"], out["text"], model.logit_scale)
+    _step(model, dmlm.total_loss(l_dmlm, l_align, cfg.lam))

@@ -391,7 +391,8 @@ def test_zeroshot_equals_the_training_runs_metrics(pedclip_runs, phantom_csv, tm
     lo, hi = r["ci"]["auc_macro"]
     assert lo <= r["metrics"]["auc_macro"] <= hi
     _check_prompts(evaluate.load_model(ck, "cpu")[0])
-    (tmp_path / "p.json").write_text(json.dumps({"Pleural Effusion": {"pos": ["effusion."], "neg": ["dry."]}}))
+    prompts = {"Pleural Effusion": {"pos": ["effusion."], "neg": ["dry."]}}
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
     model = evaluate.load_model(ck, "cpu", str(tmp_path / "p.json"))[0]  # a data set's own prompts
     assert model.zeroshot_prompts("Pleural_Effusion") == (["effusion."], ["dry."])
     assert model.zeroshot_prompts("Edema")[0][0] == "There is edema."  # classes it does not name: the file's

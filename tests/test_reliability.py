@@ -47,6 +47,16 @@ TINY = {  # small settings of each paper file for the fault tests (a few seconds
         "--log_every=1",
         "--threads=1",
     ],
+    "dmlm": [
+        "--image_size=32",
+        "--patch_size=8",
+        "--vit_width=32",
+        "--vit_depth=1",
+        "--embed_dim=32",
+        "--batch_size=16",
+        "--log_every=1",
+        "--threads=1",
+    ],
 }
 
 
