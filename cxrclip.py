@@ -13,15 +13,13 @@ Map of the method (Sec. 3, 4.2):
     L_MVS = 1/4 (L_CLIP(U1, V1) + L_CLIP(U2, V1) + L_CLIP(U1, V2) + L_CLIP(U2, V2))             Eq. (2)
     L = L_MVS + lambda_I L_ICL + lambda_T L_TCL, ICL = L_CLIP(V1, V2), TCL = L_CLIP(U1, U2)     Sec. 3.3
     AdamW, cosine schedule after 1 warm-up epoch, early stop on the validation loss             Sec. 4.2
-Equation -> function -> test (tests/test_cxrclip.py): Eq. (1) clip_loss (::test_clip_loss_eq1), Eq. (2)
-mvs_loss, ICL icl_loss, TCL tcl_loss, L cxrclip_loss (::test_mvs_icl_tcl_and_total), T label_prompt_text
-(::test_label_prompts_*), A_t sentence_shuffle on split_sentences (::test_split_sentences_*).
+Equation -> function -> test: Eq. (1) clip_loss (tests/test_cxrclip.py::test_clip_loss_eq1), Eq. (2) mvs_loss,
+icl_loss, tcl_loss, L cxrclip_loss (::test_mvs_icl_*), T label_prompt_text, A_t split_sentences (::test_*).
 
 Run:
     python cxrclip.py                                       # demo: phantoms, tiny CNN + BERT, 2 CPU cores
     torchrun --nproc_per_node=2 cxrclip.py                  # the same demo in 2 processes
     python cxrclip.py --preset=paper --data=data/mimic.csv  # ResNet-50 (ImageNet) + BioClinicalBERT, 224 px
-    python cxrclip.py --preset=paper --image_encoder=swin_t --data=data/mimic_chexpert.csv
     torchrun --nproc_per_node=4 cxrclip.py --preset=paper --data=data/mimic.csv   # 4 GPUs x 32 studies
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         cxrclip.py --preset=paper --data=data/mimic.csv
@@ -57,7 +55,6 @@ class Config:
     data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (the demo draws phantoms here)
     image_size: int = 64  # input resolution (224, Sec. 4.2)
     label_prompt_frac: float = 0.0  # share of training studies used as image-label data (reports withheld)
-    prompt_negatives: int = 3  # negatives sampled per prompt of a 1/0-only (ChestX-ray14) row; -1: all
     prompt_file: str = ""  # prompts P(y), JSON {class: {"pos": [...], "neg": [...], "unc": [...]}} (official)
     # encoders E^i, E^t and projections f^i, f^t (Sec. 3.2)
     image_encoder: str = "tiny"  # tiny (a small CNN) | resnet50 | swin_t (torchvision)
@@ -97,14 +94,11 @@ class Config:
 
 
 PRESETS = {
-    # Demo: phantoms at 64 px, a tiny CNN and a 2-layer BERT from scratch (hence lr 2e-3 and clipping).
-    # ~990 training studies / 32 = 31 steps per epoch x 40 epochs. Half of the studies play the image-label
-    # data (reports withheld), as CheXpert beside MIMIC-CXR does in the paper. One thread per process leaves
-    # the second core to the DataLoader workers.
+    # Demo: phantoms at 64 px, a tiny CNN and a 2-layer BERT from scratch (hence lr 2e-3 and clipping); half
+    # of the studies play the image-label data (reports withheld), as CheXpert beside MIMIC-CXR does.
     "demo": dict(batch_size=32, epochs=40, lr=2e-3, grad_clip=1.0, label_prompt_frac=0.5, threads=1),
-    # Paper (Sec. 4.2): ResNet-50 + BioClinicalBERT, 224 px, 512-d, 128 studies = 256 image-text pairs per
-    # global batch (4 GPUs x 32 in the paper), 15 epochs, lr 5e-5, wd 1e-4. The paper early-stops on the
-    # validation loss and gives no patience: ours is 3 epochs, and ckpt_best.pt is what is evaluated.
+    # Paper (Sec. 4.2): 128 studies (256 image-text pairs) per global batch, 4 GPUs x 32. The paper early-
+    # stops on the validation loss and gives no patience: ours is 3 epochs, and ckpt_best.pt is evaluated.
     "paper": dict(data="", image_size=224, image_encoder="resnet50", pretrained=True, embed_dim=512,
                   text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, vocab_size=28996,
                   patience=3, num_workers=8),
@@ -170,8 +164,7 @@ class CXRCLIP(nn.Module):
         eos = texts["attention_mask"].sum(1) - 1  # [EOS] (BERT's [SEP]): the last real token, right padding
         return F.normalize(self.text_proj(h[torch.arange(h.shape[0], device=h.device), eos]), dim=-1)
 
-    def forward(self, images, texts1: dict, texts2: dict):
-        """images [2b, 3, H, W] (x^1 then x^2, in one pass), tokens of t^1, t^2 -> v1, v2, u1, u2 [b, D]."""
+    def forward(self, images, texts1, texts2):  # [x^1; x^2] [2b, 3, H, W], t^1, t^2 -> v1, v2, u1, u2 [b, D]
         return *self.encode_image(images).chunk(2), self.encode_text(texts1), self.encode_text(texts2)
 
     def scale(self):  # 1/tau, clamped at 100 as CLIP does (the official code does not clamp)
@@ -215,12 +208,7 @@ def mvs_loss(u1, u2, v1, v2, scale):
 
 
 # Sec. 3.3: ICL = L_CLIP(V^1, V^2) (the images of a study attract), TCL = L_CLIP(U^1, U^2) (its texts).
-def icl_loss(v1, v2, scale):
-    return clip_loss(v1, v2, scale)
-
-
-def tcl_loss(u1, u2, scale):
-    return clip_loss(u1, u2, scale)
+icl_loss = tcl_loss = clip_loss
 
 
 # Sec. 3.3: L = L_MVS + lambda_I ICL + lambda_T TCL.
@@ -234,33 +222,21 @@ def cxrclip_loss(u1, u2, v1, v2, scale, lambda_icl: float, lambda_tcl: float):
 # ---- data (Sec. 3.1, 4.2) ----
 
 
-def clahe(img: np.ndarray, clip_limit: float = 4.0) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation (doi:10.1007/BF03178082) on 8 x 8 tiles."""
-    return cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(8, 8)).apply(np.ascontiguousarray(img))
-
-
-def resize_short(img: np.ndarray, side: int) -> np.ndarray:
-    """The shorter side to `side`, the aspect ratio kept (torchvision's Resize(int))."""
-    s = side / min(img.shape)
-    return cv2.resize(img, (max(side, round(img.shape[1] * s)), max(side, round(img.shape[0] * s))),
-                      interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-
-
 def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: int, train: bool):
-    """uint8 [H, W] -> float [3, S, S]. Training: A_i (Sec. 4.2) as the official configuration has it, a
-    random resized crop of scale 0.8-1.1, CLAHE half of the time with a clip limit drawn from [1, 4]
-    (albumentations' CLAHE(clip_limit=4.0)), brightness 0.9-1.1 and contrast 0.8-1.2 (hue and saturation
-    do nothing to grayscale). Evaluation: the official Resize + CenterCrop (shorter side to S, centre)."""
-    if not train:
-        img = resize_short(img, size)
+    """uint8 [H, W] -> float [3, S, S]: for training A_i (Sec. 4.2) as the official configuration has it
+    (CLAHE clip_limit=4.0 half of the time), for evaluation the official Resize + CenterCrop."""
+    side = 2 * size if train else size  # training crops from a smaller copy: the same crop, far less work
+    if not train or min(img.shape) > side:  # the shorter side to `side`, as torchvision's Resize(int)
+        s = side / min(img.shape)
+        img = cv2.resize(img, (max(side, round(img.shape[1] * s)), max(side, round(img.shape[0] * s))),
+                         interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    if not train:  # CenterCrop
         y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
         return common.to_tensor(img[y:y + size, x:x + size])
     rng = rng or np.random.default_rng()
-    if min(img.shape) > 2 * size:  # crop from a smaller copy: the same crop, far less work
-        img = resize_short(img, 2 * size)
     img = common.random_resized_crop(img, size, rng, scale=(0.8, 1.1))
-    if rng.random() < 0.5:
-        img = clahe(img, rng.uniform(1.0, 4.0))
+    if rng.random() < 0.5:  # CLAHE (doi:10.1007/BF03178082) on 8 x 8 tiles
+        img = cv2.createCLAHE(clipLimit=float(rng.uniform(1.0, 4.0)), tileGridSize=(8, 8)).apply(img)
     return common.to_tensor(common.color_jitter(img, rng, brightness=(0.9, 1.1), contrast=(0.8, 1.2)))
 
 
@@ -270,10 +246,8 @@ LIST_ITEM = re.compile(r"\(?(\d{1,2})[.)]")  # "1." "2)" "(3)"
 
 
 def split_sentences(text: str) -> list[str]:
-    """A report -> its sentences, whitespace collapsed. ".", "?" or "!" at a word's end ends one, except
-    after a title or an abbreviation: "1.5 cm", "e.g.", "a.m.", "Dr. ___" and the blank "___" stay inside.
-    A list number ("1.", "2)") opens a sentence at the start, after a line break, a sentence end or a colon
-    (kept with it), or when it continues the list ("1. ... 2. ..."); elsewhere "3." is a number ending one."""
+    """A report -> its sentences. ".", "?" or "!" ends one, except after a title or an abbreviation ("1.5 cm",
+    "e.g.", "Dr. ___" stay inside); a list number ("1.", "2)") opens one where a list starts or goes on."""
     sents, cur, item = [], [], 0
     parts = re.split(r"(\s+)", text.strip())  # words at even indices, the whitespace before them at odd
     for k in range(0, len(parts), 2):
@@ -302,9 +276,8 @@ def sentence_shuffle(text: str, rng: np.random.Generator) -> str:
     return " ".join(sents[i] for i in order) if len(sents) > 1 else text
 
 
-# P(y) (Sec. 3.1): sentences per class value; {x} the class as words (common.label_text), {X} capitalised.
-# Our own templates: the paper's radiologists' prompts (its appendix, the official repository's JSON) are
-# read with --prompt_file. The first three of each side are also the default zero-shot prompts.
+# P(y) (Sec. 3.1): sentences per class value, {x} the class as words, {X} capitalised. Our own templates: the
+# paper's radiologists' prompts (the official repository's JSON) are read with --prompt_file.
 PROMPTS = {
     "pos": ["There is {x}.", "{X} is present.", "{X}.", "{X} is seen.", "{X} is noted.",
             "Findings consistent with {x}.", "Findings compatible with {x}.", "Evidence of {x}."],
@@ -321,8 +294,7 @@ NORMAL = {"pos": ["No acute abnormality.", "No acute findings.", "Normal study."
 
 
 def read_prompts(path: str) -> dict:
-    """JSON {class: {"pos" | "neg" | "unc": [sentences]}} (the layout of the official train_prompts_all.json)
-    -> {class as words: {value: sentences}}; {} without a path."""
+    """The official train_prompts_all.json layout -> {class as words: {"pos" | "neg" | "unc": sentences}}."""
     if not path:
         return {}
     try:
@@ -345,17 +317,15 @@ def class_prompts(label: str, value: str, bank: dict | None = None) -> list[str]
 
 
 def zeroshot_pair(label: str) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompts for common.zeroshot_scores: the first three of ours per side. The paper
-    takes those of the works it compares with (Sec. 4.3): "{class}" vs "No {class}" (SIIM, VinDr-CXR),
-    BioViL's pair (RSNA); `evaluate.py --prompts=<file>` scores a checkpoint with them."""
+    """(positive, negative) zero-shot prompts: the first three of ours per side. The paper takes those of the
+    works it compares with (Sec. 4.3); `evaluate.py --prompts=<file>` scores a checkpoint with them."""
     return class_prompts(label, "pos")[:3], class_prompts(label, "neg")[:3]
 
 
 def label_prompt_text(names: list[str], labels, rng: np.random.Generator, n_neg: int = 3, bank=None) -> str:
-    """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): one sampled sentence per labelled class, in random order.
-    CheXpert-style rows (a blank or a -1 somewhere) state every class labelled 1, 0 or -1; ChestX-ray14-style
-    rows (1 or 0 everywhere: 0 is "not found", not a stated negative) their positives and n_neg sampled
-    classes labelled 0 (3, Sec. 4.1; n_neg < 0: all). Blank classes say nothing: "" for no labels."""
+    """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): a sampled sentence per labelled class, in random order.
+    CheXpert-style rows state every class labelled 1, 0 or -1; ChestX-ray14-style rows (1 or 0 everywhere: 0
+    is "not found") their positives and n_neg sampled classes labelled 0 (3, Sec. 4.1; n_neg < 0: all)."""
     pos, neg, unc = ([j for j, y in enumerate(labels) if y == v] for v in (1, 0, -1))
     if 0 <= n_neg < len(neg) and np.isin(labels, (0, 1)).all():
         neg = list(rng.choice(neg, n_neg, replace=False))
@@ -365,23 +335,18 @@ def label_prompt_text(names: list[str], labels, rng: np.random.Generator, n_neg:
 
 
 class StudyDataset(torch.utils.data.Dataset):
-    """Item (study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1); every random choice is a
-    function of (seed, epoch, study). An unreadable image is replaced by another of the study, or the study
-    by another one; each replacement is reported in "bad" and counted by the loop."""
+    """(study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1). An unreadable image is replaced
+    by another of the study, or the study by another one, and reported in "bad"."""
 
     def __init__(self, table: common.XrayCSV, cfg: Config, train: bool, bank=None):
         self.t, self.cfg, self.train, self.bank = table, cfg, train, bank
-
-    def __len__(self):
-        return len(self.t.studies)
 
     def texts(self, idx: int, row: int, rng) -> list[str]:
         r, sections = self.t.rows[row], self.t.texts(row)
         # a fixed share of the training studies plays the image-label data (the same studies every epoch)
         label_study = self.train and (idx * 2654435761 % 2**32) / 2**32 < self.cfg.label_prompt_frac
         if (label_study or not sections) and not np.isnan(r["_labels"]).all():  # two prompts, drawn apart
-            return [label_prompt_text(self.t.label_names, r["_labels"], rng, self.cfg.prompt_negatives,
-                                      self.bank) for _ in range(2)]
+            return [label_prompt_text(self.t.label_names, r["_labels"], rng, 3, self.bank) for _ in range(2)]
         t = sections if len(sections) < 2 or rng.random() < 0.5 else sections[::-1]  # findings, impression
         if self.train and len(t) < 2:  # A_t: a back-translation where data_prep.py wrote one, else a shuffle
             bt = [s.strip() for s in (r.get("findings_bt"), r.get("impression_bt")) if (s or "").strip()]
@@ -417,16 +382,10 @@ class StudyDataset(torch.utils.data.Dataset):
                                f"the image folder next to the CSV? First error: {bad[0][1]}")
 
 
-class Collate:
-    """Stacks the images and tokenises both texts in the DataLoader worker."""
-
-    def __init__(self, tokenize):
-        self.tokenize = tokenize
-
-    def __call__(self, items):
-        return {**{k: torch.stack([it[k] for it in items]) for k in ("x1", "x2")},
-                **{k: self.tokenize([it[k] for it in items]) for k in ("t1", "t2")},
-                "bad": [b for it in items for b in it["bad"]]}
+def collate(items, tokenize):  # in the DataLoader worker: the images stacked, both texts tokenised
+    return {**{k: torch.stack([it[k] for it in items]) for k in ("x1", "x2")},
+            **{k: tokenize([it[k] for it in items]) for k in ("t1", "t2")},
+            "bad": [b for it in items for b in it["bad"]]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,18 +505,17 @@ def train(cfg: Config) -> dict:
     va = common.XrayCSV(cfg.data, "valid", ("image", "study_id"), text, counter)
     te = common.XrayCSV(cfg.data, "test", ("image",), counter=counter)
     bank = read_prompts(cfg.prompt_file)
-
-    # -- model: a resumed run takes it all from its checkpoint; each rank fits the same WordPiece (demo)
     tok = (common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck is not None
-           else build_tokenizer(cfg, tr, bank))
+           else build_tokenizer(cfg, tr, bank))  # the same WordPiece on each rank (demo)
     model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
     raw_model = model
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(tr.studies), local_batch, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(StudyDataset(tr, cfg, True, bank), local_batch, sampler=sampler,
-                                         num_workers=cfg.num_workers, collate_fn=Collate(raw_model.tokenize),
-                                         pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
+                                         collate_fn=functools.partial(collate, tokenize=raw_model.tokenize),
+                                         num_workers=cfg.num_workers, pin_memory=device != "cpu",
+                                         persistent_workers=cfg.num_workers > 0)
     val_loader = None  # L compares within a global batch: validation needs whole ones, the same each epoch
     if len(va.studies) >= cfg.batch_size:
         vs = common.EpochSampler(len(va.studies), local_batch, rank, world, cfg.seed, shuffle=False)
@@ -569,9 +527,8 @@ def train(cfg: Config) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
         cfg.warmup_epochs * sampler.batches_per_epoch))))
     common.print0(f"cxrclip: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; "
-                  f"{len(tr.studies)} training studies, {sampler.batches_per_epoch} steps/epoch x "
-                  f"{cfg.epochs}; {len(va.studies) * bool(val_loader)} validation studies; {world} "
-                  f"process(es) on {device}")
+                  f"{len(tr.studies)} training studies, {sampler.batches_per_epoch} steps/epoch; "
+                  f"{len(va.studies) * bool(val_loader)} validation studies; {world} process(es) on {device}")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text_encoder.config.to_dict()}  # what load() needs
     loop = common.Loop(cfg, "cxrclip", raw_model, opt, sched, scaler, sampler, counter, ck, lambda: meta)
@@ -617,8 +574,7 @@ def train(cfg: Config) -> dict:
 
 @torch.no_grad()
 def validate(model: CXRCLIP, loader, device, ctx, cfg: Config) -> float:
-    """L on the validation split, sharded: each rank scores its part of every global batch (gathered as in
-    training) and the mean over the batches is averaged over the ranks. The same pairs every epoch."""
+    """L on the validation split, each rank its part of every global batch (gathered as in training)."""
     model.eval()
     total = 0.0
     for batch in loader:
