@@ -8,7 +8,6 @@ common.py: what the paper files pedclip.py, cxrclip.py, cxrcml.py and dmlm.py sh
     text encoders    a WordPiece tokenizer fitted on the reports; pretrained weights that fail fast offline
     training loop    atomic checkpoints; Loop: resume, progress, logging, SIGTERM, non-finite steps
     metrics          AUC and the one zero-shot scorer
-    benchmark        samples/s, step time, memory, FLOPs and MFU of a training step
 A paper file holds its model, losses, sampling, CUDA/DDP setup and train(); phantoms.py draws the demo data.
 """
 from __future__ import annotations
@@ -414,6 +413,34 @@ def label_text(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).lower()
 
 
+# clinical sentences: "a 1.5 cm nodule", "Dr. ___", "e.g. effusion", numbered lists stay whole
+ABBREVIATIONS = {"e.g", "i.e", "a.m", "p.m", "vs", "approx", "etc", "cf", "esp"}  # end only before a capital
+TITLES = {"dr", "mr", "mrs", "ms", "prof"}  # never an end ("Dr. ___")
+LIST_ITEM = re.compile(r"\(?(\d{1,2})[.)]")  # "1." "2)" "(3)"
+
+
+def split_sentences(text: str) -> list[str]:
+    """A report -> its sentences (CXR-CLIP's sentence shuffle; data_prep.py's back-translation). ".", "?" or
+    "!" ends one, except after a title or an abbreviation ("1.5 cm", "e.g.", "Dr. ___" stay inside); a list
+    number ("1.", "2)") opens one where a list starts or goes on."""
+    sents, cur, item = [], [], 0
+    parts = re.split(r"(\s+)", text.strip())  # words at even indices, the whitespace before them at odd
+    for k in range(0, len(parts), 2):
+        w, m = parts[k], LIST_ITEM.fullmatch(parts[k])
+        if m and (not cur or "\n" in parts[k - 1] or cur[-1].endswith(":") or int(m[1]) == item + 1 > 1):
+            if cur and not cur[-1].endswith(":"):
+                sents, cur = sents + [" ".join(cur)], []
+            cur, item = cur + [w], int(m[1])
+            continue
+        cur += [w] if w else []
+        end = w.rstrip("\"')]").lower()
+        if end[-1:] in (".", "?", "!"):
+            stem, nxt = end.rstrip(".").lstrip("(\"'"), parts[k + 2] if k + 2 < len(parts) else ""
+            if stem not in TITLES and not (stem in ABBREVIATIONS and nxt and not nxt[0].isupper()):
+                sents, cur = sents + [" ".join(cur)], []
+    return sents + [" ".join(cur)] if cur else sents
+
+
 # ----------------------------------------------------------------------------------------------------
 # ---- text encoders: the demos' tokenizer, pretrained weights ----
 
@@ -745,47 +772,6 @@ def zeroshot_eval(model, table: XrayCSV, device, batch_size: int = 256) -> dict:
     res = auc_per_label(table.labels()[ok], zeroshot_scores(model, emb[ok], names), names)
     return {"zeroshot_auc_macro": res["macro"], "zeroshot_auc_per_label": res["per_label"],
             "n_images": int(ok.sum())}
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- benchmark: samples/s, step time, peak memory, FLOPs (torch's FlopCounterMode), MFU ----
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12,  # dense, data sheets
-                   "L40S": 362e12, "L4": 121e12}
-
-
-def count_flops(fn) -> int:
-    """FLOPs of one call of fn() (forward and backward, when fn does both)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return int(fc.get_total_flops())
-
-
-def run_benchmark(step, samples_per_step: int, device: str, steps: int = 10, flops_per_step: int = 0,
-                  label: str = "") -> dict:
-    """Time step() (one whole training step) `steps` times after 3 warm-up calls; print and return figures."""
-    import resource
-
-    cuda, times = device.startswith("cuda"), []
-    for i in range(3 + steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize() if cuda else None
-        times += [time.perf_counter() - t0] if i >= 3 else []
-    t, name = float(np.mean(times)), torch.cuda.get_device_name() if cuda else "CPU"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in name), None)
-    # peak memory: the GPU's allocations, or the CPU process's largest resident set (Linux gives KiB)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
-    res = {"label": label, "device": name, "samples_per_s": samples_per_step / t, "step_ms": 1e3 * t,
-           "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "peak_mem_gib": mem,
-           "gflops_per_sample": flops_per_step / samples_per_step / 1e9,
-           "tflops_per_s": flops_per_step / t / 1e12, "mfu": flops_per_step / t / peak if peak else None}
-    print0(f"benchmark {label} on {name}: {res['samples_per_s']:.1f} samples/s | step {res['step_ms']:.1f} ms"
-           f" (p90 {res['step_ms_p90']:.1f}) | peak memory {mem:.2f} GiB | {res['gflops_per_sample']:.2f} "
-           f"GFLOP/sample, {res['tflops_per_s']:.3f} TFLOP/s" + (f", MFU {res['mfu']:.1%}" if peak else ""))
-    return res
 
 
 def ensure_phantoms(csv_path, n: int, size: int = 64):

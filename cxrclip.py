@@ -14,11 +14,10 @@ Map of the method (Sec. 3, 4.2):
     L = L_MVS + lambda_I L_ICL + lambda_T L_TCL, ICL = L_CLIP(V1, V2), TCL = L_CLIP(U1, U2)     Sec. 3.3
     AdamW, cosine schedule after 1 warm-up epoch, early stop on the validation loss             Sec. 4.2
 Equation -> function -> test: Eq. (1) clip_loss (tests/test_cxrclip.py::test_clip_loss_eq1), Eq. (2) mvs_loss,
-icl_loss, tcl_loss, L cxrclip_loss (::test_mvs_icl_*), T label_prompt_text, A_t split_sentences (::test_*).
+icl_loss, tcl_loss, L cxrclip_loss (::test_mvs_icl_*), T label_prompt_text, A_t sentence_shuffle (::test_*).
 
 Run:
     python cxrclip.py                                       # demo: phantoms, tiny CNN + BERT, 2 CPU cores
-    torchrun --nproc_per_node=2 cxrclip.py                  # the same demo in 2 processes
     python cxrclip.py --preset=paper --data=data/mimic.csv  # ResNet-50 (ImageNet) + BioClinicalBERT, 224 px
     torchrun --nproc_per_node=4 cxrclip.py --preset=paper --data=data/mimic.csv   # 4 GPUs x 32 studies
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
@@ -28,12 +27,10 @@ Departures from the paper are stated at their lines and in README.md ("CXR-CLIP"
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import cv2
@@ -89,7 +86,6 @@ class Config:
     log_every: int = 10  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (and at every epoch end)
     max_bad_frac: float = 0.01  # fail when more than this share of samples is unreadable or empty
-    benchmark: bool = False  # time training steps of this preset on synthetic tensors, then exit
     preset: str = "demo"  # set by --preset
 
 
@@ -100,8 +96,7 @@ PRESETS = {
     # Paper (Sec. 4.2): 128 studies (256 image-text pairs) per global batch, 4 GPUs x 32. The paper early-
     # stops on the validation loss and gives no patience: ours is 3 epochs, and ckpt_best.pt is evaluated.
     "paper": dict(data="", image_size=224, image_encoder="resnet50", pretrained=True, embed_dim=512,
-                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, vocab_size=28996,
-                  patience=3, num_workers=8),
+                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, patience=3, num_workers=8),
 }
 PHANTOMS = 3000  # images in the demo's phantom data set
 
@@ -181,8 +176,10 @@ class CXRCLIP(nn.Module):
         return functools.partial(transform, size=self.cfg.image_size, train=train)  # picklable for workers
 
     @staticmethod
-    def zeroshot_prompts(label: str):
-        return zeroshot_pair(label)
+    def zeroshot_prompts(label: str) -> tuple[list[str], list[str]]:
+        """(positive, negative) zero-shot prompts: the first three of ours per side. The paper uses those of
+        the works it compares with (Sec. 4.3); `evaluate.py --prompts=<file>` scores with those."""
+        return class_prompts(label, "pos")[:3], class_prompts(label, "neg")[:3]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,8 +211,7 @@ icl_loss = tcl_loss = clip_loss
 # Sec. 3.3: L = L_MVS + lambda_I ICL + lambda_T TCL.
 def cxrclip_loss(u1, u2, v1, v2, scale, lambda_icl: float, lambda_tcl: float):
     mvs, icl, tcl = mvs_loss(u1, u2, v1, v2, scale), icl_loss(v1, v2, scale), tcl_loss(u1, u2, scale)
-    return mvs + lambda_icl * icl + lambda_tcl * tcl, {"mvs": mvs.detach(), "icl": icl.detach(),
-                                                       "tcl": tcl.detach()}
+    return mvs + lambda_icl * icl + lambda_tcl * tcl, {"mvs": mvs, "icl": icl, "tcl": tcl}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,36 +236,10 @@ def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: 
     return common.to_tensor(common.color_jitter(img, rng, brightness=(0.9, 1.1), contrast=(0.8, 1.2)))
 
 
-ABBREVIATIONS = {"e.g", "i.e", "a.m", "p.m", "vs", "approx", "etc", "cf", "esp"}  # end only before a capital
-TITLES = {"dr", "mr", "mrs", "ms", "prof"}  # never an end ("Dr. ___")
-LIST_ITEM = re.compile(r"\(?(\d{1,2})[.)]")  # "1." "2)" "(3)"
-
-
-def split_sentences(text: str) -> list[str]:
-    """A report -> its sentences. ".", "?" or "!" ends one, except after a title or an abbreviation ("1.5 cm",
-    "e.g.", "Dr. ___" stay inside); a list number ("1.", "2)") opens one where a list starts or goes on."""
-    sents, cur, item = [], [], 0
-    parts = re.split(r"(\s+)", text.strip())  # words at even indices, the whitespace before them at odd
-    for k in range(0, len(parts), 2):
-        w, m = parts[k], LIST_ITEM.fullmatch(parts[k])
-        if m and (not cur or "\n" in parts[k - 1] or cur[-1].endswith(":") or int(m[1]) == item + 1 > 1):
-            if cur and not cur[-1].endswith(":"):
-                sents, cur = sents + [" ".join(cur)], []
-            cur, item = cur + [w], int(m[1])
-            continue
-        cur += [w] if w else []
-        end = w.rstrip("\"')]").lower()
-        if end[-1:] in (".", "?", "!"):
-            stem, nxt = end.rstrip(".").lstrip("(\"'"), parts[k + 2] if k + 2 < len(parts) else ""
-            if stem not in TITLES and not (stem in ABBREVIATIONS and nxt and not nxt[0].isupper()):
-                sents, cur = sents + [" ".join(cur)], []
-    return sents + [" ".join(cur)] if cur else sents
-
-
 def sentence_shuffle(text: str, rng: np.random.Generator) -> str:
     """A_t (Sec. 4.2): the sentences in a new order (a real permutation: the official code's shuffle result is
     discarded). Sentences stay whole; one that refers back ("It is unchanged.") loses its referent."""
-    sents = split_sentences(text)
+    sents = common.split_sentences(text)
     order = rng.permutation(len(sents))
     if len(sents) > 1 and (order == np.arange(len(sents))).all():
         order = np.roll(order, 1)
@@ -295,15 +265,12 @@ NORMAL = {"pos": ["No acute abnormality.", "No acute findings.", "Normal study."
 
 def read_prompts(path: str) -> dict:
     """The official train_prompts_all.json layout -> {class as words: {"pos" | "neg" | "unc": sentences}}."""
-    if not path:
-        return {}
     try:
         with open(path, encoding="utf-8") as f:
             bank = {common.label_text(c): {v: [s for s in ps if s.strip()] for v, ps in d.items()}
                     for c, d in json.load(f).items()}
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise common.UserError(f"prompt file {path}: {e}; expected {{class: {{'pos': [...]}}}}") from None
-    bank.setdefault("effusion", bank.get("pleural effusion", {}))  # ChestX-ray14's name for the class
     return bank
 
 
@@ -314,12 +281,6 @@ def class_prompts(label: str, value: str, bank: dict | None = None) -> list[str]
         return bank[x][value]
     return NORMAL[value] if x in ("no finding", "normal") else [t.format(x=x, X=x[:1].upper() + x[1:])
                                                                for t in PROMPTS[value]]
-
-
-def zeroshot_pair(label: str) -> tuple[list[str], list[str]]:
-    """(positive, negative) zero-shot prompts: the first three of ours per side. The paper takes those of the
-    works it compares with (Sec. 4.3); `evaluate.py --prompts=<file>` scores a checkpoint with them."""
-    return class_prompts(label, "pos")[:3], class_prompts(label, "neg")[:3]
 
 
 def label_prompt_text(names: list[str], labels, rng: np.random.Generator, n_neg: int = 3, bank=None) -> str:
@@ -476,9 +437,8 @@ def setup(cfg: Config):
 
 def param_groups(model: nn.Module, wd: float):
     """Weight decay on weight matrices only: not on biases, norms or the temperature."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": wd},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def warmup_cosine(total: int, warmup: int):
@@ -504,11 +464,10 @@ def train(cfg: Config) -> dict:
     tr = common.XrayCSV(cfg.data, "train", ("image", "study_id"), text, counter)
     va = common.XrayCSV(cfg.data, "valid", ("image", "study_id"), text, counter)
     te = common.XrayCSV(cfg.data, "test", ("image",), counter=counter)
-    bank = read_prompts(cfg.prompt_file)
+    bank = read_prompts(cfg.prompt_file) if cfg.prompt_file else {}
     tok = (common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck is not None
            else build_tokenizer(cfg, tr, bank))  # the same WordPiece on each rank (demo)
-    model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
-    raw_model = model
+    model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(tr.studies), local_batch, rank, world, cfg.seed)
@@ -563,8 +522,7 @@ def train(cfg: Config) -> dict:
             ck = common.load_checkpoint(loop.out / "ckpt_best.pt", device)
             raw_model.load_state_dict(ck["model"])
             best = {"best_epoch": ck["epoch"], "best_val_loss": ck["val_loss"]}
-            common.print0(f"evaluating ckpt_best.pt (epoch {ck['epoch']}, validation loss "
-                          f"{ck['val_loss']:.4f})")
+            common.print0(f"evaluating ckpt_best.pt (epoch {ck['epoch']}, val loss {ck['val_loss']:.4f})")
         metrics = {**common.zeroshot_eval(raw_model, te, device), **best, "epochs": loop.epoch}
     out = loop.close(metrics)
     if world > 1:
@@ -584,43 +542,8 @@ def validate(model: CXRCLIP, loader, device, ctx, cfg: Config) -> float:
     return common.all_reduce_mean(total / max(1, len(loader)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# ---- benchmark: python cxrclip.py --preset=paper --benchmark ----
-
-
-def benchmark(cfg: Config) -> dict:
-    """Training steps of the preset's model at its per-process batch on random tensors (random init)."""
-    rank, world, device, ctx, scaler = setup(cfg)
-    b, specials = cfg.batch_size // world, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = common.tokenizer_from_vocab(specials + [f"w{i}" for i in range(cfg.vocab_size - 5)])
-    model = build(dataclasses.replace(cfg, pretrained=False), tok).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device != "cpu")
-    x = torch.randn(2 * b, 3, cfg.image_size, cfg.image_size, device=device)
-    t1, t2 = ({"input_ids": torch.randint(5, cfg.vocab_size, (b, cfg.max_tokens), device=device),
-               "attention_mask": torch.ones(b, cfg.max_tokens, dtype=torch.long, device=device)}
-              for _ in range(2))
-    net = torch.compile(model) if cfg.compile else model
-    net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-
-    def step(net=net):
-        with ctx:
-            v1, v2, u1, u2 = (e.float() for e in net(x, t1, t2))
-        loss = cxrclip_loss(u1, u2, v1, v2, model.scale(), cfg.lambda_icl, cfg.lambda_tcl)[0]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    flops = common.count_flops(lambda: step(net=model))  # on the eager model, this process's share
-    out = common.run_benchmark(step, 2 * b, device, 10, flops, f"cxrclip {cfg.preset} {cfg.image_encoder} + "
-                               f"{cfg.text_encoder.split('/')[-1]}, {cfg.image_size} px, {2 * b} pairs")
-    if world > 1:
-        dist.destroy_process_group()
-    return out
-
-
 def main(argv=None):
-    cfg = common.parse_config(Config, PRESETS, argv)
-    return benchmark(cfg) if cfg.benchmark else train(cfg)
+    return train(common.parse_config(Config, PRESETS, argv))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Departures from the paper are stated at their lines and in README.md ("CXR-CML")
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -100,7 +99,6 @@ class Config:
     log_every: int = 10  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (and at every epoch end)
     max_bad_frac: float = 0.01  # fail when more than this share of samples is unreadable or empty
-    benchmark: bool = False  # time training steps of this preset on synthetic tensors, then exit
     preset: str = "demo"  # set by --preset
 
 
@@ -690,57 +688,12 @@ def summarize(runs: list[str]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# ---- benchmark: python cxrcml.py --preset=paper --benchmark ----
-
-
-def benchmark(cfg: Config) -> dict:
-    """Training steps of the preset's CLIP (random weights) at its per-process batch on random tensors: L_c
-    alone (CheXzero + meta-labels, the baseline of Table 4), then CXR-CML's L_c + L_m with a fitted mixture;
-    a fit of the mixture to a full bank; and their step-time ratio, the fit amortised."""
-    rank, world, device, ctx, scaler = setup(cfg)
-    b, out, n = cfg.batch_size // world, {}, 49408 if cfg.clip == "ViT-B/32" else VOCAB_SIZE  # CLIP's: 49408
-    tok = common.tokenizer_from_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *map(str, range(n - 5))])
-    model = build(dataclasses.replace(cfg, init="random"), tok).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device != "cpu")
-    net = torch.compile(model) if cfg.compile else model
-    net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    x, ids = torch.randn(b, 3, cfg.image_size, cfg.image_size, device=device), torch.randint(5, n, (b, 24))
-    ids[:, -1] = tok.sep_token_id  # the end-of-text token CLIP pools at
-    ids, dim = ids.to(device), model.clip.config.projection_dim
-    bank = F.normalize(torch.randn(cfg.bank_size, dim, device=device), dim=-1)
-    mixture = StudentTMixture(cfg.n_clusters, cfg.dof, cfg.em_iters, cfg.n_init)
-    refit(mixture, bank, 0, cfg)
-    for phase in ("clip", "cml"):
-        def step(net=net, cml=phase == "cml"):
-            with ctx:
-                v, u = net(x, ids, torch.ones_like(ids))
-            v_all = common.all_gather_with_grad(v.float())
-            loss = clip_loss(u.float(), v.float(), model.scale())
-            loss = loss + triplet_loss(v_all, mixture.predict(v_all), cfg.margin) if cml else loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        flops = common.count_flops(lambda: step(net=model))  # on the eager model, this process's share
-        out[phase] = common.run_benchmark(step, b, device, 10, flops, f"cxrcml {cfg.preset} {phase}")
-    out["refit"] = common.run_benchmark(lambda: refit(mixture, bank, 1, cfg), cfg.bank_size, device, 3, 0,
-                                        f"cxrcml mixture fit, K={cfg.n_clusters}")
-    out["cml_vs_clip"] = (out["cml"]["step_ms"] + out["refit"]["step_ms"] / cfg.refit_every) / \
-        out["clip"]["step_ms"]
-    common.print0(f"CXR-CML / CLIP step time, refit every {cfg.refit_every} steps: {out['cml_vs_clip']:.3f} "
-                  f"(Table 4 of the paper: 1.24, with a GMM fitted to each batch)")
-    if world > 1:
-        dist.destroy_process_group()
-    return out
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["summarize"]:
         return summarize(argv[1:])
     cfg = common.parse_config(Config, PRESETS, argv)
-    return benchmark(cfg) if cfg.benchmark else train(cfg)
+    return train(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -63,7 +63,6 @@ import numpy as np
 from tqdm import tqdm
 
 import common
-from cxrclip import split_sentences  # clinical text: "1.5 cm", "Dr. ___", "1." items survive
 
 LP = common.LABEL_PREFIX
 BASE_COLUMNS = ["image", "study_id", "patient_id", "split", "view", "body_part", "findings", "impression",
@@ -1073,7 +1072,7 @@ def split_report_by_rules(report: str, parts: list[str]) -> dict[str, str]:
             continue
         if current is None:
             continue
-        for s in split_sentences(text):
+        for s in common.split_sentences(text):
             if CONTEXT_SENTENCE_RE.match(s):
                 continue
             named = _parts_in(s, parts)
@@ -1214,7 +1213,7 @@ def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"
     stats = Counter(rows_skipped_done=len(rows) - len(todo))
     for chunk in tqdm(list(batches(todo, rows_per_chunk)), desc="back-translation", dynamic_ncols=True):
         sents = sorted({s for i in chunk for c in columns if pending(rows[i], c)
-                        for s in split_sentences(rows[i][c])})
+                        for s in common.split_sentences(rows[i][c])})
         back = {}
         for group in batches(sents, batch_size):
             it = en_it(group)
@@ -1224,7 +1223,7 @@ def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"
         for i in chunk:
             for c in columns:
                 if pending(rows[i], c):
-                    rows[i][c + "_bt"] = " ".join(back[s] for s in split_sentences(rows[i][c]))
+                    rows[i][c + "_bt"] = " ".join(back[s] for s in common.split_sentences(rows[i][c]))
         stats["rows_done"] += len(chunk)
         stats["sentences"] += len(sents)
         common.write_csv_atomic(csv_path, rows, cols)

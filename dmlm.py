@@ -101,7 +101,6 @@ class Config:
     log_every: int = 10  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (and at every epoch end)
     max_bad_frac: float = 0.01  # fail when more than this share of samples is unreadable or empty
-    benchmark: bool = False  # time training steps of this preset on synthetic tensors, then exit
     preset: str = "demo"  # set by --preset
 
 
@@ -742,55 +741,8 @@ def train(cfg: Config) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# ---- benchmark: python dmlm.py --preset=paper --pretrained=false --benchmark ----
-
-
-def benchmark(cfg: Config) -> dict:
-    """Training steps of the preset's model at its per-process batch on random tensors (random init, no data):
-    both encoders unmasked and masked, the two fusion passes of Eq. (2), Eq. (3)-(5) and AdamW."""
-    rank, world, device, ctx, scaler = setup(cfg)
-    cfg.pretrained, b, g = False, cfg.batch_size // world, torch.Generator().manual_seed(0)
-    n_vocab = VOCAB_SIZE if cfg.text_encoder == "tiny" else 28996  # ClinicalBERT's (bert-base-cased)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = common.tokenizer_from_vocab(words + [f"w{i}" for i in range(n_vocab - len(words))])
-    model = build(cfg, tok, {}).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.target == "ema" else None
-    n = (cfg.image_size // cfg.patch_size) ** 2
-    ids = torch.randint(5, n_vocab, (b, cfg.max_tokens), generator=g)  # every report at --max_tokens
-    text_mask = torch.rand(ids.shape, generator=g).argsort(1) < round(cfg.mask_ratio * cfg.max_tokens)
-    patch_mask = torch.rand(b, n, generator=g).argsort(1) < round(cfg.mask_ratio * n)
-    batch = (torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g), ids, torch.ones_like(ids),
-             ids.masked_fill(text_mask, tok.mask_token_id), text_mask, patch_mask)
-    x, ids, am, masked_ids, text_mask, patch_mask = (t.to(device) for t in batch)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, fused=device != "cpu")
-    net = torch.compile(model) if cfg.compile else model
-    net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=cfg.align == "pairs") \
-        if world > 1 else net
-
-    def step(net=net):
-        with ctx:
-            out = net(x, ids, am, masked_ids, patch_mask)
-            tgt = ema.targets(x, ids, am) if ema is not None else out
-        l_dmlm = dmlm_loss(out["pred_text"], tgt["target_text"], text_mask, out["pred_image"],
-                           tgt["target_image"], patch_mask)
-        l_align = align_contrastive_loss(out["image"], out["text"], model.logit_scale) \
-            if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])
-        scaler.scale(total_loss(l_dmlm, l_align, cfg.lam)).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, model) if ema is not None else None
-    flops = common.count_flops(lambda: step(net=model))  # on the eager model, this process's share
-    res = common.run_benchmark(step, b, device, 10, flops, f"dmlm {cfg.preset} target={cfg.target}")
-    if world > 1:
-        dist.destroy_process_group()
-    return res
-
-
 def main(argv=None):
-    cfg = common.parse_config(Config, PRESETS, argv)
-    return benchmark(cfg) if cfg.benchmark else train(cfg)
+    return train(common.parse_config(Config, PRESETS, argv))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ Departures from the paper are stated at their lines and in README.md ("PedCLIP")
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -94,7 +93,6 @@ class Config:
     log_every: int = 10  # steps between log lines
     ckpt_every: int = 200  # steps between checkpoints (and at every epoch end)
     max_bad_frac: float = 0.01  # fail when more than this share of samples is unreadable or empty
-    benchmark: bool = False  # time training steps of this preset on synthetic tensors, then exit
     preset: str = "demo"  # set by --preset
 
 
@@ -639,51 +637,8 @@ def evaluate(model: PedCLIP, table: common.XrayCSV, device) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# ---- benchmark: python pedclip.py --preset=paper --benchmark ----
-
-
-def benchmark(cfg: Config) -> dict:
-    """Training steps of the preset's model at its per-process batch on random tensors (random init, no data):
-    the plain ViT, MoBE teacher-forced and MoBE soft (Eq. 2 runs every expert), and their ratios."""
-    rank, world, device, ctx, scaler = setup(cfg)
-    b, out = cfg.batch_size // world, {}
-    tok = common.tokenizer_from_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *map(str, range(995))])
-    x = torch.randn(b, 3, cfg.image_size, cfg.image_size, device=device)
-    ids = torch.randint(5, 1000, (b, cfg.max_tokens), device=device)
-    xb = torch.randint(0, len(body_part_list(cfg)), (b,), device=device)
-    for phase, moe_layers, teacher in (("dense", "none", False), ("teacher", cfg.moe_layers, True),
-                                       ("soft", cfg.moe_layers, False)):
-        torch.manual_seed(0)
-        vcfg = dataclasses.replace(cfg, moe_layers=moe_layers, pretrained=False)
-        model = build(vcfg, tok).to(device)
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5, fused=device != "cpu")
-        net = torch.compile(model) if cfg.compile else model
-        net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-
-        def step(net=net, model=model, opt=opt, teacher=teacher):
-            with ctx:
-                v, t, gl = net(x, ids, torch.ones_like(ids), expert_index=xb if teacher else None)
-            l_v2t, l_t2v = infonce_losses(v.float(), t.float(), model.logit_scale)
-            loss = total_loss(l_v2t, l_t2v, gate_loss(gl, xb), 1.0)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        flops = common.count_flops(lambda: step(net=model))  # on the eager model, this process's share
-        out[phase] = common.run_benchmark(step, b, device, 10, flops, f"pedclip {cfg.preset} {phase}")
-    out["teacher_vs_dense_time"] = out["teacher"]["step_ms"] / out["dense"]["step_ms"]
-    out["soft_vs_dense_flop_rate"] = out["soft"]["tflops_per_s"] / out["dense"]["tflops_per_s"]
-    common.print0(f"teacher-forced / dense step time {out['teacher_vs_dense_time']:.2f}; soft / dense "
-                  f"achieved FLOP/s {out['soft_vs_dense_flop_rate']:.2f}")
-    if world > 1:
-        dist.destroy_process_group()
-    return out
-
-
 def main(argv=None):
-    cfg = common.parse_config(Config, PRESETS, argv)
-    return benchmark(cfg) if cfg.benchmark else train(cfg)
+    return train(common.parse_config(Config, PRESETS, argv))
 
 
 if __name__ == "__main__":
