@@ -6,9 +6,9 @@ benchmark.py: the speed of each paper's training step, measured from outside the
     torchrun --nproc_per_node=8 benchmark.py pedclip --preset=paper  # --batch_size is global, as in training
 
 The paper's model from random weights (nothing is downloaded) at the preset's per-process batch, on random
-tensors: no data, no data loading. Every flag is the paper file's own (its Config and presets). A step is the
-whole of training's: forward under the same autocast, the paper's loss, backward, AdamW. FLOPs are counted by
-torch's FlopCounterMode on the eager model, MFU against the GPU's dense bf16 peak from its data sheet.
+tensors: no data, no data loading. Every flag is the paper file's own (its Config and presets). A step is
+train()'s without gradient clipping: forward under the same autocast, the paper's loss, backward, AdamW.
+FLOPs are counted by torch's FlopCounterMode on the eager model; MFU is against the GPU's dense bf16 peak.
 """
 from __future__ import annotations
 
