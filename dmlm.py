@@ -16,9 +16,10 @@ Map of the method (Sec. 2.1-2.3, 3.5):
 Equation -> function -> test (tests/test_dmlm.py): Eq. (1) GaussianHead (::test_gaussian_head_*); Eq. (2)
 DMLM.forward, DMLM.fuse (::test_eq2_*, ::test_vit_*); Eq. (3) gaussian_kl, dmlm_loss (::test_gaussian_kl_*,
 ::test_dmlm_loss_*), its targets DMLM.unmasked, DMLM.targets (::test_targets_*); Eq. (4) w2_squared,
-w2_squared_pairwise, align_pairs_loss, align_contrastive_loss (::test_w2_*, ::test_align_*); Eq. (5)
-total_loss (::test_align_contrastive_*); Sec. 2.1 structured_report (::test_structured_report_*); Sec. 2.2
-text_token_mask, image_patch_mask, region_prior (::test_*_mask_*, ::test_region_map_*).
+w2_squared_pairwise, align_pairs_loss, align_contrastive_loss (::test_w2_*, ::test_align_*), its Gaussians
+DMLM.pooled_image, DMLM.pooled_text (::test_pooled_*); Eq. (5) total_loss (::test_align_contrastive_*);
+Sec. 2.1 structured_report (::test_structured_report_*); Sec. 2.2 text_token_mask, image_patch_mask,
+region_prior (::test_*_mask_*, ::test_region_map_*).
 
 Run:
     python dmlm.py                                          # demo: phantoms, small ViT + BERT, 2 CPU cores
@@ -265,10 +266,12 @@ class DMLM(nn.Module):
         return self.fusion_ln(z)
 
     # Eq. (4) pairs Gaussians of text tokens and image patches over a set of aligned pairs it does not define.
-    # Ours (a departure): one Gaussian per image and per report, the Eq. (1) heads on the mean of the patch /
-    # real-token features, the mean L2-normalised: -W2^2 / 2 holds the cosine that the zero-shot scorer uses.
+    # Ours (a departure): one Gaussian per image and per report, the Eq. (1) heads on the channel-wise max of
+    # the patch features (a finding in one patch marks the image: the demo's mean pooling diluted a fracture
+    # line 64-fold, its AUC 0.52-0.96 over seeds) / the mean of the real-token features; the mean
+    # L2-normalised, so -W2^2 / 2 holds the cosine that the zero-shot scorer uses.
     def pooled_image(self, hv):  # [B, 1+N, C] -> (mu, sigma^2) [B, D]
-        mu, var = self.image_gauss(hv[:, 1:].mean(1))
+        mu, var = self.image_gauss(hv[:, 1:].amax(1))
         return F.normalize(mu, dim=-1), var
 
     def pooled_text(self, ht, attention_mask):  # [B, L, Ct] -> (mu, sigma^2) [B, D]

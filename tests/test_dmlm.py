@@ -181,6 +181,31 @@ def test_align_pairs_collapses_contrastive_separates():
     assert m_pair < 0.05 and m_con < 0.5 * u_con and u_con > 1.0
 
 
+def test_pooled_gaussians_max_over_patches_mean_over_real_tokens():
+    """Eq. (4)'s inputs: the image's Gaussian from the channel-wise max of its patch features (not the class
+    token), the report's from the mean of its real tokens, each mean L2-normalised (numpy reference)."""
+    model = tiny_model()
+    hv, ht = torch.randn(3, 17, 32), torch.randn(3, 12, 32)
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[0, -3:] = 0
+    heads = {k: (getattr(model, k).mu, getattr(model, k).var) for k in ("image_gauss", "text_gauss")}
+
+    def ref(feat, head):  # feat float64 [B, C] -> (unit mu, softplus sigma^2 + 1e-4)
+        (mu, var), f = head, torch.from_numpy(feat).float()
+        m, v = mu(f).detach().double().numpy(), F.softplus(var(f)).detach().double().numpy()
+        return m / np.linalg.norm(m, axis=1, keepdims=True), v + 1e-4
+
+    img_feat = np.max(hv[:, 1:].double().numpy(), axis=1)
+    txt_feat = np.stack([ht[b, :int(am[b].sum())].double().numpy().mean(0) for b in range(3)])
+    for got, want in ((model.pooled_image(hv), ref(img_feat, heads["image_gauss"])),
+                      (model.pooled_text(ht, am), ref(txt_feat, heads["text_gauss"]))):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.detach().numpy(), w, rtol=1e-4, atol=1e-5)
+    hv2 = hv.clone()
+    hv2[:, 0] += 10.0  # the class token is not pooled
+    assert torch.equal(model.pooled_image(hv2)[0], model.pooled_image(hv)[0])
+
+
 # ---- Eq. (2), the targets, and the ViT ----
 
 def test_eq2_masked_token_prediction_ignores_image_masking():
