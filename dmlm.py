@@ -267,9 +267,9 @@ class DMLM(nn.Module):
 
     # Eq. (4) pairs Gaussians of text tokens and image patches over a set of aligned pairs it does not define.
     # Ours (a departure): one Gaussian per image and per report, the Eq. (1) heads on the channel-wise max of
-    # the patch features (a finding in one patch marks the image: the demo's mean pooling diluted a fracture
-    # line 64-fold, its AUC 0.52-0.96 over seeds) / the mean of the real-token features; the mean
-    # L2-normalised, so -W2^2 / 2 holds the cosine that the zero-shot scorer uses.
+    # the patch features (a finding in one patch marks the image; a mean over the demo's 64 patches dilutes a
+    # finger's fracture line 64-fold) / on the mean of the real-token features; the mean L2-normalised, so
+    # -W2^2 / 2 holds the cosine that the zero-shot scorer uses.
     def pooled_image(self, hv):  # [B, 1+N, C] -> (mu, sigma^2) [B, D]
         mu, var = self.image_gauss(hv[:, 1:].amax(1))
         return F.normalize(mu, dim=-1), var
