@@ -60,7 +60,7 @@ def run(step, samples_per_step: int, device: str, steps: int = 10, flops_per_ste
            "tflops_per_s": flops_per_step / t / 1e12, "mfu": flops_per_step / t / peak if peak else None}
     common.print0(f"benchmark {label} on {name}: {res['samples_per_s']:.1f} samples/s | step "
                   f"{res['step_ms']:.1f} ms (p90 {res['step_ms_p90']:.1f}) | peak memory {mem:.2f} GiB | "
-                  f"{res['gflops_per_sample']:.2f} GFLOP/sample, {res['tflops_per_s']:.3f} TFLOP/s"
+                  f"{res['gflops_per_sample']:.4g} GFLOP/sample, {res['tflops_per_s']:.4g} TFLOP/s"
                   + (f", MFU {res['mfu']:.1%}" if peak else ""))
     return res
 
@@ -94,7 +94,7 @@ def pedclip(m, cfg) -> dict:
         def step(net=wrap(model, cfg, world), model=model, opt=opt, teacher=teacher):
             with ctx:
                 v, t, gl = net(x, ids, torch.ones_like(ids), expert_index=xb if teacher else None)
-            l_v2t, l_t2v = m.infonce_losses(v.float(), t.float(), model.logit_scale)
+            l_v2t, l_t2v = m.infonce_losses(v.float(), t.float(), model.logit_scale.exp())
             optimiser_step(m.total_loss(l_v2t, l_t2v, m.gate_loss(gl, xb), 1.0), scaler, opt)
         flops = count_flops(lambda: step(net=model))  # on the eager model, this process's share
         out[phase] = run(step, b, device, 10, flops, f"pedclip {cfg.preset} {phase}")
@@ -120,7 +120,7 @@ def cxrclip(m, cfg) -> dict:
     def step(net=wrap(model, cfg, world)):
         with ctx:
             v1, v2, u1, u2 = (e.float() for e in net(x, t1, t2))
-        optimiser_step(m.cxrclip_loss(u1, u2, v1, v2, model.scale(), cfg.lambda_icl, cfg.lambda_tcl)[0],
+        optimiser_step(m.cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0],
                        scaler, opt)
     flops = count_flops(lambda: step(net=model))
     return run(step, 2 * b, device, 10, flops, f"cxrclip {cfg.preset} {cfg.image_encoder} + "
@@ -147,13 +147,13 @@ def cxrcml(m, cfg) -> dict:
             with ctx:
                 v, u = net(x, ids, torch.ones_like(ids))
             v_all = common.all_gather_with_grad(v.float())
-            loss = m.clip_loss(u.float(), v.float(), model.scale())
+            loss = m.clip_loss(u.float(), v.float(), model.logit_scale.exp())
             optimiser_step(loss + m.triplet_loss(v_all, mixture.predict(v_all), cfg.margin) if cml else loss,
                            scaler, opt)
         flops = count_flops(lambda: step(net=model))
         out[phase] = run(step, b, device, 10, flops, f"cxrcml {cfg.preset} {phase}")
-    out["refit"] = run(lambda: m.refit(mixture, bank, 1, cfg), cfg.bank_size, device, 3, 0,
-                       f"cxrcml mixture fit, K={cfg.n_clusters}")
+    out["refit"] = run(lambda: m.refit(mixture, bank, 1, cfg), cfg.bank_size, device, 3,
+                       count_flops(lambda: m.refit(mixture, bank, 1, cfg)), f"cxrcml mixture fit, K={cfg.n_clusters}")
     out["cml_vs_clip"] = (out["cml"]["step_ms"] + out["refit"]["step_ms"] / cfg.refit_every) / \
         out["clip"]["step_ms"]
     common.print0(f"CXR-CML / CLIP step time, refit every {cfg.refit_every} steps: {out['cml_vs_clip']:.3f} "
@@ -187,7 +187,7 @@ def dmlm(m, cfg) -> dict:
             tgt = ema.targets(x, ids, am) if ema is not None else out
         l_dmlm = m.dmlm_loss(out["pred_text"], tgt["target_text"], text_mask, out["pred_image"],
                              tgt["target_image"], patch_mask)
-        l_align = m.align_contrastive_loss(out["image"], out["text"], model.logit_scale) \
+        l_align = m.align_contrastive_loss(out["image"], out["text"], model.logit_scale.exp()) \
             if cfg.align == "contrastive" else m.align_pairs_loss(out["image"], out["text"])
         optimiser_step(m.total_loss(l_dmlm, l_align, cfg.lam), scaler, opt)
         m.ema_update(ema, model) if ema is not None else None
@@ -200,6 +200,10 @@ PAPERS = {"pedclip": pedclip, "cxrclip": cxrclip, "cxrcml": cxrcml, "dmlm": dmlm
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip() + f"\n\nusage: benchmark.py {{{' | '.join(PAPERS)}}} [--key=value ...]; "
+              f"`python benchmark.py <paper> --help` lists the paper file's flags")
+        return {}
     if not argv or argv[0] not in PAPERS:
         raise common.UserError(f"usage: benchmark.py {{{' | '.join(PAPERS)}}} [--key=value ...] (the paper "
                                f"file's flags; got {' '.join(argv[:1]) or 'no paper'})")

@@ -96,6 +96,10 @@ def ddp_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    return dist.get_rank() if ddp_active() else 0
+
+
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -493,27 +497,47 @@ def load_pretrained(what: str, load):
 # ---- checkpoints and the training loop's plumbing ----
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint (written with atomic_write), or a UserError naming the file."""
+    """A checkpoint, or a UserError naming the file. weights_only: tensors, numbers, strings, lists and dicts
+    only, so that a file from elsewhere (CheXzero's weights) cannot run code when it is read."""
     if not Path(path).exists():
         raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+
+
+# flags that a resumed run may change: where and how fast it runs, not what it computes
+RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "device", "amp", "compile", "num_workers", "threads",
+                     "log_every", "ckpt_every", "max_bad_frac", "data", "out_dir"}
 
 
 def start_run(cfg) -> dict | None:
-    """Before any work: with --resume the checkpoint to continue; a new run (None) does not replace another
-    run's ckpt.pt unless --overwrite says so."""
+    """Before any work: with --resume the checkpoint to continue (the same flags, and a run that has not
+    ended: that one says so and exits 0); a new run (None) does not replace another run's ckpt.pt unless
+    --overwrite says so."""
     ck = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.resume:
-        if not ck.exists():
-            raise UserError(f"--resume: no checkpoint in {cfg.out_dir} (drop --resume to start a new run)")
-        return load_checkpoint(ck)
-    if ck.exists() and not cfg.overwrite:
-        raise UserError(f"{ck} exists: --resume continues that run, --overwrite replaces it (or use another "
-                        f"--out_dir)")
-    return None
+    if not cfg.resume:
+        if ck.exists() and not cfg.overwrite:
+            raise UserError(f"{ck} exists: --resume continues that run, --overwrite replaces it (or use "
+                            f"another --out_dir)")
+        return None
+    if not ck.exists():
+        raise UserError(f"--resume: no checkpoint in {cfg.out_dir} (drop --resume to start a new run)")
+    state = load_checkpoint(ck)
+    changed = [f"--{k}={getattr(cfg, k)} (the run has {v})" for k, v in state["config"].items()
+               if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != v]
+    if changed:
+        raise UserError(f"--resume continues the run in {ck} with the flags it was started with; these differ: "
+                        f"{', '.join(changed)}. Give the run's values, or start a new run (--overwrite)")
+    if state["loop"]["ended"]:
+        print0(f"{ck}: this run has ended ({state['loop']['ended']}); its results are in {cfg.out_dir}/"
+               f"metrics.json. Nothing to resume (a new run: --overwrite, or another --out_dir)")
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(0)
+    return state
 
 
 def _rng_state() -> dict:  # torch's generators: dropout, masks (the data's randomness is in sample seeds)
@@ -522,49 +546,48 @@ def _rng_state() -> dict:  # torch's generators: dropout, masks (the data's rand
 
 
 class Loop:
-    """The plumbing of a training loop, so that a paper's train() shows its objective and little else:
+    """The plumbing of a training loop, so that a paper's train() shows its objective and its whole optimiser
+    step, and little else:
 
-        loop = common.Loop(cfg, "pedclip", raw_model, opt, sched, scaler, sampler, counter, ck, extra)
-        for epoch in loop.epochs():
+        loop = common.Loop(cfg, name="pedclip", model=raw_model, opt=opt, sched=sched, scaler=scaler,
+                           sampler=sampler, counter=counter, ck=ck, extra=lambda: meta)
+        for epoch in loop.epochs():                   # --epochs, unless --max_steps, a signal or --patience
             for batch in loop.batches(loader):        # counts the batch's unreadable samples
-                ... forward, loss, backward, clip ...
-                if loop.skip_step(loss, grad_norm):   # not finite on some rank: no update on any rank
-                    continue
-                ... optimiser step ...
+                ... forward, loss, backward, unscale, clip ...
+                if loop.bad_step(loss, grad_norm):    # not finite on some rank: every rank drops the step
+                    ... zero_grad, scaler.update; continue
+                ... scaler.step, scaler.update, zero_grad, scheduler ...
                 loop.step_done(loss=loss, ...)        # log, progress bar, checkpoint, SIGTERM, --max_steps
             loop.end_epoch(val_loss)                  # bad-sample check, best weights, checkpoint
         return loop.close(metrics)                    # metrics.json, or how to --resume a stopped run
 
-    `ck` (from start_run) restores weights, optimiser, schedule, scaler, data position and every rank's RNG,
-    so a resumed run equals one never stopped; `extra()` adds the paper's own state to each checkpoint.
-    SIGTERM / SIGINT finish the step, checkpoint and stop all ranks at the same step. The environment
-    variable FAULT_NAN_STEP=k makes rank 0's loss NaN once, at step k (the tests' fault hook).
+    It reads from cfg: out_dir, epochs, max_steps, log_every, ckpt_every, and patience where the paper file has
+    it (epochs without a lower validation loss before the run ends; 0: off). `ck` (from start_run) restores
+    weights, optimiser, schedule, scaler, data position and every rank's RNG, so a resumed run equals one never
+    stopped; `extra()` adds the paper's own state to each checkpoint. SIGTERM / SIGINT finish the step,
+    checkpoint and stop all ranks at the same step.
     """
-    STATE = ("step", "epoch", "batch", "skipped", "best_val", "since_best", "log_bytes")  # --resume restores
+    STATE = ("step", "epoch", "batch", "skipped", "best_val", "since_best", "log_bytes", "ended")  # resumed
+    SCALE_FLOOR = 1.0  # an fp16 loss scale at or below this no longer calibrates: its overflows are divergence
 
-    def __init__(self, cfg, name, model, opt, sched, scaler, sampler, counter, ck=None, extra=dict):
+    def __init__(self, cfg, *, name, model, opt, sched, scaler, sampler, counter, ck=None, extra=dict):
         from tqdm import tqdm
 
         self.cfg, self.name, self.model, self.opt, self.sched = cfg, name, model, opt, sched
         self.scaler, self.sampler, self.counter, self.extra = scaler, sampler, counter, extra
         self.out, self.log_path = Path(cfg.out_dir), Path(cfg.out_dir) / "log.jsonl"
         self.step = self.epoch = self.batch = self.skipped = self.since_best = self.log_bytes = 0
-        self.bad_run = 0
-        self.best_val, self.stop_reason, self.signal, self.t0 = math.inf, None, None, time.time()
-        self.fault_step = int(os.environ.get("FAULT_NAN_STEP", -1))
+        self.bad_run, self.ended, self.best_val, self.stop_reason = 0, None, math.inf, None
+        self.signal, self.t0 = None, time.time()
         if ck is not None:
             for obj, key in ((model, "model"), (opt, "optimizer"), (sched, "scheduler"), (scaler, "scaler")):
                 obj.load_state_dict(ck[key])
             for k in self.STATE:
                 setattr(self, k, ck["loop"][k])
-            r = ck["rng"][dist.get_rank() if ddp_active() else 0]
+            r = ck["rng"][rank()]
             torch.set_rng_state(r["torch"])
             if r["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(r["cuda"])
-            changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-                       if k not in ("resume", "max_steps", "overwrite") and getattr(cfg, k, v) != v}
-            if changed:
-                print0(f"warning: flags differ from the checkpoint's run (then, now): {changed}")
             print0(f"resumed {self.out}/ckpt.pt at step {self.step} (epoch {self.epoch}, batch {self.batch})")
         if is_main_process():  # a resumed log is cut back to its length at the checkpoint; a new one is empty
             self.out.mkdir(parents=True, exist_ok=True)
@@ -586,7 +609,7 @@ class Loop:
                 f.write(json.dumps(row) + "\n")
 
     def epochs(self):
-        while self.epoch < self.cfg.epochs and not self.stop_reason:
+        while not self.ended and not self.stop_reason:
             yield self.epoch
 
     def batches(self, loader):
@@ -603,17 +626,19 @@ class Loop:
                 self.save()
                 return
 
-    def skip_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """True on every rank when the loss or the gradient norm is not finite on some rank (ranks must never
-        diverge): the gradients are dropped, the batch counts as used. 5 in a row stop the run."""
-        bad = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if self.step == self.fault_step and is_main_process():
-            bad, self.fault_step = True, -1
-        if not all_reduce_flag(bad):
+    def bad_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step must be dropped: True on every rank when the loss or the gradient norm is not
+        finite on some rank (ranks must never diverge). An fp16 overflow (finite loss, gradients not finite,
+        the loss scale still above SCALE_FLOOR) is the GradScaler calibrating its scale: logged, not counted.
+        Any other non-finite step is counted, and 5 in a row stop the run with a checkpoint."""
+        bad_loss, bad_grad = not torch.isfinite(loss), not torch.isfinite(grad_norm)
+        if not all_reduce_flag(bad_loss or bad_grad):
             self.bad_run = 0
             return False
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.update()  # fp16: lowers the loss scale after an overflow
+        if not all_reduce_flag(bad_loss) and self.scaler.is_enabled() and \
+                self.scaler.get_scale() > self.SCALE_FLOOR:
+            self.log(step=self.step, fp16_overflow=True, loss_scale=self.scaler.get_scale())
+            return True
         self.skipped, self.bad_run = self.skipped + 1, self.bad_run + 1
         print0(f"warning: non-finite loss or gradient at step {self.step}: skipped ({self.skipped} in all)")
         self.log(step=self.step, skipped_nonfinite=True)
@@ -627,7 +652,7 @@ class Loop:
     def step_done(self, **logs):
         """After an optimiser step: log `logs` (averaged over ranks) every --log_every steps, checkpoint every
         --ckpt_every, and stop at --max_steps or on SIGTERM / SIGINT."""
-        self.step += 1
+        self.step, self.bad_run = self.step + 1, 0
         if self.step % self.cfg.log_every == 0 or self.step == 1:
             row = {k: all_reduce_mean(v) for k, v in logs.items()}
             self.log(step=self.step, epoch=self.epoch, **row, elapsed_s=round(time.time() - self.t0, 2))
@@ -640,11 +665,13 @@ class Loop:
         elif all_reduce_flag(self.signal is not None):
             self.stop_reason = f"{self.signal or 'a signal on another rank'} received"
 
-    def end_epoch(self, val_loss: float | None = None) -> bool:
-        """After an epoch: the bad-sample check and a checkpoint; the weights with the lowest validation loss
-        so far also go to ckpt_best.pt. Returns whether this epoch is the best so far."""
-        if self.stopped:  # a stop mid-epoch: batches() has saved the position, the epoch is not over
-            return False
+    def end_epoch(self, val_loss: float | None = None):
+        """After an epoch: the bad-sample check, the weights with the lowest validation loss so far to
+        ckpt_best.pt, whether the run has ended (the last epoch, or --patience epochs without a lower
+        validation loss), and a checkpoint. After a stop mid-epoch (batches() saved the position) it does
+        nothing."""
+        if self.stopped:
+            return
         print0(self.counter.summary())
         try:
             self.counter.check()
@@ -656,8 +683,13 @@ class Loop:
             self.best_val, self.since_best = (val_loss, 0) if best else (self.best_val, self.since_best + 1)
             self.log(step=self.step, epoch=self.epoch, val_loss=val_loss, best=best)
         self.epoch, self.batch = self.epoch + 1, 0
+        patience = getattr(self.cfg, "patience", 0)
+        if self.epoch >= self.cfg.epochs:
+            self.ended = f"all {self.cfg.epochs} epochs"
+        elif patience and self.since_best >= patience:
+            self.ended = f"early stop: no lower validation loss in {patience} epochs"
+            print0(self.ended)
         self.save(best)
-        return best
 
     def save(self, best: bool = False):
         rngs = [_rng_state()]
@@ -772,14 +804,3 @@ def zeroshot_eval(model, table: XrayCSV, device, batch_size: int = 256) -> dict:
     res = auc_per_label(table.labels()[ok], zeroshot_scores(model, emb[ok], names), names)
     return {"zeroshot_auc_macro": res["macro"], "zeroshot_auc_per_label": res["per_label"],
             "n_images": int(ok.sum())}
-
-
-def ensure_phantoms(csv_path, n: int, size: int = 64):
-    """The demos' data set at csv_path, drawn by phantoms.py on first use (rank 0 draws, the others wait)."""
-    if is_main_process() and not Path(csv_path).exists():
-        import phantoms
-
-        print0(f"drawing {n} phantom images into {Path(csv_path).parent}")
-        phantoms.make_phantoms(n, 0, Path(csv_path).parent, size=size, csv_name=Path(csv_path).name)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import phantoms
 
 # ----------------------------------------------------------------------------------------------------
 # ---- config ----
@@ -162,12 +163,8 @@ class CXRCLIP(nn.Module):
     def forward(self, images, texts1, texts2):  # [x^1; x^2] [2b, 3, H, W], t^1, t^2 -> v1, v2, u1, u2 [b, D]
         return *self.encode_image(images).chunk(2), self.encode_text(texts1), self.encode_text(texts2)
 
-    def scale(self):  # 1/tau, clamped at 100 as CLIP does (the official code does not clamp)
-        return self.logit_scale.exp().clamp(max=100.0)
-
     def tokenize(self, texts) -> dict:
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_tokens,
-                                   return_tensors="pt", return_token_type_ids=False))
+        return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
 
     def image_tokens(self, images):
         return self.image_encoder.tokens(images)
@@ -190,9 +187,7 @@ class CXRCLIP(nn.Module):
 # rows against the n = world * b gathered ones (with gradient): the mean over ranks is Eq. (1) over n.
 def clip_loss(u, v, scale):
     u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [n, D]
-    target = torch.arange(u.shape[0], device=u.device)
-    if common.ddp_active():
-        target = target + dist.get_rank() * u.shape[0]
+    target = torch.arange(len(u), device=u.device) + len(u) * common.rank()  # row i's global index
     loss_u = F.cross_entropy(scale * u @ v_all.T, target)  # -log exp(u_i.v_i/tau) / sum_j exp(u_i.v_j/tau)
     loss_v = F.cross_entropy(scale * v @ u_all.T, target)  # -log exp(v_i.u_i/tau) / sum_j exp(v_i.u_j/tau)
     return 0.5 * (loss_u + loss_v)
@@ -343,9 +338,14 @@ class StudyDataset(torch.utils.data.Dataset):
                                f"the image folder next to the CSV? First error: {bad[0][1]}")
 
 
-def collate(items, tokenize):  # in the DataLoader worker: the images stacked, both texts tokenised
+def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
+                          return_token_type_ids=False))
+
+
+def collate(items, tokenizer, max_tokens: int):  # in the DataLoader worker (which gets no model)
     return {**{k: torch.stack([it[k] for it in items]) for k in ("x1", "x2")},
-            **{k: tokenize([it[k] for it in items]) for k in ("t1", "t2")},
+            **{k: tokenize([it[k] for it in items], tokenizer, max_tokens) for k in ("t1", "t2")},
             "bad": [b for it in items for b in it["bad"]]}
 
 
@@ -452,29 +452,37 @@ def to_device(batch: dict, device):  # -> images [2b, 3, H, W] (x^1 then x^2), t
     return x, *({k: v.to(device, non_blocking=True) for k, v in batch[t].items()} for t in ("t1", "t2"))
 
 
+def check(cfg: Config):
+    """Flag values that cannot work, before anything runs."""
+    if not cfg.data:
+        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
+
+
 def train(cfg: Config) -> dict:
+    check(cfg)
     rank, world, device, ctx, scaler = setup(cfg)
     ck = common.start_run(cfg)  # the checkpoint to continue (--resume), else None
     if cfg.data == Config.data:
-        common.ensure_phantoms(cfg.data, PHANTOMS)
-    if not cfg.data:
-        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
+        phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     text = ("findings", "impression", "report", "labels")  # a study needs a report or labels (Sec. 3.1)
     tr = common.XrayCSV(cfg.data, "train", ("image", "study_id"), text, counter)
     va = common.XrayCSV(cfg.data, "valid", ("image", "study_id"), text, counter)
     te = common.XrayCSV(cfg.data, "test", ("image",), counter=counter)
     bank = read_prompts(cfg.prompt_file) if cfg.prompt_file else {}
-    tok = (common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck is not None
-           else build_tokenizer(cfg, tr, bank))  # the same WordPiece on each rank (demo)
+
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
+    #    every rank)
+    tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else build_tokenizer(cfg, tr, bank)
     model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(tr.studies), local_batch, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(StudyDataset(tr, cfg, True, bank), local_batch, sampler=sampler,
-                                         collate_fn=functools.partial(collate, tokenize=raw_model.tokenize),
-                                         num_workers=cfg.num_workers, pin_memory=device != "cpu",
-                                         persistent_workers=cfg.num_workers > 0)
+                                         num_workers=cfg.num_workers,
+                                         collate_fn=functools.partial(collate, tokenizer=tok,
+                                                                      max_tokens=cfg.max_tokens),
+                                         pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
     val_loader = None  # L compares within a global batch: validation needs whole ones, the same each epoch
     if len(va.studies) >= cfg.batch_size:
         vs = common.EpochSampler(len(va.studies), local_batch, rank, world, cfg.seed, shuffle=False)
@@ -490,7 +498,8 @@ def train(cfg: Config) -> dict:
                   f"{len(va.studies) * bool(val_loader)} validation studies; {world} process(es) on {device}")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text_encoder.config.to_dict()}  # what load() needs
-    loop = common.Loop(cfg, "cxrclip", raw_model, opt, sched, scaler, sampler, counter, ck, lambda: meta)
+    loop = common.Loop(cfg, name="cxrclip", model=raw_model, opt=opt, sched=sched, scaler=scaler,
+                       sampler=sampler, counter=counter, ck=ck, extra=lambda: meta)
     model = torch.compile(model) if cfg.compile else model
     model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -499,35 +508,29 @@ def train(cfg: Config) -> dict:
         for batch in loop.batches(loader):
             with ctx:
                 v1, v2, u1, u2 = model(*to_device(batch, device))  # each [b, D]
-            loss, parts = cxrclip_loss(u1.float(), u2.float(), v1.float(), v2.float(), raw_model.scale(),
-                                       cfg.lambda_icl, cfg.lambda_tcl)  # L of Sec. 3.3
+            loss, parts = cxrclip_loss(u1.float(), u2.float(), v1.float(), v2.float(),
+                                       raw_model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)  # Sec. 3.3
             scaler.scale(loss).backward()
-            scaler.unscale_(opt)
+            scaler.unscale_(opt)  # the true gradients, for clipping and the check
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            if loop.skip_step(loss, grad_norm):  # not finite on some rank: no update on any rank
+            if loop.bad_step(loss, grad_norm):  # not finite on some rank: every rank drops the step
+                opt.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: an overflow lowers the loss scale
                 continue
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            loop.step_done(loss=loss, **parts, tau=1 / raw_model.scale().detach(), lr=sched.get_last_lr()[0])
-        val = validate(raw_model, val_loader, device, ctx, cfg) if val_loader and not loop.stopped else None
-        loop.end_epoch(val)  # ckpt_best.pt: the weights of the lowest validation loss
-        if cfg.patience and loop.since_best >= cfg.patience:  # Sec. 4.2: "early stopped by validation loss"
-            common.print0(f"early stop: no lower validation loss in {cfg.patience} epochs")
-            break
-    metrics, best = {}, {"best_epoch": None, "best_val_loss": None}
-    if rank == 0 and not loop.stopped:  # the weights of the lowest validation loss (else the last ones)
-        if loop.best_val < math.inf:
-            ck = common.load_checkpoint(loop.out / "ckpt_best.pt", device)
-            raw_model.load_state_dict(ck["model"])
-            best = {"best_epoch": ck["epoch"], "best_val_loss": ck["val_loss"]}
-            common.print0(f"evaluating ckpt_best.pt (epoch {ck['epoch']}, val loss {ck['val_loss']:.4f})")
-        metrics = {**common.zeroshot_eval(raw_model, te, device), **best, "epochs": loop.epoch}
-    out = loop.close(metrics)
+            with torch.no_grad():  # 1/tau <= 100, as CLIP clamps it: after the step, so its gradient lives
+                raw_model.logit_scale.clamp_(0, math.log(100))
+            loop.step_done(loss=loss, **parts, tau=1 / raw_model.logit_scale.exp(), lr=opt.param_groups[0]["lr"])
+        val_loss = validate(raw_model, val_loader, device, ctx, cfg) if val_loader and not loop.stopped else None
+        loop.end_epoch(val_loss)  # ckpt_best.pt: the weights of the lowest validation loss (Sec. 4.2)
+    metrics = evaluate(raw_model, te, device, loop) if rank == 0 and not loop.stopped else {}
+    result = loop.close(metrics)
     if world > 1:
         dist.destroy_process_group()
-    return out
+    return result
 
 
 @torch.no_grad()
@@ -538,11 +541,26 @@ def validate(model: CXRCLIP, loader, device, ctx, cfg: Config) -> float:
     for batch in loader:
         with ctx:
             v1, v2, u1, u2 = (e.float() for e in model(*to_device(batch, device)))
-        total += float(cxrclip_loss(u1, u2, v1, v2, model.scale(), cfg.lambda_icl, cfg.lambda_tcl)[0])
+        total += float(cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), cfg.lambda_icl,
+                                    cfg.lambda_tcl)[0])
     return common.all_reduce_mean(total / max(1, len(loader)))
 
 
+@torch.no_grad()
+def evaluate(model: CXRCLIP, table: common.XrayCSV, device, loop: common.Loop) -> dict:
+    """Zero-shot AUC on the test split with the weights of the lowest validation loss (ckpt_best.pt; the last
+    weights when there was no validation)."""
+    best = {"best_epoch": None, "best_val_loss": None}
+    if loop.best_val < math.inf:
+        ck = common.load_checkpoint(loop.out / "ckpt_best.pt", device)
+        model.load_state_dict(ck["model"])
+        best = {"best_epoch": ck["epoch"], "best_val_loss": ck["val_loss"]}
+        common.print0(f"evaluating ckpt_best.pt (epoch {ck['epoch']}, val loss {ck['val_loss']:.4f})")
+    return {**common.zeroshot_eval(model, table, device), **best, "epochs": loop.epoch}
+
+
 def main(argv=None):
+
     return train(common.parse_config(Config, PRESETS, argv))
 
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import phantoms
 
 # ----------------------------------------------------------------------------------------------------
 # ---- config ----
@@ -178,9 +179,15 @@ class CXRCML(nn.Module):
         return self.encode_image(images), self.encode_tokens(input_ids, attention_mask)
 
     def tokenize(self, texts) -> dict:
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
-                                   max_length=self.clip.config.text_config.max_position_embeddings,
-                                   return_token_type_ids=False))
+        return tokenize(texts, self.tokenizer, self.max_tokens)
+
+    @property
+    def max_tokens(self) -> int:  # CLIP's text context (77)
+        return self.clip.config.text_config.max_position_embeddings
+
+    @property
+    def logit_scale(self) -> nn.Parameter:  # log(1/tau), learnable (CLIP's)
+        return self.clip.logit_scale
 
     def image_tokens(self, images):  # [B, N, C] patch tokens, no [CLS] (segmentation heads)
         return self.clip.vision_model(pixel_values=images).last_hidden_state[:, 1:]
@@ -195,9 +202,6 @@ class CXRCML(nn.Module):
         normal = [n for n in map(common.label_text, self.class_names) if n in ("no finding", "normal")]
         return [f"{x} is present"], [f"{n} is present" for n in normal if n != x]
 
-    def scale(self):  # 1/tau, learnable, clamped at 100 as CLIP does
-        return self.clip.logit_scale.exp().clamp(max=100.0)
-
 
 # ----------------------------------------------------------------------------------------------------
 # ---- losses and the Student-t mixture (Sec. 2) ----
@@ -207,8 +211,7 @@ class CXRCML(nn.Module):
 # local row is scored against all world * b gathered rows, its positive at column rank * b + i.
 def clip_loss(u, v, scale):
     u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [B, d]
-    rank = dist.get_rank() if common.ddp_active() else 0
-    target = torch.arange(u.shape[0], device=u.device) + rank * u.shape[0]
+    target = torch.arange(len(u), device=u.device) + len(u) * common.rank()  # row i's global index
     return 0.5 * (F.cross_entropy(scale * u @ v_all.T, target) + F.cross_entropy(scale * v @ u_all.T, target))
 
 
@@ -386,9 +389,15 @@ class MetaLabelDataset(torch.utils.data.Dataset):
         return self.transform(img), self.text(i), bad
 
 
-def collate(items, tokenize) -> dict:  # in the DataLoader worker: images stacked, texts tokenised
+def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
+                          return_token_type_ids=False))
+
+
+def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader worker (which gets no model)
     images, texts, bad = zip(*items)
-    return {"image": torch.stack(images), **tokenize(texts), "bad": [b for bs in bad for b in bs]}
+    return {"image": torch.stack(images), **tokenize(texts, tokenizer, max_tokens),
+            "bad": [b for bs in bad for b in bs]}
 
 
 def patient_folds(table: common.XrayCSV, folds: int, seed: int) -> np.ndarray:
@@ -443,6 +452,17 @@ def build(cfg: Config, tokenizer, clip_config: dict | None = None, class_names=(
         model.clip.load_state_dict(common.load_pretrained(f"OpenAI's CLIP ({OPENAI})", lambda: CLIPModel.
                                                           from_pretrained(OPENAI)).state_dict())
     return model
+
+
+def build_tokenizer(cfg: Config, train_ds, names: list[str]):
+    """CLIP's BPE (CheXzero and OpenAI's CLIP share it), or for a random CLIP a WordPiece vocabulary fitted on
+    the training texts and the prompts."""
+    if cfg.init == "random":
+        prompts = [f"{common.label_text(n)} is present" for n in names]
+        return common.train_wordpiece([train_ds.text(i) for i in range(len(train_ds))] + prompts, VOCAB_SIZE)
+    from transformers import AutoTokenizer
+
+    return common.load_pretrained(f"CLIP's tokenizer {OPENAI}", lambda: AutoTokenizer.from_pretrained(OPENAI))
 
 
 def tokenizer_files(tokenizer) -> dict:  # its files, so that a checkpoint rebuilds it offline
@@ -509,15 +529,17 @@ def param_groups(model: nn.Module, wd: float):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def check(cfg: Config, resuming: bool):
-    """Flag values that cannot work, before any data is read."""
+def check(cfg: Config):
+    """Flag values that cannot work, before anything runs."""
     if cfg.clip not in ("tiny", "ViT-B/32") or cfg.init not in ("random", "chexzero", "openai") or \
             cfg.init != "random" and cfg.clip != "ViT-B/32" or not -1 <= cfg.fold < FOLDS or \
             cfg.bank_size < cfg.batch_size:
         raise common.UserError(f"--clip is tiny | ViT-B/32; --init random | chexzero | openai (these two "
                                f"with --clip=ViT-B/32); --fold -1 (the CSV's valid split) or 0..{FOLDS - 1}; "
                                f"--bank_size at least --batch_size")
-    if cfg.init == "chexzero" and not resuming and not Path(cfg.chexzero).is_file():
+    if not cfg.data:
+        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py cxr_lt writes it)")
+    if cfg.init == "chexzero" and not cfg.resume and not Path(cfg.chexzero).is_file():
         raise common.UserError(
             f"the paper fine-tunes CheXzero (Tiu et al., doi:10.1038/s41551-022-00936-9): --init=chexzero "
             f"needs its weights, --chexzero=<file.pt> (given: {cfg.chexzero!r}). Its authors publish them at "
@@ -529,13 +551,11 @@ def check(cfg: Config, resuming: bool):
 
 
 def train(cfg: Config) -> dict:
+    check(cfg)
     rank, world, device, ctx, scaler = setup(cfg)
     ck = common.start_run(cfg)  # the checkpoint to continue (--resume), else None
-    check(cfg, ck is not None)
     if cfg.data == Config.data:
-        common.ensure_phantoms(cfg.data, PHANTOMS)
-    if not cfg.data:
-        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py cxr_lt writes it)")
+        phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     tr, va, te = (common.XrayCSV(cfg.data, split, counter=counter) for split in ("train", "valid", "test"))
     # Sec. 3: rare classes have fewer than 1,000 samples (positive images) in the data set, all splits
@@ -552,25 +572,15 @@ def train(cfg: Config) -> dict:
     transform = functools.partial(pixels, size=cfg.image_size, chexzero=cfg.clip == "ViT-B/32")
     train_ds, val_ds = MetaLabelDataset(tr, train_rows, transform), MetaLabelDataset(va, val_rows, transform)
 
-    # -- model: a random CLIP's WordPiece tokenizer is fitted on the training texts and the prompts,
-    #    deterministically (the same on every rank); CheXzero and OpenAI's CLIP share CLIP's BPE
-    if ck is not None:
-        tok = tokenizer_from_files(ck["tokenizer"])
-    elif cfg.init == "random":
-        prompts = [f"{common.label_text(n)} is present" for n in names]
-        tok = common.train_wordpiece([train_ds.text(i) for i in range(len(train_ds))] + prompts, VOCAB_SIZE)
-    else:
-        from transformers import AutoTokenizer
-
-        tok = common.load_pretrained(f"CLIP's tokenizer {OPENAI}", lambda: AutoTokenizer.from_pretrained(
-            OPENAI))
-    model = build(cfg, tok, ck["clip_config"] if ck else None, names).to(device)
-    raw_model = model
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
+    #    every rank)
+    tok = tokenizer_from_files(ck["tokenizer"]) if ck else build_tokenizer(cfg, train_ds, names)
+    model = raw_model = build(cfg, tok, ck["clip_config"] if ck else None, names).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(train_ds), local_batch, rank, world, cfg.seed)
     val_sampler = common.EpochSampler(len(val_ds), local_batch, rank, world, cfg.seed, shuffle=False)
-    collate_fn = functools.partial(collate, tokenize=raw_model.tokenize)
+    collate_fn = functools.partial(collate, tokenizer=tok, max_tokens=raw_model.max_tokens)
     loader, val_loader = (torch.utils.data.DataLoader(ds, local_batch, sampler=s, num_workers=cfg.num_workers,
                                                       collate_fn=collate_fn, pin_memory=device != "cpu",
                                                       persistent_workers=cfg.num_workers > 0)
@@ -594,8 +604,9 @@ def train(cfg: Config) -> dict:
                   f"classes rare: {', '.join(rare)}")
     meta = {"tokenizer": tokenizer_files(tok), "clip_config": raw_model.clip.config.to_dict(),
             "class_names": names, "rare_classes": rare}  # what load() needs; with the mixture and bank:
-    loop = common.Loop(cfg, "cxrcml", raw_model, opt, sched, scaler, sampler, counter, ck, lambda: {
-        **meta, "mixture": mixture.state_dict(), "bank": bank.cpu(), "seen": seen})
+    loop = common.Loop(cfg, name="cxrcml", model=raw_model, opt=opt, sched=sched, scaler=scaler,
+                       sampler=sampler, counter=counter, ck=ck,
+                       extra=lambda: {**meta, "mixture": mixture.state_dict(), "bank": bank.cpu(), "seen": seen})
     model = torch.compile(model) if cfg.compile else model
     model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -605,43 +616,45 @@ def train(cfg: Config) -> dict:
             if loop.step < cfg.warmup_steps:  # linear warm-up (the demo's); then the plateau schedule owns lr
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * (loop.step + 1) / cfg.warmup_steps
-            x, ids, mask = (batch[k].to(device) for k in ("image", "input_ids", "attention_mask"))
+            x, ids, am = (batch[k].to(device) for k in ("image", "input_ids", "attention_mask"))
             with ctx:
-                v, u = model(x, ids, mask)  # image and text embeddings [b, d]
+                v, u = model(x, ids, am)  # image and text embeddings [b, d]
             v, u = v.float(), u.float()
             v_all = common.all_gather_with_grad(v)  # [B, d]: triplets are mined in the global batch
-            l_c = clip_loss(u, v, raw_model.scale())
+            l_c = clip_loss(u, v, raw_model.logit_scale.exp())
             pseudo = mixture.predict(v_all) if mixture.fitted else None  # cluster pseudo-labels [B]
             l_m = triplet_loss(v_all, pseudo, cfg.margin)  # Eq. (3)
             loss = l_c + l_m  # Eq. (4): equal weights (Sec. 3)
             scaler.scale(loss).backward()
-            scaler.unscale_(opt)
+            scaler.unscale_(opt)  # the true gradients, for clipping and the check
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            if loop.skip_step(loss, grad_norm):  # not finite on some rank: no update on any rank
+            if loop.bad_step(loss, grad_norm):  # not finite on some rank: every rank drops the step
+                opt.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: an overflow lowers the loss scale
                 continue
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            with torch.no_grad():  # 1/tau <= 100, as CLIP clamps it: after the step, so its gradient lives
+                raw_model.logit_scale.clamp_(0, math.log(100))
             bank[(seen + torch.arange(len(v_all), device=device)) % cfg.bank_size] = v_all.detach()
             seen += len(v_all)
             if seen >= cfg.bank_size and (not mixture.fitted or (loop.step + 1) % cfg.refit_every == 0):
                 refit(mixture, bank, loop.step, cfg)  # Eq. (1)-(2) on the last --bank_size embeddings
             loop.step_done(loss=loss, l_c=l_c, l_m=l_m, lr=opt.param_groups[0]["lr"])
-        if loop.stopped:  # --max_steps or a signal: the checkpoint is written mid-epoch
-            break
-        val_loss = validation_loss(raw_model, val_loader, mixture, device, ctx, cfg.margin)
-        if loop.step >= cfg.warmup_steps:
-            sched.step(val_loss)
+        val_loss = validation_loss(raw_model, val_loader, mixture, device, ctx, cfg) if not loop.stopped else None
+        if val_loss is not None and loop.step >= cfg.warmup_steps:
+            sched.step(val_loss)  # Sec. 3: ReduceLROnPlateau on the validation loss
         loop.end_epoch(val_loss)
     metrics = evaluate(raw_model, te, device, rare) if rank == 0 and not loop.stopped else {}
-    out = loop.close(metrics)
+    result = loop.close(metrics)
     if world > 1:
         dist.destroy_process_group()
-    return out
+    return result
 
 
 @torch.no_grad()
-def validation_loss(model: CXRCML, loader, mixture: StudentTMixture, device, ctx, margin: float) -> float:
+def validation_loss(model: CXRCML, loader, mixture: StudentTMixture, device, ctx, cfg: Config) -> float:
     """Eq. (4) on the validation images (each rank its share), with the current mixture's pseudo-labels."""
     model.eval()
     losses = []
@@ -650,8 +663,8 @@ def validation_loss(model: CXRCML, loader, mixture: StudentTMixture, device, ctx
             v, u = model(b["image"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device))
         v_all = common.all_gather_with_grad(v.float())
         pseudo = mixture.predict(v_all) if mixture.fitted else None
-        l_c = clip_loss(u.float(), v.float(), model.scale())
-        losses.append(float(l_c + triplet_loss(v_all, pseudo, margin)))
+        l_c = clip_loss(u.float(), v.float(), model.logit_scale.exp())
+        losses.append(float(l_c + triplet_loss(v_all, pseudo, cfg.margin)))
     return common.all_reduce_mean(float(np.mean(losses)))
 
 

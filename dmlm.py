@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import phantoms
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,8 +293,7 @@ class DMLM(nn.Module):
         return self.pooled_text(self.text(**t).last_hidden_state, t["attention_mask"])[0]
 
     def tokenize(self, texts) -> dict:
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_tokens,
-                                   return_tensors="pt", return_token_type_ids=False))
+        return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
 
     def image_tokens(self, images):  # [B, N, C] patch tokens after the last LayerNorm (segmentation heads)
         return self.visual(images)[:, 1:]
@@ -358,15 +358,12 @@ def align_pairs_loss(image, text):  # (mu, sigma^2) [b, D] each
 # lambda = 0.2 alignment is 80% of the loss. So -W2^2 / 2 is the similarity of a symmetric InfoNCE over the
 # global batch: matched pairs pulled together, the other reports pushed away. With unit means, -W2^2 / 2 =
 # cos(mu1, mu2) - 1 - ||sigma1 - sigma2||^2 / 2: CLIP's logit plus a variance term, so CLIP's 1/tau applies.
-def align_contrastive_loss(image, text, logit_scale):
+def align_contrastive_loss(image, text, scale):
     """image, text: (mu, sigma^2) [b, D] on this rank; each row is scored against the M = world * b gathered
     rows of the other modality, the positive of local row i being global row rank * b + i."""
     all_image = [common.all_gather_with_grad(t) for t in image]  # [M, D] each
     all_text = [common.all_gather_with_grad(t) for t in text]
-    scale = logit_scale.exp().clamp(max=100.0)
-    target = torch.arange(image[0].shape[0], device=image[0].device)
-    if common.ddp_active():
-        target = target + dist.get_rank() * image[0].shape[0]
+    target = torch.arange(len(image[0]), device=image[0].device) + len(image[0]) * common.rank()  # global index
     l_i2t = F.cross_entropy(-0.5 * scale * w2_squared_pairwise(*image, *all_text), target)
     l_t2i = F.cross_entropy(-0.5 * scale * w2_squared_pairwise(*text, *all_image), target)
     return 0.5 * (l_i2t + l_t2i)
@@ -534,10 +531,16 @@ class PairDataset(torch.utils.data.Dataset):
         return image_tensor(img, c.image_size, rng), self.reports[i], torch.from_numpy(pmask), text_seed, bad
 
 
-def collate(items, tokenize, tokenizer, ratio: float) -> dict:
-    """Stacks images and patch masks, tokenises the reports and draws their text masks (in the worker)."""
+def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
+                          return_token_type_ids=False))
+
+
+def collate(items, tokenizer, max_tokens: int, ratio: float) -> dict:
+    """Stacks images and patch masks, tokenises the reports and draws their text masks (in the DataLoader
+    worker, which gets no model)."""
     images, reports, pmasks, seeds, bad = zip(*items)
-    t = tokenize(reports)
+    t = tokenize(reports, tokenizer, max_tokens)
     special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
     tmask = text_token_mask(t["input_ids"], t["attention_mask"], special, ratio, seeds)
     return {"image": torch.stack(images), **t, "text_mask": tmask, "patch_mask": torch.stack(pmasks),
@@ -584,12 +587,6 @@ def build_tokenizer(cfg: Config, reports: list[str], label_names: list[str], kno
 def build(cfg: Config, tokenizer, know: dict, bert_config: dict | None = None) -> DMLM:
     """Config -> DMLM. With --pretrained the ViT starts from torchvision's ImageNet ViT-B/16 and E^t from
     ClinicalBERT (Sec. 3.5)."""
-    for k, ok in (("stem", ("patch", "conv", "hmlp")), ("image_mask", ("adaptive", "random")),
-                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs"))):
-        if getattr(cfg, k) not in ok:
-            raise common.UserError(f"--{k}={getattr(cfg, k)}: expected {' | '.join(ok)}")
-    if cfg.image_size % cfg.patch_size:
-        raise common.UserError(f"--image_size={cfg.image_size} must divide by --patch_size={cfg.patch_size}")
     model = DMLM(cfg, build_text_encoder(cfg, len(tokenizer), bert_config), tokenizer, know)
     if cfg.pretrained and bert_config is None:
         if (cfg.image_size, cfg.patch_size, cfg.stem, cfg.vit_width, cfg.vit_depth, cfg.vit_heads) != \
@@ -663,13 +660,24 @@ def warmup_cosine(total: int, warmup: int):
         0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def check(cfg: Config):
+    """Flag values that cannot work, before anything runs."""
+    for k, ok in (("stem", ("patch", "conv", "hmlp")), ("image_mask", ("adaptive", "random")),
+                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs"))):
+        if getattr(cfg, k) not in ok:
+            raise common.UserError(f"--{k}={getattr(cfg, k)}: expected {' | '.join(ok)}")
+    if cfg.image_size % cfg.patch_size:
+        raise common.UserError(f"--image_size={cfg.image_size} must divide by --patch_size={cfg.patch_size}")
+    if not cfg.data:
+        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
+
+
 def train(cfg: Config) -> dict:
+    check(cfg)
     rank, world, device, ctx, scaler = setup(cfg)
     ck = common.start_run(cfg)  # the checkpoint to continue (--resume), else None
     if cfg.data == Config.data:
-        common.ensure_phantoms(cfg.data, PHANTOMS)
-    if not cfg.data:
-        raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
+        phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     # a row needs a text or labels: the structured report is made of both (Sec. 2.1)
     tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"),
@@ -680,11 +688,11 @@ def train(cfg: Config) -> dict:
         common.print0(f"warning: {cfg.knowledge} has no definition / appearance (Sec. 2.1) for {missing}")
     train_ds = PairDataset(tr, cfg, know)
 
-    # -- model: each rank fits the same tokenizer (train_wordpiece is deterministic); a resumed run has one
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
+    #    every rank)
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else \
         build_tokenizer(cfg, train_ds.reports, tr.label_names, know)
-    model = build(cfg, tok, know, ck["bert_config"] if ck else None).to(device)
-    raw_model = model
+    model = raw_model = build(cfg, tok, know, ck["bert_config"] if ck else None).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.target == "ema" else None
     if ema is not None and ck is not None:
         ema.load_state_dict(ck["ema"])
@@ -692,8 +700,8 @@ def train(cfg: Config) -> dict:
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(train_ds), local_batch, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(train_ds, local_batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=partial(collate, tokenize=raw_model.tokenize,
-                                                            tokenizer=tok, ratio=cfg.mask_ratio),
+                                         collate_fn=partial(collate, tokenizer=tok, max_tokens=cfg.max_tokens,
+                                                            ratio=cfg.mask_ratio),
                                          pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
     total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.lr, fused=device != "cpu")
@@ -704,8 +712,9 @@ def train(cfg: Config) -> dict:
                   f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text.config.to_dict(), "knowledge": know}  # what load() needs
-    loop = common.Loop(cfg, "dmlm", raw_model, opt, sched, scaler, sampler, counter, ck,
-                       lambda: {**meta, "ema": ema.state_dict() if ema is not None else None})
+    loop = common.Loop(cfg, name="dmlm", model=raw_model, opt=opt, sched=sched, scaler=scaler,
+                       sampler=sampler, counter=counter, ck=ck,
+                       extra=lambda: {**meta, "ema": ema.state_dict() if ema is not None else None})
     model = torch.compile(model) if cfg.compile else model
     # --align=pairs leaves the temperature unused, which DDP must be told
     model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.align == "pairs") \
@@ -720,28 +729,38 @@ def train(cfg: Config) -> dict:
                 tgt = ema.targets(x, ids, am) if ema is not None else out  # Eq. (3): the unmasked pair
             l_dmlm = dmlm_loss(out["pred_text"], tgt["target_text"], text_mask,
                                out["pred_image"], tgt["target_image"], patch_mask)  # Eq. (3)
-            l_align = align_contrastive_loss(out["image"], out["text"], raw_model.logit_scale) \
+            l_align = align_contrastive_loss(out["image"], out["text"], raw_model.logit_scale.exp()) \
                 if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])  # Eq. (4)
             loss = total_loss(l_dmlm, l_align, cfg.lam)  # Eq. (5)
             scaler.scale(loss).backward()
-            scaler.unscale_(opt)
+            scaler.unscale_(opt)  # the true gradients, for clipping and the check
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            if loop.skip_step(loss, grad_norm):  # not finite on some rank: no update on any rank
+            if loop.bad_step(loss, grad_norm):  # not finite on some rank: every rank drops the step
+                opt.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: an overflow lowers the loss scale
                 continue
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
+            with torch.no_grad():  # 1/tau <= 100, as CLIP clamps it: after the step, so its gradient lives
+                raw_model.logit_scale.clamp_(0, math.log(100))
             if ema is not None:
                 ema_update(ema, raw_model)
             loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, var_image=out["image"][1].mean(),
-                           lr=sched.get_last_lr()[-1])
+                           lr=opt.param_groups[0]["lr"])
         loop.end_epoch()
-    metrics = common.zeroshot_eval(raw_model, te, device) if rank == 0 and not loop.stopped else {}
-    out = loop.close(metrics)
+    metrics = evaluate(raw_model, te, device) if rank == 0 and not loop.stopped else {}
+    result = loop.close(metrics)
     if world > 1:
         dist.destroy_process_group()
-    return out
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: DMLM, table: common.XrayCSV, device) -> dict:
+    """Zero-shot AUC on the test split (common.zeroshot_eval)."""
+    return common.zeroshot_eval(model, table, device)
 
 
 def main(argv=None):

@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import phantoms
 
 # ----------------------------------------------------------------------------------------------------
 # ---- config ----
@@ -1004,7 +1005,7 @@ def main(argv=None) -> dict:
     cfg = common.parse_config(Config, PRESETS, argv)
     ckpts, tasks = check_config(cfg)
     if cfg.data == Config.data:
-        common.ensure_phantoms(cfg.data, PHANTOMS)
+        phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = "cuda" if cuda else "cpu"
     if cuda:  # as the paper files' setup() does, so that the zero-shot numbers agree with training time

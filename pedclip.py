@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torchvision.models.vision_transformer import MLPBlock, VisionTransformer, interpolate_embeddings
 
 import common
+import phantoms
 
 # ----------------------------------------------------------------------------------------------------
 # ---- config ----
@@ -181,11 +182,13 @@ def parse_moe_layers(spec: str, depth: int) -> list[int]:
     if spec.strip().lower() in ("", "none"):
         return []
     try:
-        layers = sorted({int(t) % depth for t in spec.split(",") if -depth <= int(t) < depth})
-        assert len(layers) == len(spec.split(","))
-    except (ValueError, AssertionError):
+        given = [int(t) for t in spec.split(",")]
+    except ValueError:
+        given = [depth]  # not a number: the error below
+    layers = sorted({i % depth for i in given if -depth <= i < depth})
+    if len(layers) != len(given):
         raise common.UserError(f"--moe_layers={spec}: expected layer indices of a {depth}-layer ViT, e.g. "
-                               f"{depth - 1} or -1 (the last), or none") from None
+                               f"{depth - 1} or -1 (the last), or none")
     return layers
 
 
@@ -238,8 +241,7 @@ class PedCLIP(nn.Module):
                                   t["attention_mask"].to(self.logit_scale.device))
 
     def tokenize(self, texts) -> dict:
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_tokens,
-                                   return_tensors="pt", return_token_type_ids=False))
+        return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
 
     def image_tokens(self, images):  # [B, N, C] patch tokens after the last LayerNorm (segmentation heads)
         return self.encode(images)[0][:, 1:]
@@ -264,17 +266,15 @@ class PedCLIP(nn.Module):
 
 
 # Eq. (3) and (4): InfoNCE over the global batch, image -> text and text -> image.
-def infonce_losses(img, txt, logit_scale):
-    """img, txt [b, D] L2-normalised on this rank -> (l_v2t, l_t2v), each the mean over the b local pairs.
+def infonce_losses(img, txt, scale):
+    """img, txt [b, D] L2-normalised on this rank, scale = 1/tau -> (l_v2t, l_t2v), each the mean over the b
+    local pairs.
 
     Each local image is scored against all M = world * b texts (gathered with gradient) and vice versa; the
     positive of local row i is global column rank * b + i. DDP's gradient averaging gives the global mean.
     """
     all_img, all_txt = common.all_gather_with_grad(img), common.all_gather_with_grad(txt)  # [M, D]
-    scale = logit_scale.exp().clamp(max=100.0)  # 1/tau, clamped at 100 as CLIP does
-    target = torch.arange(img.shape[0], device=img.device)
-    if common.ddp_active():
-        target = target + dist.get_rank() * img.shape[0]
+    target = torch.arange(len(img), device=img.device) + len(img) * common.rank()  # row i's global index
     l_v2t = F.cross_entropy(scale * img @ all_txt.t(), target)  # Eq. (3): sim(x_v^i, x_t^j) / tau
     l_t2v = F.cross_entropy(scale * txt @ all_img.t(), target)  # Eq. (4): sim(x_t^i, x_v^j) / tau
     return l_v2t, l_t2v
@@ -397,16 +397,15 @@ def image_tensor(img: np.ndarray, rng=None, *, size: int) -> torch.Tensor:
     return common.to_tensor(common.resize(img, size))
 
 
-class Collate:
-    """Stacks the images and tokenises the texts in the DataLoader worker."""
+def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
+                          return_token_type_ids=False))
 
-    def __init__(self, tokenize):
-        self.tokenize = tokenize
 
-    def __call__(self, items):
-        images, texts, parts, bad = zip(*items)
-        return {"image": torch.stack(images), "text": self.tokenize(texts), "body_part": torch.tensor(parts),
-                "bad": [b for bs in bad for b in bs]}
+def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader worker, which gets no model
+    images, texts, parts, bad = zip(*items)
+    return {"image": torch.stack(images), "text": tokenize(texts, tokenizer, max_tokens),
+            "body_part": torch.tensor(parts), "bad": [b for bs in bad for b in bs]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,15 +532,21 @@ def warmup_cosine(total: int, warmup: int):
         0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def train(cfg: Config) -> dict:
-    rank, world, device, ctx, scaler = setup(cfg)
-    ck = common.start_run(cfg)  # the checkpoint to continue (--resume), else None
+def check(cfg: Config):
+    """Flag values that cannot work, before anything runs."""
     if cfg.text_sample not in ("full", "section") or not 0 <= cfg.teacher_epochs <= cfg.epochs:
         raise common.UserError("--text_sample is full | section, and 0 <= --teacher_epochs <= --epochs")
-    if cfg.data == Config.data:
-        common.ensure_phantoms(cfg.data, PHANTOMS)
+    parse_moe_layers(cfg.moe_layers, cfg.vit_depth)
     if not cfg.data:
         raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
+
+
+def train(cfg: Config) -> dict:
+    check(cfg)
+    rank, world, device, ctx, scaler = setup(cfg)
+    ck = common.start_run(cfg)  # the checkpoint to continue (--resume), else None
+    if cfg.data == Config.data:
+        phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     try:  # Sec. 2.1: x_t is the excerpt of the image's body part, which data_prep writes to `excerpt`
         tr = common.XrayCSV(cfg.data, "train", ("image", "body_part", cfg.text_column), (cfg.text_column,),
@@ -558,23 +563,17 @@ def train(cfg: Config) -> dict:
     parts = body_part_list(cfg)
     train_ds = TripletDataset(tr, parts, cfg)
 
-    # -- model: the demo's tokenizer is fitted by rank 0 and sent to the others; a resumed run has its own
-    if ck is not None:
-        tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"])
-    elif world > 1 and not cfg.pretrained:
-        vocab = [common.tokenizer_vocab(build_tokenizer(cfg, tr)) if rank == 0 else None]
-        dist.broadcast_object_list(vocab, src=0)
-        tok = common.tokenizer_from_vocab(vocab[0])
-    else:
-        tok = build_tokenizer(cfg, tr)
-    model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
-    raw_model = model
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
+    #    every rank)
+    tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else build_tokenizer(cfg, tr)
+    model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on (dropout) each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(train_ds), local_batch, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(train_ds, local_batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=Collate(raw_model.tokenize), pin_memory=device != "cpu",
-                                         persistent_workers=cfg.num_workers > 0)
+                                         collate_fn=functools.partial(collate, tokenizer=tok,
+                                                                      max_tokens=cfg.max_tokens),
+                                         pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
     total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, fused=device != "cpu")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
@@ -587,7 +586,8 @@ def train(cfg: Config) -> dict:
                   + ", ".join(f"{p} ({c})" for p, c in zip(parts, counts)))
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text.config.to_dict(), "body_parts": parts}  # what load() needs
-    loop = common.Loop(cfg, "pedclip", raw_model, opt, sched, scaler, sampler, counter, ck, lambda: meta)
+    loop = common.Loop(cfg, name="pedclip", model=raw_model, opt=opt, sched=sched, scaler=scaler,
+                       sampler=sampler, counter=counter, ck=ck, extra=lambda: meta)
     model = torch.compile(model) if cfg.compile else model
     model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -596,29 +596,33 @@ def train(cfg: Config) -> dict:
         tf, lam = teacher_forcing(epoch, cfg), lambda_at(epoch, cfg)
         for batch in loop.batches(loader):
             x, xb = batch["image"].to(device), batch["body_part"].to(device)
-            ids, mask = batch["text"]["input_ids"].to(device), batch["text"]["attention_mask"].to(device)
+            ids, am = batch["text"]["input_ids"].to(device), batch["text"]["attention_mask"].to(device)
             with ctx:
-                v, t, gate_logits = model(x, ids, mask, expert_index=xb if tf else None)
-            l_v2t, l_t2v = infonce_losses(v.float(), t.float(), raw_model.logit_scale)  # Eq. (3), (4)
+                v, t, gate_logits = model(x, ids, am, expert_index=xb if tf else None)
+            l_v2t, l_t2v = infonce_losses(v.float(), t.float(), raw_model.logit_scale.exp())  # Eq. (3), (4)
             l_g = gate_loss(gate_logits, xb)
             loss = total_loss(l_v2t, l_t2v, l_g, lam)  # Sec. 2.3
             scaler.scale(loss).backward()
-            scaler.unscale_(opt)
+            scaler.unscale_(opt)  # the true gradients, for clipping and the check
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            if loop.skip_step(loss, grad_norm):  # not finite on some rank: no update on any rank
+            if loop.bad_step(loss, grad_norm):  # not finite on some rank: every rank drops the step
+                opt.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: an overflow lowers the loss scale
                 continue
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
+            with torch.no_grad():  # 1/tau <= 100, as CLIP clamps it: after the step, so its gradient lives
+                raw_model.logit_scale.clamp_(0, math.log(100))
             loop.step_done(loss=loss, v2t=l_v2t, t2v=l_t2v, gate=l_g, lam=lam, teacher_forcing=tf,
-                           lr=sched.get_last_lr()[0])
+                           lr=opt.param_groups[0]["lr"])
         loop.end_epoch()
     metrics = evaluate(raw_model, te, device) if rank == 0 and not loop.stopped else {}
-    out = loop.close(metrics)
+    result = loop.close(metrics)
     if world > 1:
         dist.destroy_process_group()
-    return out
+    return result
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Procedurally drawn "radiographs" of six body parts, paediatric and adult, two or
 findings drawn into the pixels with their masks, and reports written from templates with synonyms, negations
 and uncertainty, in the project's CSV schema (README, "Data"). Built so that a model which learns image-text
 alignment scores a high zero-shot AUC and one that does not scores 0.5. Nothing here belongs to a paper: the
-paper files reach it only through `common.ensure_phantoms`.
+paper files call `ensure_phantoms` when they run on the demo data (common.py knows no data set).
 """
 
 from __future__ import annotations
@@ -392,3 +392,14 @@ def make_phantoms(n: int, seed: int, out_dir: str | os.PathLike, size: int = 64,
     path = out / csv_name
     common.write_csv_atomic(path, rows, cols)
     return path
+
+
+def ensure_phantoms(csv_path, n: int, size: int = 64):
+    """The demos' data set at csv_path, drawn on first use (rank 0 draws, the other ranks wait for it)."""
+    import torch.distributed as dist
+
+    if common.is_main_process() and not Path(csv_path).exists():
+        common.print0(f"drawing {n} phantom images into {Path(csv_path).parent}")
+        make_phantoms(n, 0, Path(csv_path).parent, size=size, csv_name=Path(csv_path).name)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -386,32 +386,46 @@ class _Always(set):
         return self
 
 
-def _train(cfg, ck=None, fault=None, val=lambda e: None):
-    """A tiny regression through common.Loop, the shape the paper files use; dropout makes the RNG matter."""
+def _toy_data():  # x [40, 4] and y = x . w [40, 1], as one [40, 5] tensor
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    return torch.cat([x, x @ torch.tensor([[1.0], [-2.0], [0.5], [1.0]])], 1)
+
+
+def _train(cfg, ck=None, fault=None, val=lambda e: None, fp16_scale=None):
+    """A tiny regression through common.Loop, written as the paper files write their step; dropout makes the
+    RNG matter. fault: steps whose loss is made NaN (once each: a skipped step is not counted); fp16_scale:
+    train under CPU fp16 autocast with a GradScaler that starts at this scale."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    data = torch.randn(40, 5, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + 0.1 * s))
+    scaler = torch.amp.GradScaler("cpu", init_scale=fp16_scale or 2.0**16, enabled=fp16_scale is not None)
+    ctx = torch.autocast("cpu", dtype=torch.float16, enabled=fp16_scale is not None)
+    data = _toy_data()
     sampler = common.EpochSampler(40, 8, seed=3)
     keyed = type("Keyed", (), {"__getitem__": lambda self, key: data[key[0]], "__len__": lambda self: 40})()
     loader = torch.utils.data.DataLoader(
         keyed, 8, sampler=sampler, collate_fn=lambda xs: {"x": torch.stack(xs)}
     )
     loop = common.Loop(
-        cfg, "toy", model, opt, sched, scaler, sampler, common.BadSampleCounter(), ck, lambda: {}
+        cfg, name="toy", model=model, opt=opt, sched=sched, scaler=scaler, sampler=sampler,
+        counter=common.BadSampleCounter(), ck=ck, extra=lambda: {},
     )
     for epoch in loop.epochs():
         for batch in loop.batches(loader):
-            loss = ((model(batch["x"][:, :4]) - batch["x"][:, 4:]) ** 2).mean()
-            if fault and loop.step in fault:  # once at each of these steps (a skipped step is not counted)
+            with ctx:
+                loss = ((model(batch["x"][:, :4]).float() - batch["x"][:, 4:]) ** 2).mean()
+            if fault and loop.step in fault:
                 loss, fault = loss * float("nan"), fault - {loop.step}
-            loss.backward()
-            if loop.skip_step(loss, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            if loop.bad_step(loss, torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)):
+                opt.zero_grad(set_to_none=True)
+                scaler.update()
                 continue
-            opt.step()
-            opt.zero_grad()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
             sched.step()
             loop.step_done(loss=loss)
         loop.end_epoch(val(epoch))
@@ -436,18 +450,46 @@ def test_loop_resume_after_a_stop_equals_the_uninterrupted_run(tmp_path):
         common.start_run(_LoopCfg(out_dir=str(tmp_path / "c"), resume=True))
 
 
-def test_loop_skips_non_finite_steps_and_stops_after_five_in_a_row(tmp_path, monkeypatch):
+def test_resume_of_an_ended_run_exits_0_and_a_changed_flag_is_named(tmp_path, capsys):
+    _train(_LoopCfg(out_dir=str(tmp_path / "a")))
+    before = (tmp_path / "a" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        common.start_run(_LoopCfg(out_dir=str(tmp_path / "a"), resume=True))
+    assert e.value.code == 0 and "this run has ended (all 3 epochs)" in capsys.readouterr().out
+    assert (tmp_path / "a" / "ckpt.pt").read_bytes() == before  # nothing trained, nothing rewritten
+    _train(_LoopCfg(out_dir=str(tmp_path / "b"), max_steps=7))
+    with pytest.raises(common.UserError, match=r"--epochs=4 \(the run has 3\)"):
+        common.start_run(_LoopCfg(out_dir=str(tmp_path / "b"), resume=True, epochs=4))
+    assert common.start_run(_LoopCfg(out_dir=str(tmp_path / "b"), resume=True, max_steps=9)) is not None
+
+
+def test_loop_skips_non_finite_steps_and_stops_after_five_in_a_row(tmp_path):
     metrics, _ = _train(_LoopCfg(out_dir=str(tmp_path / "a")), fault={2})
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("skipped_nonfinite")] == [2]
     assert metrics["skipped_nonfinite_steps"] == 1 and metrics["step"] == 14  # 15 batches, one skipped
-    monkeypatch.setenv("FAULT_NAN_STEP", "3")  # the environment hook the tests of the paper files use
-    metrics, _ = _train(_LoopCfg(out_dir=str(tmp_path / "b")))
-    assert metrics["skipped_nonfinite_steps"] == 1
-    monkeypatch.delenv("FAULT_NAN_STEP")
     with pytest.raises(SystemExit, match="5 non-finite steps in a row"):
         _train(_LoopCfg(out_dir=str(tmp_path / "c")), fault=_Always({4}))
     assert common.load_checkpoint(tmp_path / "c" / "ckpt.pt")["loop"]["step"] == 4
+
+
+def test_fp16_overflows_calibrate_the_scale_and_do_not_stop_the_run(tmp_path):
+    """A GradScaler that starts at 2^24 overflows fp16 for its first steps: logged, not counted; the run
+    trains on and its loss falls. A NaN loss under the same scaler still stops the run after 5."""
+    cfg = _LoopCfg(out_dir=str(tmp_path / "a"), epochs=6)
+    metrics, model = _train(cfg, fp16_scale=2.0**24)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    overflows = [r for r in log if r.get("fp16_overflow")]
+    assert len(overflows) >= 8 and metrics["skipped_nonfinite_steps"] == 0
+    assert [r["loss_scale"] for r in overflows[:3]] == [2.0**24, 2.0**23, 2.0**22]  # halved per overflow
+    assert metrics["step"] == 30 - len(overflows)
+    _, untrained = _train(_LoopCfg(out_dir=str(tmp_path / "u"), max_steps=0))  # the same initial weights
+    data = _toy_data()
+    with torch.no_grad():
+        mse = [float(((m.eval()(data[:, :4]) - data[:, 4:]) ** 2).mean()) for m in (untrained, model)]
+    assert mse[1] < 0.8 * mse[0], mse  # the loss on the training data fell
+    with pytest.raises(SystemExit, match="5 non-finite steps in a row"):
+        _train(_LoopCfg(out_dir=str(tmp_path / "b")), fault=_Always({0}), fp16_scale=2.0**10)
 
 
 def test_loop_keeps_the_best_validation_weights_and_stops_on_sigterm(tmp_path):
@@ -635,3 +677,38 @@ def test_cpu_threads_divides_the_cores_among_the_local_processes(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert common.cpu_threads(0) == 1  # never 0
     assert common.cpu_threads(3) == 3  # an explicit --threads wins
+
+
+# ---- the project's own rules ----
+
+SOURCES = sorted(p for p in ROOT.glob("*.py"))
+
+
+def test_no_assert_checks_anything_and_common_imports_no_data_set_or_paper():
+    """`python -O` removes asserts, so none guards a user's input; common.py, shared by all, imports no
+    paper file and no data set (phantoms.py imports common.py, not the other way round)."""
+    import ast
+
+    for path in SOURCES:
+        tree = ast.parse(path.read_text())
+        asserts = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+        assert not asserts, f"{path.name}: assert at lines {asserts}"
+    tree = ast.parse((ROOT / "common.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"phantoms", "pedclip", "cxrclip", "cxrcml", "dmlm", "evaluate", "data_prep"}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_load_without_running_code(tmp_path):
+    """Weights from elsewhere (CheXzero's file) are read with weights_only: a pickle that would run code is
+    refused with one line naming the file, and a plain state dict loads."""
+    torch.save({"w": torch.ones(2), "x": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(common.UserError, match="evil.pt is unreadable"):
+        common.load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"w": torch.ones(2), "config": {"lr": 0.1}, "vocab": ["a"], "files": {"v": b"x"}}, tmp_path / "ok.pt")
+    assert torch.equal(common.load_checkpoint(tmp_path / "ok.pt")["w"], torch.ones(2))

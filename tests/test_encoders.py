@@ -35,7 +35,7 @@ def test_pedclip_paper_preset_vit_b16_with_23_experts_and_bert_base():
     ids = torch.randint(5, 1000, (2, 32))  # the text length is no part of the architecture
     x, xb = torch.randn(2, 3, 224, 224), torch.tensor([7, 21])
     v, t, gates = model(x, ids, torch.ones_like(ids), expert_index=xb)
-    l_v2t, l_t2v = pedclip.infonce_losses(v, t, model.logit_scale)
+    l_v2t, l_t2v = pedclip.infonce_losses(v, t, model.logit_scale.exp())
     _step(model, pedclip.total_loss(l_v2t, l_t2v, pedclip.gate_loss(gates, xb), 1.0))
 
 
@@ -52,7 +52,7 @@ def test_cxrclip_paper_preset_resnet50_or_swin_t_and_bert_base(image_encoder):
     ids = torch.randint(5, 1000, (2, 32))
     t = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     v1, v2, u1, u2 = model(torch.randn(4, 3, 224, 224), t, t)  # 2 studies: x^1 then x^2
-    _step(model, cxrclip.cxrclip_loss(u1, u2, v1, v2, model.scale(), 1.0, 0.5)[0])
+    _step(model, cxrclip.cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), 1.0, 0.5)[0])
 
 
 @pytest.mark.slow
@@ -68,7 +68,7 @@ def test_cxrcml_paper_preset_clip_vit_b32():
     ids = torch.randint(5, 1000, (2, 16))
     ids[:, -1] = 3  # [SEP]: CLIP pools at the end-of-text token
     v, u = model(torch.randn(2, 3, 224, 224), ids, torch.ones_like(ids))
-    _step(model, cxrcml.clip_loss(u, v, model.scale()) + cxrcml.triplet_loss(v, torch.tensor([0, 1]), 0.2))
+    _step(model, cxrcml.clip_loss(u, v, model.logit_scale.exp()) + cxrcml.triplet_loss(v, torch.tensor([0, 1]), 0.2))
 
 
 @pytest.mark.slow
@@ -88,5 +88,5 @@ def test_dmlm_paper_preset_vit_b16_bert_base_and_four_fusion_layers():
     out = model(x, ids, torch.ones_like(ids), masked_ids, patch_mask)
     l_dmlm = dmlm.dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
                             out["target_image"], patch_mask)
-    l_align = dmlm.align_contrastive_loss(out["image"], out["text"], model.logit_scale)
+    l_align = dmlm.align_contrastive_loss(out["image"], out["text"], model.logit_scale.exp())
     _step(model, dmlm.total_loss(l_dmlm, l_align, cfg.lam))
