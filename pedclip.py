@@ -18,7 +18,7 @@ teacher_forcing (::test_lambda_*).
 Run:
     python pedclip.py                                     # demo: phantoms, small ViT + BERT, 2 CPU cores
     torchrun --nproc_per_node=2 pedclip.py                # the same demo in 2 processes
-    python data_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1 folder>   # the excerpts
+    python text_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1 folder>   # the excerpts
     python pedclip.py --preset=paper --data=data/pexr.csv # ViT-B/16 (ImageNet) + BioClinicalBERT
     torchrun --nproc_per_node=8 pedclip.py --preset=paper --data=data/pexr.csv
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
