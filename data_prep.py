@@ -1,7 +1,6 @@
 """
 data_prep.py: the public data sets of the four papers, read exactly as published, -> the project's CSV schema.
-(The text steps that need a language model, PedCLIP's excerpts, D-MLM's knowledge and CXR-CLIP's
-back-translation, are in text_prep.py.)
+(The text steps that need a language model are in text_prep.py.)
 
 The schema: one row per image with `image` (a path relative to the CSV), `study_id`, `patient_id`, `split`
 (train / valid / test, always by patient), `view`, `body_part`, `findings`, `impression`, `report`,

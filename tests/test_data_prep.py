@@ -680,7 +680,7 @@ def test_help_documents_each_data_set(capsys):
         with pytest.raises(SystemExit) as e:
             dp.main([name, "--help"])
         text = capsys.readouterr().out
-        assert e.value.code == 0 and "Reads" in text and "Split" in text, name
+        assert e.value.code == 0 and "Reads" in text and "Split" in text and f"data/{name}.csv" in text, name
     with pytest.raises(SystemExit) as e:  # an unknown data set is argparse's usage error
         dp.main(["no_such_set", "--root=x", "--out=y.csv"])
     assert e.value.code == 2
