@@ -1,48 +1,40 @@
 """
-data_prep.py: the public data sets of the four papers, read exactly as published, -> the project's CSV schema,
-plus the three text steps that need a language model.
+data_prep.py: the public data sets of the four papers, read exactly as published, -> the project's CSV schema.
+(The text steps that need a language model are in text_prep.py.)
 
 The schema: one row per image with `image` (a path relative to the CSV), `study_id`, `patient_id`, `split`
 (train / valid / test, always by patient), `view`, `body_part`, `findings`, `impression`, `report`,
-`label:<Name>` (1 positive, 0 negative, -1 uncertain, blank not mentioned), and `mask` / `target` where the
-data set has a segmentation or regression task.
+`label:<Name>` (1 positive, 0 negative, -1 uncertain, blank not mentioned), `dataset` (the data set below that
+wrote the row, so a merged CSV keeps each row's source), and `mask` / `target` where the data set has a
+segmentation or regression task.
 
-    python data_prep.py <data set> --root=<the folder as downloaded> --out=data/<name>.csv [--resize=512]
+    python data_prep.py <data set> --root=<the folder as downloaded> [--out=data/<data set>.csv] [--resize=512]
     python data_prep.py <data set> --help     # the files it reads and the split it writes
 
     data set         reads                                                split written
     mimic_cxr        MIMIC-CXR-JPG 2.x metadata, split, CheXpert labels   MIMIC's official split
-                     + MIMIC-CXR reports (FINDINGS / IMPRESSION)
+                     + MIMIC-CXR reports (--reports)
     chexpert         CheXpert v1.0 train.csv, valid.csv                   D-MLM 80/20 (or CXR-CLIP's)
     chexpert5x200    GLoRIA's chexpert_5x200.csv                          all test
     nih              ChestX-ray14 Data_Entry_2017.csv + official lists    train_val 80/20, test_list
     vindr_cxr        VinDr-CXR image_labels_{train,test}.csv              train 80/20, official test
     vindr_pcxr       VinDr-PCXR image_labels_{train,test}.csv             train 80/20, official test
     rsna_pneumonia   stage_2_train_labels.csv (boxes -> masks)            70/15/15
-    siim             train-rle.csv / stage_2_train.csv (RLE -> masks)     70/15/15
+    siim             stage_2_train.csv / train-rle.csv (RLE -> masks)     70/15/15
     openi            ecgen-radiology/*.xml, PNGs, view from the DICOMs    all test
-    cxr_lt           CXR-LT 2024 train_labeled.csv (frontal images)       MIMIC's test patients = test
+    cxr_lt           CXR-LT 2024 train_labeled.csv (frontal images)       CXR-CML's 80:20 by patient (or MIMIC's)
     mimic_edema      edema severity grades (regex + consensus)            consensus images = test
     grazpedwri       GRAZPEDWRI-DX dataset.csv + YOLO boxes -> masks      70/15/15
     boneage          RSNA Bone Age boneage-training-dataset.csv           70/15/15
     covidx           COVIDx CXR train.txt / val.txt / test.txt            70/20/10
     chd_cxr          CHD-CXR, one folder per class                        70/15/15
 
---resize=N writes 8-bit PNG copies whose shorter side is N (DICOM through common.load_image: MONOCHROME1
-inverted, VOI LUT applied; masks with nearest neighbour) once, in --workers processes, and points the CSV at
-them: decode the full-size films once rather than in every epoch. Splits are drawn with --seed.
+--out defaults to data/<data set>.csv, the file evaluate.py's presets read. A run whose images are not where the
+release puts them (a wrong --root) stops with the first missing path; a few missing images are left out and
+counted. --resize=N writes 8-bit PNG copies whose shorter side is N (DICOM through common.load_image:
+MONOCHROME1 inverted, VOI LUT applied; masks with nearest neighbour) once, in --workers processes, and points
+the CSV at them: decode the full-size films once rather than in every epoch. Splits are drawn with --seed.
 RSNA Pneumonia's images are a subset of NIH ChestX-ray14: a model pre-trained on NIH has seen them.
-
-Text steps, with a local Hugging Face model (a folder, or a name already in the cache; nothing is downloaded):
-
-    python data_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1-8B-Instruct folder>
-    python data_prep.py knowledge --findings=data/mimic.csv --model=<local LLM> --out=data/knowledge.json
-    python data_prep.py backtranslate --csv=data/mimic.csv --en_it=<opus-mt-en-it> --it_en=<opus-mt-it-en>
-
-extract_bodyparts writes PedCLIP's body-part excerpt (doi:10.1007/978-3-032-04971-1_46, Sec. 2.1) to the
-column `excerpt`; knowledge writes D-MLM's definition and appearance of each finding (Sec. 2.1); backtranslate
-writes CXR-CLIP's English -> Italian -> English augmentation (doi:10.1007/978-3-031-43895-0_10, Sec. 3.2) to
-`findings_bt` / `impression_bt`. Each saves as it goes and skips what is done: rerun an interrupted run.
 """
 from __future__ import annotations
 
@@ -51,7 +43,6 @@ import csv
 import glob
 import gzip
 import inspect
-import json
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -66,7 +57,7 @@ import common
 
 LP = common.LABEL_PREFIX
 BASE_COLUMNS = ["image", "study_id", "patient_id", "split", "view", "body_part", "findings", "impression",
-                "report"]
+                "report", "dataset"]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
@@ -155,6 +146,7 @@ def label_value(v: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # ---- MIMIC-CXR: images, official split, report sections ----
 
+MAX_MISSING_FRAC = 0.01  # the share of studies without a report file (MIMIC-CXR) past which a run stops
 MIMIC_META = ["mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"]
 MIMIC_SPLIT = ["mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"]
 SPLIT_NAMES = {"validate": "valid"}
@@ -289,7 +281,8 @@ def convert_mimic_cxr(root: Path, args) -> list[dict]:
     Reads (--root = mimic-cxr-jpg/2.x.x): mimic-cxr-2.0.0-metadata.csv.gz (dicom_id, subject_id, study_id,
     ViewPosition), mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-chexpert.csv.gz (14 labels per study,
     1.0 / 0.0 / -1.0 / blank), images files/pXX/pSUBJECT/sSTUDY/DICOM.jpg, and the reports
-    files/pXX/pSUBJECT/sSTUDY.txt under --reports (mimic-cxr/2.x.x; default: --root). Section headers are
+    files/pXX/pSUBJECT/sSTUDY.txt under --reports (MIMIC-CXR's mimic-cxr-reports: MIMIC-CXR-JPG has none; a run
+    stops when over 1% of the studies have no report, and counts them below that). Section headers are
     normalised as MIMIC-CXR's own parser does ("FINDINGS AND IMPRESSION:", "CONCLUSION:" -> impression; the
     last paragraph is the impression of a report without headers).
     Split: MIMIC's official split, by patient ("validate" -> valid).
@@ -303,18 +296,30 @@ def convert_mimic_cxr(root: Path, args) -> list[dict]:
         root, ["mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"], ds),
         ["subject_id", "study_id"] + CHEXPERT_14, ds)}
     reports = Path(args.reports) if args.reports else root
-    rows, sections = [], {}
+    rdir = reports if reports.name == "files" else reports / "files"  # --reports=<...>/files works too
+    rows, sections, no_report = [], {}, []
     for m in meta:
         sid, pid, did = m["study_id"], m["subject_id"], m["dicom_id"]
-        if sid not in sections:
-            rp = reports / "files" / f"p{pid[:2]}" / f"p{pid}" / f"s{sid}.txt"
+        img = mimic_image(root, pid, sid, did)
+        if sid not in sections and img.exists():  # the report of each study whose images are here
+            rp = rdir / f"p{pid[:2]}" / f"p{pid}" / f"s{sid}.txt"
             secs = parse_report_sections(rp.read_text(errors="replace")) if rp.exists() else {}
             sections[sid] = secs.get("findings", ""), secs.get("impression", "")
-        fi, im = sections[sid]
+            no_report += [] if rp.exists() else [str(rp)]
+        fi, im = sections.get(sid, ("", ""))
         labels = {k: label_value(chex[sid][k]) if sid in chex else "" for k in CHEXPERT_14}
         sp = SPLIT_NAMES.get(split.get(did, ""), split.get(did, ""))
-        rows.append(row(mimic_image(root, pid, sid, did), sid, pid, sp, m["ViewPosition"].upper(), "chest",
-                        fi, im, report_text(fi, im), labels))
+        rows.append(row(img, sid, pid, sp, m["ViewPosition"].upper(), "chest", fi, im, report_text(fi, im), labels))
+    # MIMIC-CXR-JPG ships no reports: without --reports, or with the wrong folder, every text would be empty
+    if len(no_report) > MAX_MISSING_FRAC * len(sections):
+        raise common.UserError(
+            f"{ds}: {len(no_report)} of {len(sections)} studies have no report (the first: {', '.join(no_report[:3])}"
+            f"): pass --reports=<MIMIC-CXR's report folder, mimic-cxr-reports, holding files/pXX/pSUBJECT/sSTUDY.txt>"
+            + ("" if args.reports else "; without --reports they are looked for under --root: MIMIC-CXR-JPG has none"))
+    empty = sum(not (fi or im) for fi, im in sections.values())
+    print(f"{ds}: {len(sections)} studies with images; without a report file: {len(no_report)}"
+          + (f" (their rows have no text; the first: {no_report[0]})" if no_report else "")
+          + f"; reports with neither findings nor impression: {empty}")
     return rows
 
 
@@ -404,8 +409,8 @@ def convert_nih(root: Path, args) -> list[dict]:
     """NIH ChestX-ray14 (CXR-CLIP, D-MLM).
 
     Reads (--root = the ChestX-ray14 folder): Data_Entry_2017.csv ("Finding Labels" separated by '|', "No
-    Finding" = all 0), train_val_list.txt, test_list.txt, images/*.png (or images_0XX/images/*.png), and
-    BBox_List_2017.csv if there: its boxes go to a `bbox` column as JSON [[label, x, y, w, h], ...].
+    Finding" = all 0), train_val_list.txt, test_list.txt, images/*.png (or images_0XX/images/*.png). The boxes
+    of BBox_List_2017.csv are not read: no protocol of the four papers uses them.
     Split: test_list.txt -> test; train_val_list.txt 80/20 by patient -> train / valid (CXR-CLIP validates on
     20% of the training set). The two official lists are already patient-disjoint.
     """
@@ -414,19 +419,6 @@ def convert_nih(root: Path, args) -> list[dict]:
                          ["Image Index", "Finding Labels", "Patient ID", "View Position"], ds)
     test = set(find_file(root, ["test_list.txt"], ds).read_text().split())
     trainval = set(find_file(root, ["train_val_list.txt"], ds).read_text().split())
-    boxes = defaultdict(list)
-    pb = find_file(root, ["BBox_List_2017.csv"], ds, required=False)
-    if pb:
-        # header "Image Index,Finding Label,Bbox [x,y,w,h],,,": read by position, not by name
-        with open(pb, newline="", encoding="utf-8-sig") as f:
-            rd = csv.reader(f)
-            head = next(rd, [])
-            if len(head) < 6 or head[0].strip() != "Image Index":
-                raise common.UserError(f"nih: {pb}: expected 'Image Index,Finding Label,Bbox [x,y,w,h]', "
-                                       f"got {head}")
-            for r in rd:
-                if len(r) >= 6:
-                    boxes[r[0]].append([r[1]] + [round(float(x), 1) for x in r[2:6]])
     idx = index_images(root, (".png",))
     rows = []
     for e in entries:
@@ -439,8 +431,7 @@ def convert_nih(root: Path, args) -> list[dict]:
         pid, stem = str(int(e["Patient ID"])), Path(name).stem
         rows.append(row(idx.get(stem, root / "images" / name), f"{pid}_{e.get('Follow-up #', stem)}", pid,
                         "test" if name in test else "", e["View Position"].upper(), "chest",
-                        labels={k: "1" if k in found else "0" for k in NIH_14},
-                        bbox=json.dumps(boxes[name]) if boxes.get(name) else ""))
+                        labels={k: "1" if k in found else "0" for k in NIH_14}))
     assign_splits(rows, fractions(args, (0.8, 0.2, 0.0)), args.seed)
     return rows
 
@@ -537,8 +528,9 @@ def convert_rsna_pneumonia(root: Path, args) -> list[dict]:
 def convert_siim(root: Path, args) -> list[dict]:
     """SIIM-ACR Pneumothorax Segmentation (CXR-CLIP classification, D-MLM segmentation).
 
-    Reads (--root = siim-acr-pneumothorax): train-rle.csv (stage 1: ImageId, EncodedPixels in the relative
-    form) or stage_2_train.csv (absolute form); "-1" = no pneumothorax, several rows of one ImageId = several
+    Reads (--root = siim-acr-pneumothorax): stage_2_train.csv (ImageId, EncodedPixels in the absolute form;
+    the stage-2 labels CXR-CLIP used, read when both are there), else stage 1's train-rle.csv (the relative
+    form); which one was read is printed; "-1" = no pneumothorax, several rows of one ImageId = several
     regions (OR-ed); the DICOMs anywhere below --root (dicom-images-train/<study>/<series>/<ImageId>.dcm),
     whose header gives the patient id. Masks are PNGs (255 inside) in <out>_masks/ for the positive images;
     a blank `mask` is an empty mask.
@@ -547,7 +539,8 @@ def convert_siim(root: Path, args) -> list[dict]:
     import pydicom
 
     ds = "siim"
-    p = find_file(root, ["train-rle.csv", "stage_2_train.csv"], ds)
+    p = find_file(root, ["stage_2_train.csv", "train-rle.csv"], ds)
+    print(f"siim: read {p} ({'stage 1, relative' if p.name == 'train-rle.csv' else 'stage 2, absolute'} RLE)")
     rles = defaultdict(list)
     for r in read_table(p, ["ImageId", "EncodedPixels"], ds):
         rles[r["ImageId"]].append(r["EncodedPixels"])
@@ -634,21 +627,21 @@ FRONTAL_CODES = {"AP": "AP", "PA": "PA", "antero-posterior": "AP", "postero-ante
 def convert_cxr_lt(root: Path, args) -> list[dict]:
     """CXR-LT 2024 (PhysioNet cxr-lt-iccv-workshop-cvamd 2.0.0) on MIMIC-CXR-JPG images (CXR-CML).
 
-    Reads: --labels = the CXR-LT release folder, or train_labeled.csv itself (found as
+    Reads: --label_root = the CXR-LT release folder, or train_labeled.csv itself (found as
     cxr-lt-iccv-workshop-cvamd/2.0.0/cxr-lt-2024/train_labeled.csv or any tail of that path): dicom_id,
     subject_id, study_id, ViewPosition, ViewCodeSequence_CodeMeaning, fpath and one 0 / 1 column per class
     (40 in 2024; any 0 / 1 column that is not an id is a class). --root = mimic-cxr-jpg/2.x.x: the images
     (fpath, else files/pXX/...) and mimic-cxr-2.0.0-split.csv.gz. Frontal images only (CXR-CML, Sec. 3):
     ViewPosition AP / PA, or ViewCodeSequence_CodeMeaning antero- / postero-anterior.
-    Split (--split): mimic  each patient's MIMIC split: MIMIC's test patients -> test, all others -> train,
-                            so a checkpoint pre-trained on mimic_cxr never saw a test patient;
-                     paper  CXR-CML's 80/20 by patient (MIMIC's test patients still all in test; the other
-                            test patients are in MIMIC's train split).
+    Split (--split): paper  CXR-CML's random 80:20 by patient (Sec. 3), drawn with --seed; test patients of
+                            MIMIC's train split are counted (CheXzero and a mimic_cxr checkpoint trained on them);
+                     mimic  MIMIC's test patients -> test, all others -> train: for a checkpoint pre-trained
+                            on mimic_cxr, which then never saw a test patient.
     `mimic_split` keeps each patient's MIMIC split. CXR-CML's five runs draw their folds from the training
     patients themselves (cxrcml.py --fold=k).
     """
     ds = "cxr_lt"
-    labels = Path(args.labels) if args.labels else root
+    labels = Path(args.label_root) if args.label_root else root
     p = labels if labels.is_file() else find_file(labels, CXR_LT_FILES, ds)
     t = read_table(p, ["dicom_id", "subject_id", "study_id"], ds)
     cols = [c for c in (t[0] if t else {}) if c not in CXR_LT_META]
@@ -667,19 +660,19 @@ def convert_cxr_lt(root: Path, args) -> list[dict]:
             continue
         img = root / r["fpath"] if r.get("fpath") else mimic_image(root, r["subject_id"], r["study_id"],
                                                                    r["dicom_id"])
-        ms = mimic_split.get(r["subject_id"], "")
-        rows.append(row(img, r["study_id"], r["subject_id"], "test" if ms == "test" else "", view, "chest",
-                        labels={n: label_value(r[n] or "0") for n in names}, mimic_split=ms))
+        rows.append(row(img, r["study_id"], r["subject_id"], "", view, "chest", mimic_split=mimic_split.get(
+            r["subject_id"], ""), labels={n: label_value(r[n] or "0") for n in names}))
     unknown = len({r["patient_id"] for r in rows if not r["mimic_split"]})
     print(f"cxr_lt: {len(names)} classes; left out: {dict(dropped) or 'none'}; patients missing from MIMIC's "
-          f"split file (kept as MIMIC train): {unknown}")
+          f"split file (--split=mimic: train): {unknown}")
     if args.split == "mimic":
         for r in rows:
-            r["split"] = r["split"] or "train"
+            r["split"] = "test" if r["mimic_split"] == "test" else "train"
     else:
         assign_splits(rows, fractions(args, (0.8, 0.0, 0.2)), args.seed)
-        print("cxr_lt: --split=paper: test also holds patients of MIMIC's train split (column mimic_split); "
-              "compare checkpoints pre-trained on mimic_cxr on the rows with mimic_split=test only")
+        test = {r["patient_id"]: r["mimic_split"] for r in rows if r["split"] == "test"}
+        print(f"cxr_lt: --split=paper: {sum(s == 'train' for s in test.values())} of the {len(test)} test patients "
+              f"are in MIMIC's train split (column mimic_split); --split=mimic tests on MIMIC's test patients")
     return rows
 
 
@@ -690,7 +683,7 @@ def convert_mimic_edema(root: Path, args) -> list[dict]:
     """Pulmonary edema severity grades of MIMIC-CXR (PhysioNet mimic-cxr-pe-severity 1.0.1; D-MLM).
     Grades: 0 none, 1 vascular congestion, 2 interstitial edema, 3 alveolar edema -> `target`.
 
-    Reads: --labels = the release folder (default: --root): regex_report_edema_severity.csv (subject_id,
+    Reads: --label_root = the release folder (default: --root): regex_report_edema_severity.csv (subject_id,
     study_id, edema_severity: a grade per study, from its report) and consensus_image_edema_severity.csv
     (subject_id, study_id, dicom_id, edema_severity: 141 images graded by radiologists in consensus).
     --root = mimic-cxr-jpg/2.x.x: mimic-cxr-2.0.0-metadata.csv.gz (each graded study -> its images, all
@@ -702,7 +695,7 @@ def convert_mimic_edema(root: Path, args) -> list[dict]:
     count is printed).
     """
     ds = "mimic_edema"
-    lroot = Path(args.labels) if args.labels else root
+    lroot = Path(args.label_root) if args.label_root else root
     need = ["subject_id", "study_id", "edema_severity"]
     regex = read_table(find_file(lroot, [f.format("regex_report_edema_severity.csv") for f in EDEMA_FILES],
                                  ds), need, ds)
@@ -778,15 +771,15 @@ def convert_boneage(root: Path, args) -> list[dict]:
     """RSNA Pediatric Bone Age Challenge (PedCLIP regression).
 
     Reads (--root = the Kaggle download): boneage-training-dataset.csv (id, boneage in months, male) and
-    boneage-training-dataset/<id>.png. `target` = bone age in months, `sex` = M / F.
+    boneage-training-dataset/<id>.png. `target` = bone age in months (PedCLIP regresses it from the image
+    alone: `male` is not written).
     Split: only the training set has public labels: 70/15/15 (one image per child).
     """
     ds = "boneage"
     p = find_file(root, ["boneage-training-dataset.csv", "train.csv"], ds)
     idx = index_images(root, (".png", ".jpg"))
     rows = [row(idx.get(r["id"], root / "boneage-training-dataset" / f"{r['id']}.png"), r["id"], r["id"], "",
-                "PA", "hand", target=r["boneage"], sex="M" if r["male"].lower() == "true" else "F")
-            for r in read_table(p, ["id", "boneage", "male"], ds)]
+                "PA", "hand", target=r["boneage"]) for r in read_table(p, ["id", "boneage"], ds)]
     assign_splits(rows, fractions(args, (0.7, 0.15, 0.15)), args.seed)
     return rows
 
@@ -841,7 +834,23 @@ CONVERTERS = {
     "cxr_lt": convert_cxr_lt, "mimic_edema": convert_mimic_edema, "grazpedwri": convert_grazpedwri,
     "boneage": convert_boneage, "covidx": convert_covidx, "chd_cxr": convert_chd_cxr,
 }
-SPLIT_SCHEMES = {"chexpert": ("dmlm", "cxrclip"), "cxr_lt": ("mimic", "paper")}  # the first is the default
+MIMIC_LAYOUT = "--root=mimic-cxr-jpg/2.x.x holding files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg"
+IMAGE_LAYOUT = {  # where each release keeps its images: the error of a run that finds none of them
+    "mimic_cxr": MIMIC_LAYOUT, "cxr_lt": MIMIC_LAYOUT + " (train_labeled.csv's fpath)", "mimic_edema": MIMIC_LAYOUT,
+    "chexpert": "--root=CheXpert-v1.0(-small) holding train/patientN/studyN/viewN_frontal.jpg (the Path column)",
+    "chexpert5x200": "--root=the CheXpert folder holding the images chexpert_5x200.csv names",
+    "nih": "--root=the ChestX-ray14 folder holding images/*.png or images_0XX/images/*.png",
+    "vindr_cxr": "--root=vindr-cxr/1.0.0 holding train/<image_id>.dicom and test/<image_id>.dicom",
+    "vindr_pcxr": "--root=vindr-pcxr/1.0.0 holding train/<image_id>.dicom and test/<image_id>.dicom",
+    "rsna_pneumonia": "--root=rsna-pneumonia-detection-challenge holding stage_2_train_images/<patientId>.dcm",
+    "siim": "--root=siim-acr-pneumothorax with <ImageId>.dcm below it (dicom-images-train/<study>/<series>/)",
+    "openi": "--root holding NLMCXR_png/<image id>.png (NLMCXR_png.tgz unpacked)",
+    "grazpedwri": "--root=the figshare download with <filestem>.png below it (the images_part*.zip unpacked)",
+    "boneage": "--root=the Kaggle download holding boneage-training-dataset/<id>.png",
+    "covidx": "--root=the Kaggle download holding train/, val/, test/ with the files the lists name",
+    "chd_cxr": "--root holding <class>/<image>.png",
+}
+SPLIT_SCHEMES = {"chexpert": ("dmlm", "cxrclip"), "cxr_lt": ("paper", "mimic")}  # the first is the default
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -894,11 +903,26 @@ def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, worker
     return errors
 
 
+def check_images(dataset: str, rows: list[dict], root: Path, sample: int = 1000):
+    """Stop, naming the first missing path and the layout expected, when no image of an even sample of the rows
+    exists (a wrong --root, or the images unpacked elsewhere); finish() then counts the missing ones."""
+    if not rows:
+        raise common.UserError(f"{dataset}: the release's files under {root} list no image")
+    some = rows[::max(1, len(rows) // sample)]
+    if not any(r["image"] and Path(r["image"]).exists() for r in some):
+        first = next((r["image"] for r in some if r["image"]), f"{some[0]['study_id']} (searched below --root)")
+        raise common.UserError(f"{dataset}: no image found where the release keeps them (none of {len(some)} "
+                               f"checked; the first: {first}): expected {IMAGE_LAYOUT[dataset]}")
+
+
 def finish(dataset: str, rows: list[dict], args) -> dict:
     """Skip rows whose image is missing (counted), resize if asked, write the CSV, print the summary."""
     out = Path(args.out).resolve()
-    kept = [r for r in rows if r["image"] and Path(r["image"]).exists()]
-    missing, unreadable = len(rows) - len(kept), 0
+    check_images(dataset, rows, Path(args.root).resolve())
+    found = [bool(r["image"]) and Path(r["image"]).exists() for r in rows]
+    kept = [r for r, f in zip(rows, found) if f]
+    gone = [r["image"] or r["study_id"] for r, f in zip(rows, found) if not f]
+    missing, unreadable = len(gone), 0
     if args.resize:
         errs = resize_copies(kept, Path(args.root).resolve(), out.parent / f"{out.stem}_{args.resize}",
                              args.resize, args.workers)
@@ -907,7 +931,7 @@ def finish(dataset: str, rows: list[dict], args) -> dict:
         unreadable = sum(map(bool, errs))
         kept = [r for r, e in zip(kept, errs) if not e]
     for r in kept:
-        r["image"] = os.path.relpath(r["image"], out.parent)
+        r["image"], r["dataset"] = os.path.relpath(r["image"], out.parent), dataset
         if r.get("mask"):
             r["mask"] = os.path.relpath(r["mask"], out.parent)
     labels = sorted({k for r in kept for k in r if k.startswith(LP)}, key=str.lower)
@@ -918,7 +942,7 @@ def finish(dataset: str, rows: list[dict], args) -> dict:
     splits = [s for s in ("train", "valid", "test") if nrows[s]]
     pos = {s: Counter(k for r in kept if r["split"] == s for k in labels if r.get(k) == "1") for s in splits}
     print(f"{dataset}: wrote {len(kept)} rows to {out}; skipped {missing} with a missing image"
-          + (f", {unreadable} unreadable" if args.resize else ""))
+          + (f" (the first: {gone[0]})" if gone else "") + (f", {unreadable} unreadable" if args.resize else ""))
     print(f"  {'rows':<32}" + "".join(f"{s:>9}" for s in splits))
     print(f"  {'':<32}" + "".join(f"{nrows[s]:>9}" for s in splits))
     for k in labels:
@@ -935,314 +959,18 @@ def run_converter(dataset: str, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- text steps: local Hugging Face models ----
-
-def load_hf(kind: str, name: str, flag: str):
-    """(tokenizer, model) from a local folder or the local cache only; a UserError saying what to pass."""
-    import transformers
-
-    cls = {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = cls.from_pretrained(name, local_files_only=True).eval()
-    except (OSError, ValueError, ImportError) as e:
-        raise common.UserError(
-            f"{flag}={name}: cannot load a {kind} model from local files (local_files_only=True; nothing is "
-            f"downloaded here): {type(e).__name__}: {str(e).splitlines()[0][:160]}. Pass a folder with "
-            f"config.json, weights and tokenizer files, or a name in the Hugging Face cache") from None
-    if kind == "causal":
-        tok.padding_side = "left"  # generation continues from the right end of every prompt
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-    return tok, model
-
-
-def make_generate(tok, model, max_new_tokens: int):
-    """prompts -> answers, greedy; through the chat template where the tokenizer has one (instruct models)."""
-    import torch
-
-    def generate(prompts: list[str]) -> list[str]:
-        if getattr(tok, "chat_template", None):
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-        limit = getattr(model.config, "max_position_embeddings", None) or 2048
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                  max_length=limit - max_new_tokens)
-        enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
-        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
-    return generate
-
-
-def make_translate(tok, model, max_new_tokens: int):
-    import torch
-
-    def translate(texts: list[str]) -> list[str]:
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
-        enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
-    return translate
-
-
-def read_csv_rows(path: str) -> tuple[list[dict], list[str]]:
-    if not os.path.isfile(path):
-        raise common.UserError(f"--csv={path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
-        rd = csv.DictReader(f)
-        return [dict(r) for r in rd], list(rd.fieldnames or [])
-
-
-def batches(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- PedCLIP body-part excerpts (Sec. 2.1, Fig. 2) ----
-
-# One prompt does both LLM steps of Sec. 2.1, for every report, one body part or several: drop the history and
-# other context, then copy out the text of each body part's X-ray.
-BODYPART_PROMPT = (
-    "You are given the radiology report of one case with X-rays of these body parts: {parts}.\n"
-    "First remove the medical history, the clinical indication, comparisons with earlier studies and any "
-    "other context that is not an imaging finding. Then, for each body part, copy the remaining sentences of "
-    "the report that describe that body part's X-ray.\n"
-    "Answer with exactly one line per body part, in the form '<body part>: <text>', and nothing else. "
-    "Write 'none' if the report says nothing about a body part.\n\n"
-    "Report:\n{report}\n\nAnswer:\n")
-
-BODYPART_KEYWORDS = {  # the rule-based fallback: a sentence belongs to the parts whose words it contains
-    "chest": ["chest", "lung", "pulmonary", "heart", "cardiac", "cardiomediastinal", "pleural", "thorax",
-              "thoracic", "rib", "diaphragm", "hilar", "mediastin", "pneumo", "airspace"],
-    "abdomen": ["abdomen", "abdominal", "bowel", "stomach", "liver", "colon", "kidney"],
-    "pelvis": ["pelvis", "pelvic", "sacroiliac", "sacrum", "iliac"],
-    "hip": ["hip", "femoral head", "acetabul", "femoral neck", "trochanter"],
-    "knee": ["knee", "patella", "tibial plateau", "femoral condyle"],
-    "ankle": ["ankle", "malleol", "talus", "talar"],
-    "foot": ["foot", "feet", "metatars", "calcane", "toe"],
-    "hand": ["hand", "metacarp", "phalan", "finger", "thumb"],
-    "wrist": ["wrist", "carpal", "scaphoid", "distal radius", "distal ulna", "radius", "ulna"],
-    "elbow": ["elbow", "olecranon", "radial head", "humeral condyle"],
-    "forearm": ["forearm"],
-    "shoulder": ["shoulder", "glenohumeral", "acromio", "humeral head"],
-    "humerus": ["humerus", "humeral shaft"],
-    "femur": ["femur", "femoral shaft"],
-    "tibia": ["tibia", "fibula", "lower leg"],
-    "spine": ["spine", "spinal", "vertebra", "lumbar", "cervical", "scoliosis"],
-    "skull": ["skull", "cranial", "calvari"],
-}
-# a header starts a line or follows the end of a sentence: "HISTORY: ... Right hip: ... LEFT KNEE: ..."
-HEADER_RE = re.compile(r"(?:^|(?<=[.!?])[ \t]+)\s*([A-Za-z][A-Za-z ,/()\-]{1,39}):\s*", re.MULTILINE)
-# the context that Sec. 2.1 removes: under these headers, or a sentence that opens with one of the words
-CONTEXT_RE = re.compile(r"histor|indication|clinical|comparison|technique|reason|request|referr|procedure|"
-                        r"exam", re.IGNORECASE)
-CONTEXT_SENTENCE_RE = re.compile(r"^(clinical |medical |patient )?(history|indication|comparison|reason for)"
-                                 r"\b", re.IGNORECASE)
-
-
-def _parts_in(text: str, parts: list[str]) -> list[str]:
-    t = " " + text.lower() + " "
-    return [p for p in parts
-            if any(re.search(r"\b" + re.escape(k), t) for k in BODYPART_KEYWORDS.get(p, [p]))]
-
-
-def split_report_by_rules(report: str, parts: list[str]) -> dict[str, str]:
-    """The rule-based excerpt of each body part, for one body part or several.
-
-    History, indication, comparison and similar sections are dropped, and so is a sentence that opens with
-    such a word ("History of asthma."). A header naming body parts makes them current; other headers
-    ("FINDINGS:") make the text general. A sentence naming parts goes to them and makes them current; any
-    other sentence goes to the current parts, or to every part when the text is general."""
-    out: dict[str, list[str]] = {p: [] for p in parts}
-    pieces, last = [], 0
-    for m in HEADER_RE.finditer(report):
-        pieces += [(None, report[last:m.start()]), (m[1], "")]
-        last = m.end()
-    pieces.append((None, report[last:]))
-    current: list[str] | None = []  # [] general, None inside a context section
-    for header, text in pieces:
-        if header is not None:
-            named = _parts_in(header, parts)
-            current = named if named else None if CONTEXT_RE.search(header) else []
-            continue
-        if current is None:
-            continue
-        for s in common.split_sentences(text):
-            if CONTEXT_SENTENCE_RE.match(s):
-                continue
-            named = _parts_in(s, parts)
-            current = named or current
-            for p in current or parts:
-                out[p].append(s)
-    return {p: " ".join(v) for p, v in out.items()}
-
-
-def parse_bodypart_answer(answer: str, parts: list[str]) -> dict[str, str] | None:
-    """'<part>: <text>' lines -> {part: text}; None (then the rules) unless every asked part has a line."""
-    got = {}
-    for line in answer.splitlines():
-        m = re.match(r"^\s*[-*]?\s*\**([A-Za-z ]+?)\**\s*:\s*(.*)$", line)
-        if m and m[1].strip().lower() in parts:
-            txt = m[2].strip()
-            got[m[1].strip().lower()] = "" if txt.lower().rstrip(".") in ("none", "n/a", "") else txt
-    return got if all(p in got for p in parts) else None
-
-
-def extract_bodyparts(csv_path: str, generate, batch_size: int = 8, save_every: int = 10) -> dict:
-    """Write `excerpt` (and `excerpt_source`: llm / rules / empty) on every row, one study at a time.
-
-    Every study with text goes to the LLM, one body part or several (Sec. 2.1 removes the history from
-    every report); an answer that does not parse, or no --model (generate=None), falls back to the rules.
-    The text is a row's `report`, else its findings + impression. Studies whose rows all have an
-    `excerpt_source` are skipped, so an interrupted run continues where it stopped."""
-    rows, cols = read_csv_rows(csv_path)
-    cols += [c for c in ("excerpt", "excerpt_source") if c not in cols]
-    studies = defaultdict(list)
-    for i, r in enumerate(rows):
-        studies[r.get("study_id") or f"row{i}"].append(i)
-    todo = [s for s, ii in studies.items() if any(not rows[i].get("excerpt_source") for i in ii)]
-    stats = Counter(skipped_done=len(studies) - len(todo))
-
-    def part(i):
-        return (rows[i].get("body_part") or "").strip().lower() or "unknown"
-
-    def text(i):
-        r = rows[i]
-        return (r.get("report") or report_text(r.get("findings", ""), r.get("impression", ""))).strip()
-
-    groups = list(batches(todo, batch_size))
-    for b, group in enumerate(tqdm(groups, desc="body-part excerpts", dynamic_ncols=True)):
-        info = [(studies[s], sorted({part(i) for i in studies[s]}), text(studies[s][0])) for s in group]
-        asks = [k for k, (_, _, t) in enumerate(info) if t]
-        prompts = [BODYPART_PROMPT.format(parts=", ".join(info[k][1]), report=info[k][2]) for k in asks]
-        answers = dict(zip(asks, generate(prompts))) if generate and asks else {}
-        for k, (ii, parts, t) in enumerate(info):
-            got, src = ({}, "empty") if not t else (parse_bodypart_answer(answers.get(k, ""), parts), "llm")
-            if t and got is None:
-                got, src = split_report_by_rules(t, parts), "rules"
-                stats["fallback_unparsed" if k in answers else "rules_no_model"] += 1
-            stats[src] += 1
-            for i in ii:
-                rows[i]["excerpt"], rows[i]["excerpt_source"] = got.get(part(i), ""), src
-        if (b + 1) % save_every == 0:
-            common.write_csv_atomic(csv_path, rows, cols)
-    common.write_csv_atomic(csv_path, rows, cols)
-    print(f"extract_bodyparts: {dict(stats)} (studies)")
-    return dict(stats)
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- D-MLM knowledge: definition and appearance of each finding (Sec. 2.1, the paper's two prompts) ----
-
-DEFINITION_PROMPT = "Define {name}. Give me only a single paragraph and short definition of the disease."
-APPEARANCE_PROMPT = ("What are the distinguishing radiographic signs of {name} compared to other similar "
-                     "conditions?")
-
-
-def clean_answer(text: str, prefix: str) -> str:
-    """Strip the answer's own heading ("Definition: ...", "Radiographic characteristics: ...")."""
-    t = " ".join(text.split())
-    return re.sub(r"^\**\s*" + prefix + r"\s*\**\s*:\s*\**\s*", "", t, flags=re.I).strip()
-
-
-def finding_names(spec: str) -> list[str]:
-    """--findings: a CSV (its label:<Name> columns), a text file (one per line) or a comma-separated list."""
-    if spec.lower().endswith((".csv", ".txt")) and not os.path.isfile(spec):
-        raise common.UserError(f"--findings={spec} does not exist")
-    if spec.endswith(".csv"):
-        with open(spec, newline="", encoding="utf-8") as f:
-            names = [c[len(LP):] for c in next(csv.reader(f), []) if c.startswith(LP)]
-    elif os.path.isfile(spec):
-        names = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
-    else:
-        names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise common.UserError(f"--findings={spec}: no finding named (a CSV needs label:<Name> columns)")
-    return names
-
-
-def build_knowledge(names: list[str], generate, out_path: str, batch_size: int = 8) -> dict:
-    """{"<Finding>": {"definition": ..., "appearance": ...}}, written after every batch; findings already
-    complete in out_path are kept (resume). Label names go into the prompts as words (common.label_text)."""
-    know = json.loads(Path(out_path).read_text()) if os.path.exists(out_path) else {}
-    todo = [n for n in names if not (know.get(n, {}).get("definition") and know.get(n, {}).get("appearance"))]
-    stats = Counter(skipped_done=len(names) - len(todo))
-
-    def save():
-        common.atomic_write(out_path, lambda f: json.dump(know, f, indent=2))
-
-    for group in tqdm(list(batches(todo, batch_size)), desc="knowledge", dynamic_ncols=True):
-        words = [common.label_text(n) for n in group]
-        defs = generate([DEFINITION_PROMPT.format(name=w) for w in words])
-        apps = generate([APPEARANCE_PROMPT.format(name=w) for w in words])
-        for n, d, a in zip(group, defs, apps):
-            d, a = clean_answer(d, "definition"), clean_answer(a, "radiographic characteristics")
-            if d and a:
-                know[n] = {"definition": d, "appearance": a}
-            stats["done" if d and a else "empty_answer"] += 1  # an empty answer is asked again on a rerun
-        save()
-    save()
-    print(f"knowledge: {dict(stats)} -> {out_path}")
-    return dict(stats)
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- CXR-CLIP back-translation, English -> Italian -> English (Sec. 3.2, the text augmentation) ----
-
-def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"), batch_size: int = 32,
-                  rows_per_chunk: int = 512) -> dict:
-    """Fill <column>_bt. Sentence by sentence: translation models are trained on sentences, and report
-    sentences repeat ("No pneumothorax."), so each distinct sentence of a chunk of rows is translated once.
-    Rows whose <column>_bt is filled are skipped (resume); the CSV is saved after every chunk. An empty
-    translation keeps the original sentence (counted), so a non-empty text never gets an empty _bt."""
-    rows, cols = read_csv_rows(csv_path)
-    for c in columns:
-        if c not in cols:
-            raise common.UserError(f"backtranslate: {csv_path}: no column {c!r}")
-    cols += [c + "_bt" for c in columns if c + "_bt" not in cols]
-
-    def pending(r, c):
-        return r.get(c, "").strip() and not r.get(c + "_bt")
-
-    todo = [i for i, r in enumerate(rows) if any(pending(r, c) for c in columns)]
-    stats = Counter(rows_skipped_done=len(rows) - len(todo))
-    for chunk in tqdm(list(batches(todo, rows_per_chunk)), desc="back-translation", dynamic_ncols=True):
-        sents = sorted({s for i in chunk for c in columns if pending(rows[i], c)
-                        for s in common.split_sentences(rows[i][c])})
-        back = {}
-        for group in batches(sents, batch_size):
-            it = en_it(group)
-            for s, t in zip(group, it_en([t or s for t, s in zip(it, group)])):
-                stats["empty_translation"] += not t
-                back[s] = t or s
-        for i in chunk:
-            for c in columns:
-                if pending(rows[i], c):
-                    rows[i][c + "_bt"] = " ".join(back[s] for s in common.split_sentences(rows[i][c]))
-        stats["rows_done"] += len(chunk)
-        stats["sentences"] += len(sents)
-        common.write_csv_atomic(csv_path, rows, cols)
-    print(f"backtranslate: {dict(stats)}")
-    return dict(stats)
-
-
-# ----------------------------------------------------------------------------------------------------
 # ---- CLI ----
 
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog="data_prep.py", description=__doc__, formatter_class=raw)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="<data set or text step>")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="<data set>")
     for name, fn in CONVERTERS.items():
-        doc = inspect.cleandoc(fn.__doc__)
+        doc = inspect.cleandoc(fn.__doc__) + f"\nWrites: data/{name}.csv (--out), `dataset` = {name} on every row."
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc, formatter_class=raw)
         p.add_argument("--root", required=True, help="the data set's folder, as downloaded")
-        p.add_argument("--out", required=True, help="the CSV to write; its image paths are relative to it")
+        p.add_argument("--out", default=f"data/{name}.csv", help="the CSV to write, its image paths relative to "
+                       "it (default: %(default)s, the name evaluate.py's presets read)")
         if name in SPLIT_SCHEMES:
             p.add_argument("--split", choices=SPLIT_SCHEMES[name], default=SPLIT_SCHEMES[name][0],
                            help="the split scheme (above); default %(default)s")
@@ -1252,51 +980,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resize", type=int, default=0, help="write PNG copies with this shorter side")
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="--resize processes")
         if name == "mimic_cxr":
-            p.add_argument("--reports", default="", help="the MIMIC-CXR folder with files/pXX/pN/sN.txt")
+            p.add_argument("--reports", default="", help="MIMIC-CXR's report folder (mimic-cxr-reports, holding "
+                           "files/pXX/pN/sN.txt); default: --root")
         if name in ("cxr_lt", "mimic_edema"):
-            p.add_argument("--labels", default="", help="the label release (folder or file); default: --root")
-
-    p = sub.add_parser("extract_bodyparts", help="PedCLIP Sec. 2.1: the body-part excerpt of every report",
-                       description=inspect.cleandoc(extract_bodyparts.__doc__), formatter_class=raw)
-    p.add_argument("--csv", required=True, help="a CSV in the schema, rewritten with `excerpt` added")
-    p.add_argument("--model", default="", help="a local causal LM (folder or cached name); none: rules only")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p = sub.add_parser("knowledge", help="D-MLM Sec. 2.1: definition and appearance of each finding -> JSON",
-                       description=inspect.cleandoc(build_knowledge.__doc__), formatter_class=raw)
-    p.add_argument("--findings", required=True, help="a CSV (its label columns), a text file or 'A,B,C'")
-    p.add_argument("--model", required=True, help="a local causal LM (folder or cached name)")
-    p.add_argument("--out", required=True, help="the JSON to write (kept and completed when it exists)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p = sub.add_parser("backtranslate", help="CXR-CLIP Sec. 3.2: EN -> IT -> EN, into findings_bt / _bt",
-                       description=inspect.cleandoc(backtranslate.__doc__), formatter_class=raw)
-    p.add_argument("--csv", required=True, help="a CSV with findings, impression; rewritten with _bt added")
-    p.add_argument("--en_it", required=True, help="English -> Italian model, e.g. Helsinki-NLP/opus-mt-en-it")
-    p.add_argument("--it_en", required=True, help="Italian -> English model, e.g. Helsinki-NLP/opus-mt-it-en")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=256)
+            p.add_argument("--label_root", default="", help="the label release (folder or file); default: --root")
     return ap
 
 
 def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
-    if args.command in CONVERTERS:
-        return run_converter(args.command, args)
-    if getattr(args, "csv", "") and not os.path.isfile(args.csv):  # before a model is loaded
-        raise common.UserError(f"--csv={args.csv} does not exist")
-    if args.command == "extract_bodyparts":
-        gen = None
-        if args.model:
-            gen = make_generate(*load_hf("causal", args.model, "--model"), args.max_new_tokens)
-        return extract_bodyparts(args.csv, gen, args.batch_size)
-    if args.command == "knowledge":
-        names = finding_names(args.findings)
-        gen = make_generate(*load_hf("causal", args.model, "--model"), args.max_new_tokens)
-        return build_knowledge(names, gen, args.out, args.batch_size)
-    en_it = make_translate(*load_hf("seq2seq", args.en_it, "--en_it"), args.max_new_tokens)
-    it_en = make_translate(*load_hf("seq2seq", args.it_en, "--it_en"), args.max_new_tokens)
-    return backtranslate(args.csv, en_it, it_en, batch_size=args.batch_size)
+    return run_converter(args.command, args)
 
 
 if __name__ == "__main__":

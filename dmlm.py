@@ -24,7 +24,7 @@ region_prior (::test_*_mask_*, ::test_region_map_*).
 Run:
     python dmlm.py                                          # demo: phantoms, small ViT + BERT, 2 CPU cores
     torchrun --nproc_per_node=2 dmlm.py                     # the same demo in 2 processes
-    python data_prep.py knowledge --findings=data/mimic.csv --model=<LLM folder> --out=data/knowledge.json
+    python text_prep.py knowledge --findings=data/mimic.csv --model=<LLM folder> --out=data/knowledge.json
     python dmlm.py --preset=paper --data=data/mimic.csv --knowledge=data/knowledge.json
     torchrun --nproc_per_node=4 dmlm.py --preset=paper --data=data/mimic.csv --knowledge=data/knowledge.json
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\

@@ -18,7 +18,7 @@ teacher_forcing (::test_lambda_*).
 Run:
     python pedclip.py                                     # demo: phantoms, small ViT + BERT, 2 CPU cores
     torchrun --nproc_per_node=2 pedclip.py                # the same demo in 2 processes
-    python data_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1 folder>   # the excerpts
+    python text_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1 folder>   # the excerpts
     python pedclip.py --preset=paper --data=data/pexr.csv # ViT-B/16 (ImageNet) + BioClinicalBERT
     torchrun --nproc_per_node=8 pedclip.py --preset=paper --data=data/pexr.csv
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
@@ -319,19 +319,52 @@ BODY_PARTS = [
     "abdomen", "pelvis", "hip", "femur", "knee", "lower_leg", "ankle", "foot", "shoulder", "clavicle",
     "humerus", "elbow", "forearm", "wrist", "hand",
 ]
-# Other spellings of a CSV `body_part` (lower case, spaces and hyphens as "_") -> the region's expert.
-BODY_PART_SYNONYMS = {
-    "head": "skull", "facial_bones": "face", "sinuses": "face", "mandible": "face", "orbits": "face",
-    "nasal_bones": "face", "soft_tissue_neck": "neck", "airway": "neck", "c_spine": "cervical_spine",
-    "t_spine": "thoracic_spine", "l_spine": "lumbar_spine", "spine": "whole_spine",
-    "scoliosis": "whole_spine", "thorax": "chest", "cxr": "chest", "ribs": "chest", "sternum": "chest",
-    "abdo": "abdomen", "kub": "abdomen", "pelvic": "pelvis", "sacrum": "pelvis", "hips": "hip",
-    "thigh": "femur", "patella": "knee", "tibia": "lower_leg", "fibula": "lower_leg", "tib_fib": "lower_leg",
-    "leg": "lower_leg", "calcaneus": "foot",
-    "toe": "foot", "toes": "foot", "scapula": "shoulder", "upper_arm": "humerus", "radius": "forearm",
-    "ulna": "forearm", "arm": "forearm", "scaphoid": "wrist", "finger": "hand", "fingers": "hand",
-    "thumb": "hand", "bone_age": "hand",
-}
+# The words that name each region in a report or in a CSV `body_part` (lower case; a word names one region only, and
+# a longer phrase wins over a word inside it: "femoral neck" is the hip's, "radial head" the elbow's). They map a
+# `body_part` spelt otherwise onto its expert, and text_prep.py's excerpt step reads the reports with them.
+BODY_PART_WORDS = {p: ws.split(", ") for p, ws in dict(
+    skull="skull, head, cranium, cranial, calvarium, calvaria, calvarial, fontanelle",
+    face="face, facial, facial bones, sinus, paranasal, mandible, mandibular, maxilla, maxillary, orbit, orbital, "
+         "nasal bone, zygoma, zygomatic, temporomandibular",
+    neck="neck, soft tissue neck, airway, adenoid, adenoidal, nasopharynx, nasopharyngeal, retropharyngeal, "
+         "epiglottis, larynx, laryngeal",
+    cervical_spine="cervical spine, c-spine, c spine, cspine, cervical vertebra, cervical vertebrae, odontoid, "
+                   "atlantoaxial, prevertebral",
+    thoracic_spine="thoracic spine, t-spine, t spine, tspine, thoracic vertebra, thoracic vertebrae",
+    lumbar_spine="lumbar spine, l-spine, l spine, lspine, lumbar, lumbosacral, lumbar vertebra, lumbar vertebrae",
+    whole_spine="whole spine, spine, spinal, entire spine, scoliosis, kyphosis, vertebra, vertebrae, vertebral",
+    chest="chest, thorax, cxr, lung, pulmonary, heart, cardiac, cardiomediastinal, cardiothymic, thymus, thymic, "
+          "pleura, pleural, rib, diaphragm, hemidiaphragm, hilar, hila, mediastinum, mediastinal, airspace, "
+          "costophrenic, pneumothorax, pneumonia, sternum, sternal, trachea, tracheal",
+    abdomen="abdomen, abdominal, abdo, kub, bowel, stomach, gastric, liver, colon, kidney, renal, bladder",
+    pelvis="pelvis, pelvic, sacroiliac, sacrum, sacral, iliac, ilium, iliac spine, ischium, ischial, pubic, pubis, "
+           "symphysis, coccyx",
+    hip="hip, femoral head, femoral neck, acetabulum, acetabular, trochanter, trochanteric, intertrochanteric, "
+        "capital femoral epiphysis",
+    femur="femur, femoral, femoral shaft, thigh",
+    knee="knee, patella, patellar, tibial plateau, femoral condyle, tibial spine, tibial tubercle, tibial tuberosity, "
+         "suprapatellar, intercondylar, distal femur, proximal tibia, proximal fibula",
+    lower_leg="lower leg, leg, tibia, tibial, fibula, fibular, tib/fib, tib-fib, tib fib",
+    ankle="ankle, malleolus, malleoli, malleolar, talus, talar, talar neck, mortise, tibiotalar, syndesmosis, "
+          "distal tibia, distal tibial, distal fibula, distal fibular",
+    foot="foot, feet, metatarsal, metatarsus, metatarsal head, calcaneus, calcaneal, toe, hallux, tarsal, navicular, "
+         "cuboid, cuneiform",
+    shoulder="shoulder, glenohumeral, glenoid, acromion, acromial, acromioclavicular, scapula, scapular, "
+             "scapular spine, humeral head, humeral neck, surgical neck, proximal humerus, proximal humeral",
+    clavicle="clavicle, clavicular, collarbone",
+    humerus="humerus, humeral, humeral shaft, upper arm",
+    elbow="elbow, olecranon, radial head, radial neck, capitellum, capitellar, trochlea, epicondyle, epicondylar, "
+          "supracondylar, fat pad, radiocapitellar, humeral condyle, coronoid, distal humerus, distal humeral, "
+          "proximal radius, proximal ulna",
+    forearm="forearm, radius, ulna, radial, ulnar, arm",
+    wrist="wrist, carpal, carpus, scaphoid, lunate, triquetrum, hamate, capitate, trapezium, radiocarpal, "
+          "distal radius, distal radial, distal ulna, distal ulnar, distal radioulnar",
+    hand="hand, metacarpal, metacarpal head, phalanx, phalanges, phalangeal, finger, thumb, digit, interphalangeal, "
+         "metacarpophalangeal, bone age",
+).items()}
+# A CSV `body_part` (lower case, spaces and hyphens as "_"), singular or plural -> the region's expert.
+BODY_PART_SYNONYMS = {k + s: p for p, ws in BODY_PART_WORDS.items() for k in (w.replace(" ", "_").replace("-", "_")
+                      for w in ws) for s in ("", "es" if k.endswith(("s", "x")) else "s")}
 PHANTOM_BODY_PARTS = ["chest", "wrist", "hand", "knee", "elbow", "hip"]
 
 

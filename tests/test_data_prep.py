@@ -71,7 +71,9 @@ def read_out(path):
 def convert(name, root, tmp_path, *extra):
     out = tmp_path / "out" / f"{name}.csv"
     summary = dp.main([name, f"--root={root}", f"--out={out}", "--workers=1", *extra])
-    return read_out(out), summary, out
+    rows = read_out(out)
+    assert {r["dataset"] for r in rows} == {name}  # every row names the subcommand that wrote it
+    return rows, summary, out
 
 
 def assert_patient_disjoint(rows):
@@ -143,13 +145,17 @@ def test_rle_decode_against_hand_made_mask():
 
 # ---- converters ----
 
-def test_mimic_cxr(tmp_path):
+def mimic_cxr_release(tmp_path):
+    """MIMIC-CXR-JPG (images, metadata, split, labels) and MIMIC-CXR's reports in a folder of their own: the 5
+    images of the hand-checked studies below, plus 100 one-image studies, each with its report; s50000003's
+    report is missing (1 of 103 studies) and so is image d5."""
     root = tmp_path / "mimic"
     images = [("d1", "10000001", "50000001", "PA", "train"),
               ("d2", "10000001", "50000001", "LATERAL", "train"),
               ("d3", "10000001", "50000002", "AP", "train"),
               ("d4", "11000002", "50000003", "PA", "validate"),
               ("d5", "11000002", "50000003", "PA", "validate")]  # d5: image missing
+    images += [(f"x{k}", f"12{k:06d}", f"51{k:06d}", "PA", "train") for k in range(100)]
     mimic_release(root, images)
     lab = {k: "" for k in dp.CHEXPERT_14}
     r1 = dict(lab, **{"Cardiomegaly": "1.0", "Edema": "-1.0", "No Finding": ""})
@@ -157,15 +163,27 @@ def test_mimic_cxr(tmp_path):
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id"] + dp.CHEXPERT_14,
               [["10000001", "50000001"] + [r1[k] for k in dp.CHEXPERT_14],
                ["11000002", "50000003"] + [r2[k] for k in dp.CHEXPERT_14]], gz=True)
-    for d, p, s, _, _ in images[:4]:
-        mimic_jpg(root, p, s, d)
-    reports = tmp_path / "mimic-cxr"  # the reports come from MIMIC-CXR, not -JPG: --reports
-    (reports / "files" / "p10" / "p10000001").mkdir(parents=True)
-    (reports / "files" / "p10" / "p10000001" / "s50000001.txt").write_text(MIMIC_REPORT)
-    (reports / "files" / "p10" / "p10000001" / "s50000002.txt").write_text(
-        " FINAL REPORT\n FINDINGS AND IMPRESSION:  Stable cardiomegaly.\n")
+    reports = tmp_path / "mimic-cxr-reports"  # the reports come from MIMIC-CXR, not -JPG: --reports
+
+    def report(p, s, text):
+        (reports / "files" / f"p{p[:2]}" / f"p{p}").mkdir(parents=True, exist_ok=True)
+        (reports / "files" / f"p{p[:2]}" / f"p{p}" / f"s{s}.txt").write_text(text)
+    for d, p, s, _, _ in images:
+        if d != "d5":
+            mimic_jpg(root, p, s, d)
+        if d.startswith("x"):
+            report(p, s, " FINAL REPORT\n IMPRESSION:  No acute process.\n")
+    report("10000001", "50000001", MIMIC_REPORT)
+    report("10000001", "50000002", " FINAL REPORT\n FINDINGS AND IMPRESSION:  Stable cardiomegaly.\n")
+    return root, reports
+
+
+def test_mimic_cxr(tmp_path, capsys):
+    root, reports = mimic_cxr_release(tmp_path)
     rows, summary, out = convert("mimic_cxr", root, tmp_path, f"--reports={reports}")
-    assert summary["written"] == 4 and summary["skipped_missing"] == 1
+    assert summary["written"] == 104 and summary["skipped_missing"] == 1
+    printed = capsys.readouterr().out  # a few missing reports are counted and named, not silent
+    assert "without a report file: 1 " in printed and "p11000002/s50000003.txt" in printed
     by = {Path(r["image"]).stem: r for r in rows}
     assert (out.parent / by["d1"]["image"]).exists()
     assert by["d1"]["split"] == "train" and by["d4"]["split"] == "valid"
@@ -178,6 +196,24 @@ def test_mimic_cxr(tmp_path):
     assert by["d3"]["impression"] == "Stable cardiomegaly." and by["d3"]["findings"] == ""
     assert by["d3"]["report"] == "IMPRESSION: Stable cardiomegaly."
     assert by["d4"]["findings"] == "" and by["d1"]["study_id"] == "50000001"
+    assert by["x7"]["impression"] == "No acute process."
+    rows, _, _ = convert("mimic_cxr", root, tmp_path, f"--reports={reports / 'files'}")  # the folder below
+    assert sum(bool(r["impression"]) for r in rows) == 103  # all but d4, whose study has no report
+
+
+def test_mimic_cxr_without_its_reports_is_an_error(tmp_path):
+    root, reports = mimic_cxr_release(tmp_path)
+    with pytest.raises(common.UserError, match=r"103 of 103 studies have no report .*--reports=.*"
+                                               r"without --reports they are looked for under --root"):
+        convert("mimic_cxr", root, tmp_path)  # the flag forgotten: MIMIC-CXR-JPG has no reports
+    with pytest.raises(common.UserError, match=r"103 of 103 .*the first: .*other/files/p10/p10000001/"
+                                               r"s50000001\.txt"):
+        convert("mimic_cxr", root, tmp_path, f"--reports={tmp_path / 'other'}")
+    (reports / "files" / "p12" / "p12000000" / "s51000000.txt").unlink()  # 2 of 103: past 1%
+    with pytest.raises(common.UserError, match=r"2 of 103 studies have no report .*s50000003\.txt, .*"
+                                               r"s51000000\.txt"):
+        convert("mimic_cxr", root, tmp_path, f"--reports={reports}")
+    assert not (tmp_path / "out" / "mimic_cxr.csv").exists()  # nothing written
 
 
 CHEX_HEAD = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + dp.CHEXPERT_14
@@ -273,7 +309,7 @@ def test_nih(tmp_path):
     r = by["00000001_000.png"]
     assert r[LP + "Effusion"] == "1" and r[LP + "Atelectasis"] == "1" and r[LP + "Mass"] == "0"
     assert by["00000011_000.png"]["split"] == "test"
-    assert json.loads(by["00000011_000.png"]["bbox"]) == [["Effusion", 10.5, 20.0, 30.0, 40.0]]
+    assert "bbox" not in rows[0]  # BBox_List_2017.csv is there, and no reader of the CSV uses its boxes
     # 80/20 by patient over train_val_list's patients (99 too: the split comes before the missing image)
     expect = common.split_by_patient([str(p) for p in range(1, 11)] + ["99"], (0.8, 0.2, 0.0), seed=0)
     assert all(r["split"] == expect[r["patient_id"]] for r in rows if int(r["patient_id"]) <= 10)
@@ -385,6 +421,61 @@ def test_siim_relative_rle_masks(tmp_path):
     assert np.array_equal(np.asarray(Image.open(out.parent / by["img_a"]["mask"])), expected)
 
 
+def test_siim_prefers_the_stage_2_labels_and_says_so(tmp_path, capsys):
+    root = tmp_path / "siim"
+    # both stages' files, as a full download has them: stage 1 (relative RLE) marks img_a's pixel 0 only,
+    # stage 2 (absolute, 1-based) the pixels 6-7 of img_a and a region of img_b
+    write_csv(root / "train-rle.csv", ["ImageId", " EncodedPixels"], [("img_a", " 0 1"), ("img_b", " -1")])
+    write_csv(root / "stage_2_train.csv", ["ImageId", "EncodedPixels"], [("img_a", "7 2"), ("img_b", "1 3")])
+    dicom(root / "dicom-images-train" / "1.2.3" / "1.2.3.4" / "img_a.dcm", h=4, w=3, patient_id="pat-a")
+    dicom(root / "dicom-images-test" / "1.2.5" / "1.2.5.4" / "img_b.dcm", h=4, w=3, patient_id="pat-b")
+    rows, _, out = convert("siim", root, tmp_path)
+    assert "stage_2_train.csv (stage 2" in capsys.readouterr().out
+    by = {r["study_id"]: r for r in rows}
+    assert by["img_b"][LP + "Pneumothorax"] == "1"
+    expected = np.zeros((4, 3), np.uint8)
+    expected[2:4, 1] = 255  # pixels 7 and 8 counted from 1, column by column: (2, 1) and (3, 1)
+    assert np.array_equal(np.asarray(Image.open(out.parent / by["img_a"]["mask"])), expected)
+
+
+def test_a_wrong_root_finds_no_image_and_stops(tmp_path):
+    root = tmp_path / "nih-labels-only"  # the label files downloaded, the image archives unpacked elsewhere
+    write_csv(root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
+              "View Position"], [(f"0000000{p}_000.png", "Hernia", 0, p, "PA") for p in range(1, 5)])
+    (root / "train_val_list.txt").write_text("00000001_000.png\n00000002_000.png\n00000003_000.png\n")
+    (root / "test_list.txt").write_text("00000004_000.png\n")
+    with pytest.raises(common.UserError, match=r"nih: no image found .*none of 4 checked; the first: .*"
+                                               r"nih-labels-only/images/00000001_000\.png.*images_0XX/images"):
+        convert("nih", root, tmp_path)
+    mimic = tmp_path / "mimic-csvs"  # MIMIC-CXR-JPG's tables without its files/ folder
+    mimic_release(mimic, [("d1", "10000001", "50000001", "PA", "train")])
+    write_csv(mimic / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id"] + dp.CHEXPERT_14, [], gz=True)
+    with pytest.raises(common.UserError, match=r"mimic_cxr: no image found .*p10000001/s50000001/d1\.jpg\)"
+                                               r": expected --root=mimic-cxr-jpg/2\.x\.x holding files/pXX"):
+        convert("mimic_cxr", mimic, tmp_path, f"--reports={tmp_path}")
+    siim = tmp_path / "siim"
+    write_csv(siim / "stage_2_train.csv", ["ImageId", "EncodedPixels"], [("img_a", "-1")])
+    with pytest.raises(common.UserError, match=r"siim: .*the first: img_a \(searched below --root\)"):
+        convert("siim", siim, tmp_path)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_out_defaults_to_data_subcommand_csv(tmp_path, monkeypatch, capsys):
+    for cls in ("ASD", "Normal"):
+        for i in range(3):
+            png(tmp_path / "chd" / cls / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    dp.main(["chd_cxr", "--root=chd", "--workers=1"])
+    rows = read_out(tmp_path / "data" / "chd_cxr.csv")  # the name evaluate.py's presets read
+    assert len(rows) == 6 and (tmp_path / "data" / rows[0]["image"]).exists()
+    with pytest.raises(SystemExit):
+        dp.main(["cxr_lt", "--help"])
+    assert "(default: data/cxr_lt.csv" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as e:  # --labels is evaluate.py's flag; the release folder is --label_root
+        dp.main(["cxr_lt", "--root=x", "--labels=y"])
+    assert e.value.code == 2
+
+
 @pytest.mark.slow  # a process pool of 2 workers
 def test_resize_copies_in_a_process_pool(tmp_path):
     """--resize: 8-bit PNG copies through common.load_image (DICOM, MONOCHROME1 inverted), masks too."""
@@ -479,12 +570,14 @@ def test_cxr_lt_2024_official_file_and_mimic_split(tmp_path):
     write_csv(release / "train_labeled.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition",
               "ViewCodeSequence_CodeMeaning", "fpath"] + CXR_LT_2024, rows)
     mimic_release(root, images)
-    out, _, path = convert("cxr_lt", root, tmp_path, f"--labels={labels}")
+    out, _, path = convert("cxr_lt", root, tmp_path, f"--label_root={labels}")  # the paper's split, by default
     header = next(csv.reader(open(path)))
     assert [c[len(LP):] for c in header if c.startswith(LP)] == sorted(CXR_LT_2024, key=str.lower)
     assert len(out) == 21 and {r["view"] for r in out} == {"PA", "AP"}  # frontal only; d5c by its code
-    test_patients = {r["patient_id"] for r in out if r["split"] == "test"}
-    assert test_patients == {f"1{p:07d}" for p in range(3)}  # exactly MIMIC's test patients
+    assert_patient_disjoint(out)
+    # CXR-CML Sec. 3: a random 80:20 by patient over all 20 patients, MIMIC's test patients among them
+    expect = common.split_by_patient([f"1{p:07d}" for p in range(20)], (0.8, 0.0, 0.2), seed=0)
+    assert {r["patient_id"]: r["split"] for r in out} == expect and Counter(expect.values())["test"] == 4
     assert {r["split"] for r in out} == {"train", "test"} and {r["mimic_split"] for r in out} == \
         {"train", "valid", "test"}
     assert "fold" not in out[0]  # cxrcml.py --fold=k draws the five runs' folds itself
@@ -492,11 +585,10 @@ def test_cxr_lt_2024_official_file_and_mimic_split(tmp_path):
     assert by["d4a"][LP + "Azygos Lobe"] == "1" and by["d4a"][LP + "Normal"] == "0"
     assert by["d3a"][LP + "Normal"] == "1"
 
-    out, _, _ = convert("cxr_lt", root, tmp_path, f"--labels={release}/train_labeled.csv", "--split=paper")
-    assert_patient_disjoint(out)
-    assert all(r["split"] == "test" for r in out if r["mimic_split"] == "test")
-    n_test = len({r["patient_id"] for r in out if r["split"] == "test"})
-    assert n_test == 3 + round(0.2 * 17)  # MIMIC's 3 test patients, then 80/20 of the other 17
+    out, _, _ = convert("cxr_lt", root, tmp_path, f"--label_root={release}/train_labeled.csv", "--split=mimic")
+    test_patients = {r["patient_id"] for r in out if r["split"] == "test"}
+    assert test_patients == {f"1{p:07d}" for p in range(3)}  # exactly MIMIC's test patients, all others train
+    assert {r["split"] for r in out} == {"train", "test"}
 
 
 def test_mimic_edema_consensus_test_and_mimic_split(tmp_path):
@@ -517,7 +609,7 @@ def test_mimic_edema_consensus_test_and_mimic_split(tmp_path):
     write_csv(release / "expert_report_edema_severity.csv", head, regex[:3])
     write_csv(release / "consensus_image_edema_severity.csv", ["subject_id", "study_id", "dicom_id",
               "edema_severity"], [("10000001", "50000110", "e1_1a", 3)])
-    out, _, _ = convert("mimic_edema", root, tmp_path, f"--labels={labels}")
+    out, _, _ = convert("mimic_edema", root, tmp_path, f"--label_root={labels}")
     test = [r for r in out if r["split"] == "test"]
     assert [(Path(r["image"]).stem, r["target"], r["view"]) for r in test] == [("e1_1a", "3", "AP")]
     assert not {"10000000", "10000001"} & {r["patient_id"] for r in out if r["split"] != "test"}
@@ -555,7 +647,7 @@ def test_grazpedwri_boneage_covidx_chd(tmp_path):
         png(b / "boneage-training-dataset" / f"{1377 + i}.png")
     rows, _, _ = convert("boneage", b, tmp_path)
     by = {r["study_id"]: r for r in rows}
-    assert by["1380"]["target"] == "103" and by["1380"]["body_part"] == "hand" and by["1380"]["sex"] == "M"
+    assert by["1380"]["target"] == "103" and by["1380"]["body_part"] == "hand" and "sex" not in by["1380"]
 
     c = tmp_path / "covidx"
     lines = {"train": [], "val": [], "test": []}
@@ -588,7 +680,7 @@ def test_help_documents_each_data_set(capsys):
         with pytest.raises(SystemExit) as e:
             dp.main([name, "--help"])
         text = capsys.readouterr().out
-        assert e.value.code == 0 and "Reads" in text and "Split" in text, name
+        assert e.value.code == 0 and "Reads" in text and "Split" in text and f"data/{name}.csv" in text, name
     with pytest.raises(SystemExit) as e:  # an unknown data set is argparse's usage error
         dp.main(["no_such_set", "--root=x", "--out=y.csv"])
     assert e.value.code == 2
@@ -617,165 +709,3 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
                         f"--out={tmp_path / 'o.csv'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("data_prep.py: error: siim: --root=") and "not a folder" in r.stderr
-
-
-# ---- text steps ----
-
-def test_rules_remove_history_from_every_report():
-    report = ("HISTORY: Fall from bike, hip pain. Right hip: No fracture of the femoral head. Joint space "
-              "preserved. Left knee: Small joint effusion. The patella is normal. No acute osseous "
-              "abnormality.")
-    got = dp.split_report_by_rules(report, ["hip", "knee"])
-    assert got["hip"] == "No fracture of the femoral head. Joint space preserved."
-    assert got["knee"] == "Small joint effusion. The patella is normal. No acute osseous abnormality."
-    one = ("Clinical history: Fall on the outstretched hand, wrist pain. Comparison: None. Findings: No "
-           "fracture of the distal radius. Soft tissues are normal.")
-    assert dp.split_report_by_rules(one, ["wrist"]) == {"wrist": "No fracture of the distal radius. Soft "
-                                                                 "tissues are normal."}
-    bare = "History of asthma. The lungs are clear. Indication: cough. IMPRESSION: Normal chest."
-    assert dp.split_report_by_rules(bare, ["chest"]) == {"chest": "The lungs are clear. Normal chest."}
-    ans = "Hip: No fracture of the femoral head.\n**Knee**: none"
-    assert dp.parse_bodypart_answer(ans, ["hip", "knee"]) == {"hip": "No fracture of the femoral head.",
-                                                              "knee": ""}
-    assert dp.parse_bodypart_answer("Hip: fine.", ["hip", "knee"]) is None  # knee missing -> the rules
-
-
-WORDS = ("the of and a is no to in with hip knee chest lung heart fracture normal clear effusion define give "
-         "me only single paragraph short definition disease what are distinguishing radiographic signs "
-         "compared other similar conditions : . , answer report").split()
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>"), len(vocab)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    tok, v = tiny_tokenizer()
-    d = tmp_path_factory.mktemp("tiny_gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=v, n_positions=512, n_embd=16, n_layer=1, n_head=2, bos_token_id=2,
-                               eos_token_id=3, pad_token_id=0)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def tiny_marian(tmp_path_factory):
-    import torch
-    from transformers import MarianConfig, MarianMTModel
-    torch.manual_seed(0)
-    tok, v = tiny_tokenizer()
-    d = tmp_path_factory.mktemp("tiny_marian")
-    MarianMTModel(MarianConfig(vocab_size=v, d_model=16, encoder_layers=1, decoder_layers=1,
-                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                               decoder_ffn_dim=32, max_position_embeddings=128, pad_token_id=0,
-                               eos_token_id=3, bos_token_id=2, decoder_start_token_id=0)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-WRIST_REPORT = "Clinical history: fall on the outstretched hand. Findings: No fracture of the distal radius."
-
-
-def text_csv(tmp_path):
-    p = tmp_path / "pexr.csv"
-    rep = "Right hip: no fracture. Left knee: small effusion."
-    write_csv(p, dp.BASE_COLUMNS, [
-        ("a1.png", "s1", "p1", "train", "AP", "hip", "", "", rep),
-        ("a2.png", "s1", "p1", "train", "AP", "knee", "", "", rep),
-        ("b1.png", "s2", "p2", "train", "PA", "chest", "The lung is clear.", "No disease.", ""),
-        ("c1.png", "s3", "p3", "train", "AP", "hip", "", "", "Hip: normal. Knee: normal."),
-        ("c2.png", "s3", "p3", "train", "AP", "knee", "", "", "Hip: normal. Knee: normal."),
-        ("d1.png", "s4", "p4", "train", "PA", "wrist", "", "", WRIST_REPORT)])
-    return p
-
-
-def test_extract_bodyparts_tiny_lm_falls_back_to_rules(tmp_path, tiny_lm):
-    p = text_csv(tmp_path)
-    stats = dp.main(["extract_bodyparts", f"--csv={p}", f"--model={tiny_lm}", "--max_new_tokens=4"])
-    assert stats["fallback_unparsed"] == 4 and stats["rules"] == 4  # a random LM: every answer unparsable
-    assert [r["excerpt"] for r in read_out(p)] == ["no fracture.", "small effusion.",
-                                                   "The lung is clear. No disease.", "normal.", "normal.",
-                                                   "No fracture of the distal radius."]
-    assert dp.main(["extract_bodyparts", f"--csv={p}"])["skipped_done"] == 4  # resume
-
-
-def test_extract_bodyparts_asks_the_llm_for_every_report_and_resumes(tmp_path):
-    p = text_csv(tmp_path)
-    calls = []
-
-    def fake_generate(prompts):
-        calls.append(prompts)
-        return ["hip: No fracture.\nknee: Small effusion.", "chest: The lung is clear.", "garbled",
-                "wrist: No fracture of the distal radius."]
-    stats = dp.extract_bodyparts(str(p), fake_generate, batch_size=8)
-    assert stats["llm"] == 3 and stats["fallback_unparsed"] == 1 and len(calls) == 1 and len(calls[0]) == 4
-    assert "X-rays of these body parts: hip, knee." in calls[0][0]
-    assert "X-rays of these body parts: wrist." in calls[0][3] and WRIST_REPORT in calls[0][3]
-    assert "remove the medical history" in calls[0][3]  # single-part reports too (Sec. 2.1)
-    rows = read_out(p)
-    assert [(r["excerpt"], r["excerpt_source"]) for r in rows] == [
-        ("No fracture.", "llm"), ("Small effusion.", "llm"), ("The lung is clear.", "llm"),
-        ("normal.", "rules"), ("normal.", "rules"), ("No fracture of the distal radius.", "llm")]
-    rows[3]["excerpt_source"] = ""  # "interrupted" before s3 was saved: only s3 is asked again
-    common.write_csv_atomic(p, rows, list(rows[0].keys()))
-    calls.clear()
-    stats = dp.extract_bodyparts(str(p), lambda ps: calls.append(ps) or ["hip: a\nknee: b"] * len(ps))
-    assert stats["skipped_done"] == 3 and len(calls[0]) == 1 and read_out(p)[3]["excerpt"] == "a"
-
-
-def test_knowledge_tiny_lm_and_resume(tmp_path, tiny_lm):
-    out = tmp_path / "knowledge.json"
-    out.write_text(json.dumps({"Edema": {"definition": "kept", "appearance": "kept too"}}))
-    dp.main(["knowledge", "--findings=Edema,Pleural_Effusion,Cardiomegaly", f"--model={tiny_lm}",
-             f"--out={out}", "--max_new_tokens=6"])
-    k = json.loads(out.read_text())
-    assert k["Edema"] == {"definition": "kept", "appearance": "kept too"}
-    for v in k.values():
-        assert set(v) == {"definition", "appearance"} and all(isinstance(x, str) and x for x in v.values())
-    prompts = []
-    def fake_generate(ps):
-        prompts.extend(ps)
-        return ["Definition: A collapse." if p.startswith("Define") else
-                "Radiographic characteristics: Volume loss." for p in ps]
-    dp.build_knowledge(["Edema", "Pleural_Effusion", "Atelectasis"], fake_generate, str(out))
-    assert ("Pleural_Effusion" in k) == all("pleural effusion" not in p for p in prompts)
-    assert dp.DEFINITION_PROMPT.format(name="atelectasis") in prompts
-    assert dp.APPEARANCE_PROMPT.format(name="atelectasis") in prompts
-    assert json.loads(out.read_text())["Atelectasis"] == {"definition": "A collapse.",
-                                                          "appearance": "Volume loss."}
-
-
-def test_backtranslate_tiny_marian_and_resume(tmp_path, tiny_marian):
-    p = text_csv(tmp_path)
-    stats = dp.main(["backtranslate", f"--csv={p}", f"--en_it={tiny_marian}", f"--it_en={tiny_marian}",
-                     "--max_new_tokens=5"])
-    rows = read_out(p)
-    assert stats["rows_done"] == 1 and stats["sentences"] == 2
-    assert rows[2]["findings_bt"] and rows[2]["impression_bt"] and rows[0]["findings_bt"] == ""
-    seen = []
-    st = dp.backtranslate(str(p), lambda t: seen.extend(t) or t, lambda t: t)
-    assert st["rows_skipped_done"] == 6 and seen == []
-    rows[2]["impression_bt"] = ""
-    common.write_csv_atomic(p, rows, list(rows[0].keys()))
-    dp.backtranslate(str(p), lambda t: [s.upper() for s in t], lambda t: [s + "!" for s in t])
-    rows = read_out(p)
-    assert rows[2]["impression_bt"] == "NO DISEASE.!" and rows[2]["findings_bt"] != "THE LUNG IS CLEAR.!"
-
-
-def test_unreadable_model_folder_is_a_user_error(tmp_path):
-    p = text_csv(tmp_path)
-    with pytest.raises(common.UserError, match=r"--model=.*local_files_only=True"):
-        dp.main(["knowledge", "--findings=Edema", f"--model={tmp_path / 'no-such-model'}",
-                 f"--out={tmp_path / 'k.json'}"])
-    with pytest.raises(common.UserError, match=r"--en_it"):
-        dp.main(["backtranslate", f"--csv={p}", "--en_it=nobody/no-such-model-xyz", "--it_en=x"])
