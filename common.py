@@ -424,7 +424,7 @@ LIST_ITEM = re.compile(r"\(?(\d{1,2})[.)]")  # "1." "2)" "(3)"
 
 
 def split_sentences(text: str) -> list[str]:
-    """A report -> its sentences (CXR-CLIP's sentence shuffle; data_prep.py's back-translation). ".", "?" or
+    """A report -> its sentences (CXR-CLIP's sentence shuffle; text_prep.py's back-translation). ".", "?" or
     "!" ends one, except after a title or an abbreviation ("1.5 cm", "e.g.", "Dr. ___" stay inside); a list
     number ("1.", "2)") opens one where a list starts or goes on."""
     sents, cur, item = [], [], 0

@@ -304,7 +304,7 @@ class StudyDataset(torch.utils.data.Dataset):
         if (label_study or not sections) and not np.isnan(r["_labels"]).all():  # two prompts, drawn apart
             return [label_prompt_text(self.t.label_names, r["_labels"], rng, 3, self.bank) for _ in range(2)]
         t = sections if len(sections) < 2 or rng.random() < 0.5 else sections[::-1]  # findings, impression
-        if self.train and len(t) < 2:  # A_t: a back-translation where data_prep.py wrote one, else a shuffle
+        if self.train and len(t) < 2:  # A_t: a back-translation where text_prep.py wrote one, else a shuffle
             bt = [s.strip() for s in (r.get("findings_bt"), r.get("impression_bt")) if (s or "").strip()]
             return [t[0], bt[0] if bt and rng.random() < 0.5 else sentence_shuffle(t[0], rng)]
         if self.train and rng.random() < 0.5:

@@ -381,9 +381,9 @@ NORMAL_LABELS = ("no finding", "normal")  # negative statements: "normal study",
 
 
 def load_knowledge(path: str) -> dict:
-    """{"<Finding>": {"definition": str, "appearance": str}}: Sec. 2.1's texts (data_prep.py knowledge)."""
+    """{"<Finding>": {"definition": str, "appearance": str}}: Sec. 2.1's texts (text_prep.py knowledge)."""
     if not os.path.exists(path):
-        raise common.UserError(f"knowledge file {path} not found: `python data_prep.py knowledge` makes one "
+        raise common.UserError(f"knowledge file {path} not found: `python text_prep.py knowledge` makes one "
                                f"(Sec. 2.1); the demo's is knowledge/phantom_chexpert.json")
     with open(path, encoding="utf-8") as f:
         know = json.load(f)

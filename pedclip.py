@@ -587,7 +587,7 @@ def train(cfg: Config) -> dict:
     except common.UserError as e:
         if f"no column {cfg.text_column!r}" in str(e) and cfg.text_column == "excerpt":
             e = common.UserError(f"{e}. The paper pairs each image with the report excerpt of its body "
-                                 f"part (Sec. 2.1): `python data_prep.py extract_bodyparts --csv={cfg.data}` "
+                                 f"part (Sec. 2.1): `python text_prep.py extract_bodyparts --csv={cfg.data}` "
                                  f"writes it; --text_column=report trains on whole reports instead")
         raise e from None
     if cfg.preset == "paper" and cfg.text_column != "excerpt":

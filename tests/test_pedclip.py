@@ -297,7 +297,7 @@ def test_body_parts_spellings_and_an_unknown_part_named_with_its_row(tmp_path):
 def test_paper_preset_needs_the_excerpt_column_and_names_the_step_that_writes_it(
     tmp_path, phantom_csv, capsys
 ):
-    with pytest.raises(common.UserError, match="data_prep.py extract_bodyparts"):
+    with pytest.raises(common.UserError, match="text_prep.py extract_bodyparts"):
         pedclip.main(["--preset=paper", f"--data={phantom_csv}", f"--out_dir={tmp_path}"])
     with pytest.raises(
         common.UserError
