@@ -193,9 +193,11 @@ def test_load_png_and_jpeg(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
     got = common.load_image(tmp_path / "a.jpg")
     assert got.shape == (48, 64) and got.dtype == np.uint8 and np.abs(got.astype(int) - a).mean() < 4
-    Image.fromarray((a.astype(np.uint16) * 200)).save(tmp_path / "b16.png")  # 16-bit PNG: rescaled
-    g16 = common.load_image(tmp_path / "b16.png")
-    assert g16.max() == 255 and g16.min() == 0
+    # 16-bit PNG (some NIH / VinDr copies): its own range [1000, 52000] stretched to [0, 255], i.e. back to a
+    # (PIL's 8-bit conversion alone would clip 99% of these pixels to 255)
+    Image.fromarray(a.astype(np.uint16) * 200 + 1000).save(tmp_path / "b16.png")
+    assert Image.open(tmp_path / "b16.png").mode.startswith("I")
+    assert np.array_equal(common.load_image(tmp_path / "b16.png"), a)
 
 
 def test_bad_images_raise_named_errors(tmp_path):
@@ -540,7 +542,7 @@ class _FakeModel:
         return ([f"{name}+", f"{name}++"], [f"{name}-"]) if name != "N" else (["N+"], [])
 
 
-def test_zeroshot_scores_are_the_cosine_difference_and_do_not_saturate():
+def test_zeroshot_scores_are_the_cosine_difference():
     rng = np.random.default_rng(0)
     unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
     table = {k: unit(rng.normal(size=4)) for k in ("A+", "A++", "A-", "N+")}
@@ -550,13 +552,6 @@ def test_zeroshot_scores_are_the_cosine_difference_and_do_not_saturate():
     np.testing.assert_allclose(got[:, 0], emb @ pos - emb @ table["A-"], atol=1e-6)
     np.testing.assert_allclose(got[:, 1], emb @ table["N+"], atol=1e-6)  # no negative prompts: s+ alone
     assert got.dtype == np.float64
-    # CheXzero's probability sigmoid(100 d) in float32 ties every d > 0.17 at exactly 1.0; the AUC then drops
-    from sklearn.metrics import roc_auc_score
-
-    d = np.array([0.9, 0.5, 0.3, 0.2, 0.4, 0.25])
-    y = np.array([1, 1, 1, 0, 0, 1])
-    p32 = (1 / (1 + np.exp(-100 * d))).astype(np.float32)
-    assert roc_auc_score(y, d) == 0.75 and roc_auc_score(y, p32) == 0.5  # every score tied at 1.0
 
 
 def test_tokenizer_spells_every_training_word_and_refuses_an_empty_corpus():
@@ -593,7 +588,16 @@ def test_label_text_is_the_class_in_words():
 # ---- sampler ----
 
 
-def test_epoch_sampler_ranks_partition_and_resume():
+def test_epoch_sampler_permutes_drops_the_last_partial_batch_and_partitions_ranks():
+    s = common.EpochSampler(43, 8, 0, 1, seed=5)  # 5 whole batches of 8; the last 3 items wait for an epoch
+    assert s.batches_per_epoch == 5 and len(s) == 40
+    epochs = []
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        epochs.append([i for i, _ in s])
+        assert len(set(epochs[-1])) == 40 and set(epochs[-1]) <= set(range(43))  # no item twice
+    assert len({tuple(e) for e in epochs}) == 4  # a new order each epoch ...
+    assert set().union(*epochs) == set(range(43))  # ... so the items left over differ: none is never seen
     full = list(common.EpochSampler(40, 8, 0, 1, seed=5))
     r0 = list(common.EpochSampler(40, 4, 0, 2, seed=5))
     r1 = list(common.EpochSampler(40, 4, 1, 2, seed=5))
