@@ -36,13 +36,13 @@ Departures from the paper are stated at their lines and in README.md ("D-MLM").
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from functools import partial
 
 import numpy as np
 import torch
@@ -696,12 +696,12 @@ def train(cfg: Config) -> dict:
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.target == "ema" else None
     if ema is not None and ck is not None:
         ema.load_state_dict(ck["ema"])
-    torch.manual_seed(cfg.seed + rank)  # from here on (dropout) each rank draws its own numbers
+    torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(train_ds), local_batch, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(train_ds, local_batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=partial(collate, tokenizer=tok, max_tokens=cfg.max_tokens,
-                                                            ratio=cfg.mask_ratio),
+                                         collate_fn=functools.partial(collate, tokenizer=tok,
+                                                                      max_tokens=cfg.max_tokens, ratio=cfg.mask_ratio),
                                          pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
     total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.lr, fused=device != "cpu")

@@ -600,7 +600,7 @@ def train(cfg: Config) -> dict:
     #    every rank)
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else build_tokenizer(cfg, tr)
     model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
-    torch.manual_seed(cfg.seed + rank)  # from here on (dropout) each rank draws its own numbers
+    torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(train_ds), local_batch, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(train_ds, local_batch, sampler=sampler, num_workers=cfg.num_workers,
