@@ -208,9 +208,9 @@ class CXRCML(nn.Module):
 
 
 # L_c: CLIP's symmetric InfoNCE. u, v [b, d] on this rank, row i of one paired with row i of the other; each
-# local row is scored against all world * b gathered rows, its positive at column rank * b + i.
-def clip_loss(u, v, scale):
-    u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [B, d]
+# local row is scored against the world * b rows of u_all, v_all [B, d] (the global batch, gathered with
+# gradient by the caller), its positive at column rank * b + i.
+def clip_loss(u, v, u_all, v_all, scale):
     target = torch.arange(len(u), device=u.device) + len(u) * common.rank()  # row i's global index
     return 0.5 * (F.cross_entropy(scale * u @ v_all.T, target) + F.cross_entropy(scale * v @ u_all.T, target))
 
@@ -278,9 +278,8 @@ class StudentTMixture:
         # Sigma_k = sum_i r_ik u_ik (x_i - mu_k)^2 / sum_i r_ik (Peel & McLachlan: no u in the denominator)
         var = (w.T @ (X * X) - 2 * means * (w.T @ X) + means * means * sw[:, None]) / nk[:, None]
         var = var.clamp_min(0) + self.reg
-        if self.means is not None:  # a component that lost all its points stays where it was
-            dead = (resp.sum(0) < eps)[:, None]
-            means, var = torch.where(dead, self.means, means), torch.where(dead, self.variances, var)
+        dead = (resp.sum(0) < eps)[:, None]  # a component that lost all its points stays where it was
+        means, var = torch.where(dead, self.means, means), torch.where(dead, self.variances, var)
         self.means, self.variances, self.weights = means, var, nk / nk.sum()
 
     def _e_step(self, X, dof: float):
@@ -291,11 +290,11 @@ class StudentTMixture:
         return torch.exp(weighted - ll[:, None]), (dof + X.shape[1]) / (dof + maha), ll
 
     def _em(self, X, n: int, dof: float):
-        ll = torch.full((), -math.inf)
+        """n EM steps -> the mean log-likelihood of X under the final parameters (the starts are ranked on it)."""
         for _ in range(n):
-            resp, u, ll = self._e_step(X, dof)
+            resp, u, _ = self._e_step(X, dof)
             self._m_step(X, resp, None if math.isinf(dof) else u)
-        return ll.mean()
+        return self._e_step(X, dof)[2].mean()
 
     @torch.no_grad()
     def fit(self, X, seed: int = 0):
@@ -306,7 +305,9 @@ class StudentTMixture:
         Xc, gen, best = X - self.center, torch.Generator(X.device).manual_seed(seed), None
         for _ in range(self.n_init):
             seeds = kmeans_pp(Xc, self.K, gen)
-            self.means = None
+            # the start: each point to its nearest seed; a seed that gets none keeps its place and the data's
+            # variance (the dead-component rule of _m_step)
+            self.means, self.variances = seeds, (Xc.var(0) + self.reg).expand_as(seeds)
             self._m_step(Xc, F.one_hot(torch.cdist(Xc, seeds).argmin(1), self.K).to(X))
             self._em(Xc, self.em_iters, math.inf)  # the Gaussian mixture the t-mixture starts from
             ll = self._em(Xc, self.em_iters, self.dof)
@@ -325,9 +326,11 @@ class StudentTMixture:
 
 
 # Eq. (3), Sec. 2: L_m = sum over triplets of max(0, d(a, p) - d(a, n) + alpha), d Euclidean, a and p in one
-# cluster, n in another. The paper does not say how triplets are mined: batch-hard (each anchor's farthest
-# positive and nearest negative, Hermans et al., arXiv:1703.07737); the sum is a mean over the anchors that
-# have both, so that the equal weights of Eq. (4) hold at any batch size.
+# cluster, n in another. The paper does not say how triplets are mined: batch-hard, one triplet per anchor (its
+# farthest positive and nearest negative, Hermans et al., arXiv:1703.07737). Averaged over the n_a anchors of the
+# global batch that have a triplet, not summed: Eq. (4) with L_m weighted 1 / n_a (1/32 at the paper's batch 32
+# when every anchor has one). Summed, L_m starts near B alpha against L_c's ln B and swamps it (the demo's L_c
+# then stays at ln 64: no alignment is learnt).
 def triplet_loss(emb, labels, margin: float):
     """emb [n, d] L2-normalised, labels [n] pseudo-labels (None: no mixture yet, L_m = 0) -> scalar."""
     if labels is None:
@@ -338,8 +341,17 @@ def triplet_loss(emb, labels, margin: float):
     pos, neg = same & ~torch.eye(len(labels), dtype=torch.bool, device=emb.device), ~same
     d_ap = D.masked_fill(~pos, -math.inf).amax(1)  # hardest positive; -inf where there is none
     d_an = D.masked_fill(~neg, math.inf).amin(1)  # hardest negative; +inf where there is none
-    valid = (pos.any(1) & neg.any(1)).float()  # anchors with a triplet (others add relu(-inf) = 0)
+    valid = (pos.any(1) & neg.any(1)).float()  # [n]: the n_a anchors with a triplet (others add relu(-inf) = 0)
     return (F.relu(d_ap - d_an + margin) * valid).sum() / valid.sum().clamp_min(1)
+
+
+# Eq. (4), Sec. 2: L = L_c + L_m, for training and validation alike. v, u [b, d]: this rank's image and text
+# embeddings; v_all [B, d]: the global batch's images (gathered once by the caller, which also banks them).
+def cml_loss(v, u, v_all, scale, mixture: StudentTMixture, margin: float):
+    """-> (L_c, L_m); L_m on the mixture's pseudo-labels of v_all, 0 before its first fit."""
+    l_c = clip_loss(u, v, common.all_gather_with_grad(u), v_all, scale)
+    pseudo = mixture.predict(v_all) if mixture.fitted else None  # [B] cluster pseudo-labels
+    return l_c, triplet_loss(v_all, pseudo, margin)
 
 
 def refit(mixture: StudentTMixture, bank, step: int, cfg: Config):
@@ -592,7 +604,8 @@ def train(cfg: Config) -> dict:
     mixture = StudentTMixture(cfg.n_clusters, cfg.dof, cfg.em_iters, cfg.n_init)
     # the mixture is fitted to a bank of the last --bank_size image embeddings [bank_size, d] (no gradient),
     # the same on every rank (the gathered global batches). The paper fits each batch of 32, which cannot hold
-    # K = 40 components (its code fits min(5, 32 / 3) = 5); a bank can. `seen`: embeddings pushed so far
+    # K = 40 components (its code fits min(5, 32 / 3) = 5); a bank can. L_m is 0 until the bank first fills
+    # (the first 2048 / 32 = 64 steps of the paper preset). `seen`: embeddings pushed so far
     bank, seen = torch.zeros(cfg.bank_size, raw_model.clip.config.projection_dim, device=device), 0
     if ck is not None:
         mixture.load_state_dict(ck["mixture"], device)
@@ -620,10 +633,8 @@ def train(cfg: Config) -> dict:
             with ctx:
                 v, u = model(x, ids, am)  # image and text embeddings [b, d]
             v, u = v.float(), u.float()
-            v_all = common.all_gather_with_grad(v)  # [B, d]: triplets are mined in the global batch
-            l_c = clip_loss(u, v, raw_model.logit_scale.exp())
-            pseudo = mixture.predict(v_all) if mixture.fitted else None  # cluster pseudo-labels [B]
-            l_m = triplet_loss(v_all, pseudo, cfg.margin)  # Eq. (3)
+            v_all = common.all_gather_with_grad(v)  # [B, d]: L_c's columns, L_m's triplets, the bank's entries
+            l_c, l_m = cml_loss(v, u, v_all, raw_model.logit_scale.exp(), mixture, cfg.margin)
             loss = l_c + l_m  # Eq. (4): equal weights (Sec. 3)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # the true gradients, for clipping and the check
@@ -661,10 +672,9 @@ def validation_loss(model: CXRCML, loader, mixture: StudentTMixture, device, ctx
     for b in loader:
         with ctx:
             v, u = model(b["image"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device))
-        v_all = common.all_gather_with_grad(v.float())
-        pseudo = mixture.predict(v_all) if mixture.fitted else None
-        l_c = clip_loss(u.float(), v.float(), model.logit_scale.exp())
-        losses.append(float(l_c + triplet_loss(v_all, pseudo, cfg.margin)))
+        v, u = v.float(), u.float()
+        l_c, l_m = cml_loss(v, u, common.all_gather_with_grad(v), model.logit_scale.exp(), mixture, cfg.margin)
+        losses.append(float(l_c + l_m))
     return common.all_reduce_mean(float(np.mean(losses)))
 
 

@@ -83,6 +83,27 @@ def test_mixture_em_at_large_dof_is_sklearn_gaussian_mixture_from_the_same_start
     resp, ll = tm.score(torch.tensor(X))
     np.testing.assert_allclose(ll.numpy(), gm.score_samples(X), rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(resp.numpy(), gm.predict_proba(X), atol=1e-5)
+    for n in (1, 2):  # what fit ranks its starts on: the likelihood under the parameters after the last M-step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = GaussianMixture(3, covariance_type="diag", max_iter=n, tol=0.0, reg_covar=1e-6, means_init=means,
+                                 weights_init=weights, precisions_init=1 / variances).fit(X)
+        _set(tm, means, variances, weights)
+        assert abs(float(tm._em(torch.tensor(X), n, math.inf)) - gm.score(X)) < 1e-9
+
+
+def test_mixture_m_step_keeps_a_component_that_gets_no_point():
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.normal(size=(50, 3)))
+    tm = cxrcml.StudentTMixture(3, dof=4.0)
+    _set(tm, rng.normal(size=(3, 3)), np.full((3, 3), 2.0), np.ones(3) / 3)
+    before = tm.means[2].clone(), tm.variances[2].clone()
+    resp = torch.cat([torch.tensor(rng.dirichlet([1, 1], 50)), torch.zeros(50, 1, dtype=X.dtype)], 1)
+    tm._m_step(X, resp)  # the third component's responsibilities are all 0
+    assert torch.equal(tm.means[2], before[0]) and torch.equal(tm.variances[2], before[1])
+    ref = (resp[:, :2].T @ X / resp[:, :2].sum(0)[:, None]).numpy()  # the others: weighted means
+    np.testing.assert_allclose(tm.means[:2].numpy(), ref, rtol=1e-9)
+    assert float(tm.weights[2]) < 1e-12
 
 
 def test_mixture_fit_on_clean_data_reaches_sklearn_likelihood():
@@ -160,23 +181,24 @@ def _circle(deg):
 
 
 def test_triplet_loss_batch_hard_hand_computed():
-    # unit vectors at 0, 60, 180, 250 degrees: Euclidean distance 2 sin(angle / 2); clusters {a, b}, {c, d}
-    emb, ch = _circle([0, 60, 180, 250]), lambda deg: 2 * math.sin(math.radians(deg) / 2)
-    a = ch(60) - min(ch(180), ch(110)) + 0.8  # anchor a: its positive b, its nearest negative d
-    b = ch(60) - min(ch(120), ch(170)) + 0.8
-    c = ch(70) - min(ch(180), ch(120)) + 0.8
-    d = ch(70) - min(ch(110), ch(170)) + 0.8
-    assert abs(np.mean([max(0, t) for t in (a, b, c, d)]) - 0.18840) < 1e-4  # (0.1617+0.0679+0.2151+0.3089)/4
-    loss = cxrcml.triplet_loss(emb, torch.tensor([0, 0, 1, 1]), margin=0.8)
-    assert abs(float(loss) - np.mean([max(0, t) for t in (a, b, c, d)])) < 1e-9
-    # a singleton cluster has no positive: no anchor, but still a negative of the others
-    loss = cxrcml.triplet_loss(emb, torch.tensor([0, 0, 1, 2]), 0.8)
-    assert abs(float(loss) - (max(0, a) + max(0, b)) / 2) < 1e-9
+    # unit vectors at these angles: Euclidean distance 2 sin(angle / 2). Clusters {0, 20, 40} (three members),
+    # {180, 240} and the singleton {100}: no anchor (no positive), but a negative of all the others
+    emb, ch = _circle([0, 20, 40, 180, 240, 100]), lambda deg: 2 * math.sin(math.radians(deg) / 2)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    hinge = {0: ch(40) - ch(100) + 0.5,  # anchor: its farthest positive, its nearest negative, margin 0.5
+             20: ch(20) - ch(80) + 0.5,
+             40: ch(40) - ch(60) + 0.5,
+             180: ch(60) - ch(80) + 0.5,
+             240: ch(60) - ch(120) + 0.5}
+    assert hinge[0] < -0.3 and hinge[20] < -0.4 and hinge[240] < -0.2  # these three satisfy the margin: 0
+    assert abs(hinge[40] - 0.1840) < 1e-4 and abs(hinge[180] - 0.2144) < 1e-4
+    loss = cxrcml.triplet_loss(emb, labels, margin=0.5)  # the mean over the 5 anchors that have a triplet
+    assert abs(float(loss) - (hinge[40] + hinge[180]) / 5) < 1e-12
     e = emb.clone().requires_grad_(True)  # no triplet at all: 0, and a gradient still flows (DDP)
-    loss = cxrcml.triplet_loss(e, torch.tensor([0, 1, 2, 3]), 0.8)
+    loss = cxrcml.triplet_loss(e, torch.arange(6), 0.5)
     loss.backward()
     assert loss.item() == 0.0 and e.grad is not None and torch.isfinite(e.grad).all()
-    assert float(cxrcml.triplet_loss(emb, None, 0.8)) == 0.0  # before the first fit
+    assert float(cxrcml.triplet_loss(emb, None, 0.5)) == 0.0  # before the first fit
 
 
 def test_clip_loss_hand_computed():
@@ -186,7 +208,32 @@ def test_clip_loss_hand_computed():
 
     def ce(m):  # mean over rows of -log softmax(row)[diagonal]
         return np.mean([-m[i, i] + np.log(np.exp(m[i]).sum()) for i in range(len(m))])
-    assert abs(float(cxrcml.clip_loss(u, v, torch.tensor(10.0))) - 0.5 * (ce(s) + ce(s.T))) < 1e-12
+    assert abs(float(cxrcml.clip_loss(u, v, u, v, torch.tensor(10.0))) - 0.5 * (ce(s) + ce(s.T))) < 1e-12
+
+
+def test_cml_loss_is_l_c_and_l_m_on_the_pseudo_labels_images_gathered_once(monkeypatch):
+    """Eq. (4)'s terms, as train() and validation_loss take them: L_c by hand, L_m by brute force over all
+    triplets on the mixture's pseudo-labels, 0 before its first fit; the caller's gathered images are used as
+    they are (only the texts are gathered inside)."""
+    g = torch.Generator().manual_seed(0)
+    v = F.normalize(torch.randn(12, 3, generator=g, dtype=torch.float64) + torch.tensor([4.0, 0, 0]) *
+                    (torch.arange(12) % 2)[:, None], dim=-1)  # two groups of images
+    u = F.normalize(torch.randn(12, 3, generator=g, dtype=torch.float64), dim=-1)
+    gathered = []
+    monkeypatch.setattr(common, "all_gather_with_grad", lambda x: gathered.append(x) or x)
+    tm = cxrcml.StudentTMixture(2, dof=4.0)
+    s = (u @ v.T).numpy() * 10.0
+    ce = [np.mean([-m[i, i] + np.log(np.exp(m[i]).sum()) for i in range(12)]) for m in (s, s.T)]
+    l_c, l_m = cxrcml.cml_loss(v, u, v, torch.tensor(10.0), tm, 0.3)
+    assert abs(float(l_c) - np.mean(ce)) < 1e-12 and float(l_m) == 0.0
+    assert len(gathered) == 1 and gathered[0] is u
+    tm.fit(v, seed=0)
+    y, d = tm.predict(v).numpy(), torch.cdist(v, v).numpy()
+    assert len(set(y)) == 2
+    hinges = [max(0.0, max(d[a, p] for p in range(12) if p != a and y[p] == y[a]) -
+                  min(d[a, n] for n in range(12) if y[n] != y[a]) + 0.3) for a in range(12)]
+    l_c2, l_m = cxrcml.cml_loss(v, u, v, torch.tensor(10.0), tm, 0.3)
+    assert float(l_c2) == float(l_c) and abs(float(l_m) - np.mean(hinges)) < 1e-9 and float(l_m) > 0
 
 
 # ---- text, pixels ----
