@@ -62,6 +62,7 @@ class Config:
     data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (the demo draws phantoms here)
     image_size: int = 64  # input resolution (224 in the paper, as in CLIP)
     fold: int = -1  # 0..4: fold k of the training patients validates, the rest trains; -1: the valid split
+    fold_seed: int = 0  # draws the 5 folds, whatever --seed: runs at several seeds share them
     rare_below: int = 1000  # rare: fewer positive images than this in the whole CSV (Sec. 3: 1,000)
     # model (Sec. 3)
     clip: str = "tiny"  # tiny (--width, --layers, --patch_size, a conv stem) | ViT-B/32 (Sec. 3)
@@ -413,27 +414,32 @@ def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader wor
 
 
 def patient_folds(table: common.XrayCSV, folds: int, seed: int) -> np.ndarray:
-    """Fold index [N] of each row: patients never split, and each label's positives spread evenly. The
-    official k_fold_cross.py stratifies images (scikit-learn's StratifiedKFold on the whole label vector),
-    so one patient's images can train and validate at once; here patients are dealt one by one, those of
-    the rarest classes first, each to the fold that has the smallest share of its positive classes."""
+    """Fold index [N] of each row: scikit-learn's StratifiedGroupKFold with the patients as groups (never split)
+    and each patient's rarest positive class (fewest positive images in the table; none: a stratum of its own)
+    as the stratum, so that the few patients of a rare class spread over the folds. The official
+    k_fold_cross.py stratifies images (StratifiedKFold), so one patient's images can train and validate at once."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     pid = [r.get("patient_id") or r.get("study_id") or f"_row{i}" for i, r in enumerate(table.rows)]
-    uniq = sorted(set(pid))
-    index = {p: j for j, p in enumerate(uniq)}
-    y, n = np.zeros((len(uniq), len(table.label_names))), np.zeros(len(uniq))  # positives, images
-    for i, p in enumerate(pid):
-        y[index[p]] += table.rows[i]["_labels"] == 1
-        n[index[p]] += 1
-    total = y.sum(0)
-    rarest = np.where(y > 0, total, np.inf).min(1)  # each patient's rarest positive class
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    order = order[np.argsort(rarest[order], kind="stable")]
-    count, size, fold = np.zeros((folds, y.shape[1])), np.zeros(folds), np.zeros(len(uniq), int)
-    for j in order:
-        has = y[j] > 0
-        f = int(np.argmin((count[:, has] / total[has]).sum(1) + size / n.sum()))
-        fold[j], count[f], size[f] = f, count[f] + y[j], size[f] + n[j]
-    return fold[[index[p] for p in pid]]
+    patients, group = np.unique(pid, return_inverse=True)  # group [N]: each row's patient
+    pos = table.labels() == 1  # [N, L]
+    has = np.zeros((len(patients), pos.shape[1]), bool)  # [P, L]: the patient has a positive image
+    np.logical_or.at(has, group, pos)
+    rarest = np.where(has.any(1), np.where(has, pos.sum(0), np.inf).argmin(1), pos.shape[1])  # [P]
+    fold, splits = np.zeros(len(pid), int), StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    try:
+        for k, (_, rows) in enumerate(splits.split(pid, rarest[group], group)):
+            fold[rows] = k
+    except ValueError as e:  # fewer patients than folds, or every stratum smaller than the folds
+        raise common.UserError(f"--fold: the train split of {table.path} gives no {folds} patient folds: {e}")
+    return fold
+
+
+def fold_rows(table: common.XrayCSV, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Sec. 3, the five runs: (training rows, validation rows) of --fold=k: fold k of the training patients
+    validates. The folds come from --fold_seed, so five runs at any --seed use five disjoint validation folds."""
+    fold = patient_folds(table, FOLDS, cfg.fold_seed)
+    return np.flatnonzero(fold != cfg.fold), np.flatnonzero(fold == cfg.fold)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -574,8 +580,7 @@ def train(cfg: Config) -> dict:
     names, counts = tr.label_names, sum((t.labels() == 1).sum(0) for t in (tr, va, te))
     rare = [n for n, c in zip(names, counts) if c < cfg.rare_below]
     if cfg.fold >= 0:  # Sec. 3, the 5 runs: fold k of the training patients validates, the others train
-        fold = patient_folds(tr, FOLDS, cfg.seed)
-        va, train_rows, val_rows = tr, np.flatnonzero(fold != cfg.fold), np.flatnonzero(fold == cfg.fold)
+        va, (train_rows, val_rows) = tr, fold_rows(tr, cfg)
     else:
         train_rows, val_rows = range(len(tr)), range(len(va))
     if not len(val_rows):
