@@ -14,18 +14,18 @@ Map of the method (Sec. 2-3):
     zero-shot AUC of all / base / rare (< 1,000 samples) classes, the average of 5 runs  Sec. 3-4
 Equation -> function -> test (tests/test_cxrcml.py): Eq. (1) StudentTMixture, kmeans_pp (::test_mixture_*,
 ::test_kmeans_*); Eq. (2) student_t_log_density (::test_student_t_*); Eq. (3) triplet_loss (::test_triplet_*);
-L_c clip_loss (::test_clip_loss_*); Eq. (4) train() (::test_end_to_end_*); CheXzero's pixels and weights
-pixels, load_chexzero (::test_chexzero_*); the 5 runs patient_folds, summarize (::test_patient_folds_*).
+L_c clip_loss, Eq. (4) cml_loss, train() (::test_clip_loss_*, ::test_cml_loss_*, ::test_end_to_end_*); CheXzero's
+pixels, weights, prompts (::test_chexzero_*); 5 runs patient_folds, fold_rows, summarize (::test_*fold*, ::test_summ*)
 
 Run:
     python cxrcml.py                                      # demo: phantoms, tiny CLIP, 2 CPU cores
     torchrun --nproc_per_node=2 cxrcml.py                 # the same demo in 2 processes
-    python cxrcml.py --preset=paper --data=data/cxrlt.csv --chexzero=best_64_5e-05_original_22000_0.864.pt
+    python cxrcml.py --preset=paper --data=data/cxr_lt.csv --chexzero=best_64_5e-05_original_22000_0.864.pt
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        cxrcml.py --preset=paper --data=data/cxrlt.csv --chexzero=<CheXzero .pt>
+        cxrcml.py --preset=paper --data=data/cxr_lt.csv --chexzero=<CheXzero .pt>
     python cxrcml.py --preset=paper --init=openai ...    # from OpenAI's CLIP instead (not the paper)
 The paper's 5 runs (Sec. 3), fold k of the training patients validating each, and their mean and std:
-    for k in 0 1 2 3 4; do python cxrcml.py --preset=paper --data=data/cxrlt.csv --chexzero=<CheXzero .pt> \\
+    for k in 0 1 2 3 4; do python cxrcml.py --preset=paper --data=data/cxr_lt.csv --chexzero=<CheXzero .pt> \\
         --fold=$k --out_dir=out/cxrcml_fold$k; done; python cxrcml.py summarize out/cxrcml_fold*
 
 Departures from the paper are stated at their lines and in README.md ("CXR-CML").
@@ -79,6 +79,7 @@ class Config:
     bank_size: int = 2048  # recent image embeddings the mixture is fitted on (the paper: each batch)
     refit_every: int = 50  # steps between fits of the mixture to the bank
     margin: float = 0.2  # alpha of Eq. (3) (not given in the paper; FaceNet's)
+    prompts: str = "chexzero"  # zero-shot pair: chexzero ("{}" / "no {}", Table 2's baseline) | present
     # optimisation (Sec. 3)
     epochs: int = 10  # training epochs (not given in the paper; the official code's 10)
     batch_size: int = 32  # GLOBAL batch of image-text pairs (Sec. 3: 32)
@@ -108,9 +109,11 @@ PRESETS = {
     # Demo: phantoms at 64 px, a tiny CLIP from scratch. ~2100 training images / 64 = 32 steps per epoch x 30
     # epochs. K = 12, one per phantom class, as the paper's K = 40 is one per CXR-LT class. lr 1e-3 after a
     # 30-step warm-up: the paper's 1e-6 fine-tunes pretrained weights and moves random ones nowhere. The
-    # phantoms' three rare findings have 40-100 positive images, the others 110 or more: rare below 105.
+    # phantoms' three rare findings have 40-100 positive images, the others 110 or more: rare below 105. Zero-shot
+    # on the training phrase "x is present": a CLIP trained from scratch on meta-labels never reads "no x".
     "demo": dict(n_clusters=12, bank_size=512, refit_every=25, epochs=30, batch_size=64, lr=1e-3,
-                 weight_decay=0.05, warmup_steps=30, plateau_patience=3, grad_clip=1.0, rare_below=105),
+                 weight_decay=0.05, warmup_steps=30, plateau_patience=3, grad_clip=1.0, rare_below=105,
+                 prompts="present"),
     # Paper (Sec. 3): CLIP ViT-B/32 from CheXzero, 224 px, K = 40, nu = 4, batch 32 (1 GPU in the paper),
     # lr 1e-6; fold 0 of the five runs. The bank holds 64 global batches of 32.
     "paper": dict(data="", image_size=224, fold=0, clip="ViT-B/32", init="chexzero", num_workers=8),
@@ -197,11 +200,22 @@ class CXRCML(nn.Module):
         return functools.partial(pixels, size=self.cfg.image_size, chexzero=self.cfg.clip == "ViT-B/32")
 
     def zeroshot_prompts(self, label: str):
-        """(positive, negative prompts): the training phrase "x is present" against the data set's normal
-        class ("no finding is present", "normal is present"); that class itself against nothing."""
+        """(positive, negative prompts) that common.zeroshot_scores ranks on: --prompts=chexzero, CheXzero's
+        pair; present, the training phrase "x is present" against the data set's normal class ("no finding is
+        present", "normal is present"), that class itself against nothing."""
+        if self.cfg.prompts == "chexzero":
+            return chexzero_prompts(label)
         x = common.label_text(label)
         normal = [n for n in map(common.label_text, self.class_names) if n in ("no finding", "normal")]
         return [f"{x} is present"], [f"{n} is present" for n in normal if n != x]
+
+
+def chexzero_prompts(label: str) -> tuple[list[str], list[str]]:
+    """CheXzero's zero-shot pair "{}" / "no {}" (rajpurkarlab/CheXzero zero_shot.py), with which Table 2 scores its
+    CheXzero baseline (the paper names no other; common.zeroshot_scores ranks as CheXzero's softmax over it). A
+    class that is itself a negation ("No Finding") gets no "no no finding": its positive prompt alone."""
+    x = common.label_text(label)
+    return [x], [] if x.startswith("no ") else [f"no {x}"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,10 +565,10 @@ def check(cfg: Config):
     """Flag values that cannot work, before anything runs."""
     if cfg.clip not in ("tiny", "ViT-B/32") or cfg.init not in ("random", "chexzero", "openai") or \
             cfg.init != "random" and cfg.clip != "ViT-B/32" or not -1 <= cfg.fold < FOLDS or \
-            cfg.bank_size < cfg.batch_size:
+            cfg.bank_size < cfg.batch_size or cfg.prompts not in ("chexzero", "present"):
         raise common.UserError(f"--clip is tiny | ViT-B/32; --init random | chexzero | openai (these two "
                                f"with --clip=ViT-B/32); --fold -1 (the CSV's valid split) or 0..{FOLDS - 1}; "
-                               f"--bank_size at least --batch_size")
+                               f"--bank_size at least --batch_size; --prompts chexzero | present")
     if not cfg.data:
         raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py cxr_lt writes it)")
     if cfg.init == "chexzero" and not cfg.resume and not Path(cfg.chexzero).is_file():
