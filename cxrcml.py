@@ -345,7 +345,7 @@ class StudentTMixture:
 # farthest positive and nearest negative, Hermans et al., arXiv:1703.07737). Averaged over the n_a anchors of the
 # global batch that have a triplet, not summed: Eq. (4) with L_m weighted 1 / n_a (1/32 at the paper's batch 32
 # when every anchor has one). Summed, L_m starts near B alpha against L_c's ln B and swamps it (the demo's L_c
-# then stays at ln 64: no alignment is learnt).
+# then stays at ln 64).
 def triplet_loss(emb, labels, margin: float):
     """emb [n, d] L2-normalised, labels [n] pseudo-labels (None: no mixture yet, L_m = 0) -> scalar."""
     if labels is None:
