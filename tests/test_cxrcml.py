@@ -236,6 +236,45 @@ def test_cml_loss_is_l_c_and_l_m_on_the_pseudo_labels_images_gathered_once(monke
     assert float(l_c2) == float(l_c) and abs(float(l_m) - np.mean(hinges)) < 1e-9 and float(l_m) > 0
 
 
+def _cml_step(x, y, w, state, world=1, rank=0):
+    """L_c + L_m of Eq. (4) for this rank's rows of x, y [8, 5] through shared weights w -> (loss, w's grad)."""
+    w = w.clone().requires_grad_(True)
+    b = len(x) // world
+    v, u = (F.normalize(t[rank * b:(rank + 1) * b] @ w, dim=-1) for t in (x, y))
+    tm = cxrcml.StudentTMixture(2, dof=4.0)
+    tm.load_state_dict(state)
+    l_c, l_m = cxrcml.cml_loss(v, u, common.all_gather_with_grad(v), torch.tensor(5.0), tm, 0.5)
+    (l_c + l_m).backward()
+    return float((l_c + l_m).detach()), float(l_m.detach()), w.grad
+
+
+def _ddp_cml_worker(rank, world, init_file, x, y, w, state, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    loss, l_m, grad = _cml_step(x, y, w, state, world, rank)
+    dist.all_reduce(grad)
+    torch.save({"loss": loss, "l_m": l_m, "grad": grad / world}, f"{out_dir}/r{rank}.pt")  # DDP's average
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cml_loss_two_gloo_processes_equal_one_process(tmp_path):
+    """2 processes x 4 pairs = 1 process x 8: L_m is mined on the gathered images, the same on both ranks."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64) + 3 * (torch.arange(8) % 2)[:, None]
+    y, w = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(5, 5, generator=g, dtype=torch.float64)
+    state = cxrcml.StudentTMixture(2, dof=4.0).fit(F.normalize(x @ w, dim=-1), seed=0).state_dict()
+    loss, l_m, grad = _cml_step(x, y, w, state)
+    assert l_m > 0
+    torch.multiprocessing.spawn(_ddp_cml_worker, args=(2, str(tmp_path / "init"), x, y, w, state, str(tmp_path)),
+                                nprocs=2)
+    r = [torch.load(tmp_path / f"r{k}.pt") for k in range(2)]
+    assert r[0]["l_m"] == pytest.approx(l_m, abs=1e-12) and r[1]["l_m"] == pytest.approx(l_m, abs=1e-12)
+    assert (r[0]["loss"] + r[1]["loss"]) / 2 == pytest.approx(loss, abs=1e-12)
+    torch.testing.assert_close(r[0]["grad"], grad, rtol=1e-9, atol=1e-12)
+
+
 # ---- text, pixels ----
 
 def test_meta_label_text_and_prompts():
