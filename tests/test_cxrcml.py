@@ -458,6 +458,7 @@ def test_fold_rows_five_folds_are_disjoint_and_cover_the_training_patients_for_a
     assert folds[0, 0] != folds[0, 5]  # --fold_seed does
 
 
+@pytest.mark.filterwarnings("ignore:The least populated class")  # scikit-learn, tiny strata
 def test_patient_folds_of_fewer_patients_than_folds_is_a_user_error(phantom_csv, tmp_path):
     with open(phantom_csv, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
@@ -487,6 +488,7 @@ def test_summarize_gives_mean_and_sample_std(tmp_path):
 # ---- end to end ----
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The least populated class")  # scikit-learn, tiny strata
 def test_end_to_end_fold_run_trains_evaluates_and_loads(phantom_csv, tmp_path):
     out = tmp_path / "run"
     res = cxrcml.main([f"--data={phantom_csv}", f"--out_dir={out}", "--image_size=32", "--batch_size=16",
