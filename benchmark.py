@@ -147,7 +147,8 @@ def cxrcml(m, cfg) -> dict:
             with ctx:
                 v, u = net(x, ids, torch.ones_like(ids))
             v_all = common.all_gather_with_grad(v.float())
-            loss = m.clip_loss(u.float(), v.float(), model.logit_scale.exp())
+            loss = m.clip_loss(u.float(), v.float(), common.all_gather_with_grad(u.float()), v_all,
+                               model.logit_scale.exp())
             optimiser_step(loss + m.triplet_loss(v_all, mixture.predict(v_all), cfg.margin) if cml else loss,
                            scaler, opt)
         flops = count_flops(lambda: step(net=model))

@@ -787,9 +787,9 @@ def prompt_embedding(model, prompts: list[str]) -> np.ndarray:
 
 def zeroshot_scores(model, emb: np.ndarray, names: list[str]) -> np.ndarray:
     """float64 [N, L]: each image's cosine similarity to a label's positive prompts minus that to its negative
-    ones (model.zeroshot_prompts(name) -> (pos, neg); the positive one alone where neg is empty). Times the
-    logit scale this is the logit of CheXzero's softmax over the pair, so it ranks as that probability does,
-    without its saturation: sigmoid(100 d) in float32 is 1 for all d > 0.17, and ties cost AUC."""
+    ones (model.zeroshot_prompts(name) -> (pos, neg); the positive one alone where neg is empty). CheXzero's
+    predict softmaxes the raw cosines of its pair ("{}" / "no {}", no logit scale): exp(c+) / (exp(c+) +
+    exp(c-)) = sigmoid(c+ - c-), a monotone function of this difference, so both rank the images alike."""
     emb, out = np.asarray(emb, dtype=np.float64), np.zeros((len(emb), len(names)))
     for j, n in enumerate(names):
         pos, neg = model.zeroshot_prompts(n)

@@ -14,18 +14,18 @@ Map of the method (Sec. 2-3):
     zero-shot AUC of all / base / rare (< 1,000 samples) classes, the average of 5 runs  Sec. 3-4
 Equation -> function -> test (tests/test_cxrcml.py): Eq. (1) StudentTMixture, kmeans_pp (::test_mixture_*,
 ::test_kmeans_*); Eq. (2) student_t_log_density (::test_student_t_*); Eq. (3) triplet_loss (::test_triplet_*);
-L_c clip_loss (::test_clip_loss_*); Eq. (4) train() (::test_end_to_end_*); CheXzero's pixels and weights
-pixels, load_chexzero (::test_chexzero_*); the 5 runs patient_folds, summarize (::test_patient_folds_*).
+L_c clip_loss, Eq. (4) cml_loss, train() (::test_clip_loss_*, ::test_cml_loss_*, ::test_end_to_end_*); CheXzero's
+pixels, weights, prompts (::test_chexzero_*); 5 runs patient_folds, fold_rows, summarize (::test_*fold*, ::test_summ*)
 
 Run:
     python cxrcml.py                                      # demo: phantoms, tiny CLIP, 2 CPU cores
     torchrun --nproc_per_node=2 cxrcml.py                 # the same demo in 2 processes
-    python cxrcml.py --preset=paper --data=data/cxrlt.csv --chexzero=best_64_5e-05_original_22000_0.864.pt
+    python cxrcml.py --preset=paper --data=data/cxr_lt.csv --chexzero=best_64_5e-05_original_22000_0.864.pt
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        cxrcml.py --preset=paper --data=data/cxrlt.csv --chexzero=<CheXzero .pt>
+        cxrcml.py --preset=paper --data=data/cxr_lt.csv --chexzero=<CheXzero .pt>
     python cxrcml.py --preset=paper --init=openai ...    # from OpenAI's CLIP instead (not the paper)
 The paper's 5 runs (Sec. 3), fold k of the training patients validating each, and their mean and std:
-    for k in 0 1 2 3 4; do python cxrcml.py --preset=paper --data=data/cxrlt.csv --chexzero=<CheXzero .pt> \\
+    for k in 0 1 2 3 4; do python cxrcml.py --preset=paper --data=data/cxr_lt.csv --chexzero=<CheXzero .pt> \\
         --fold=$k --out_dir=out/cxrcml_fold$k; done; python cxrcml.py summarize out/cxrcml_fold*
 
 Departures from the paper are stated at their lines and in README.md ("CXR-CML").
@@ -62,6 +62,7 @@ class Config:
     data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (the demo draws phantoms here)
     image_size: int = 64  # input resolution (224 in the paper, as in CLIP)
     fold: int = -1  # 0..4: fold k of the training patients validates, the rest trains; -1: the valid split
+    fold_seed: int = 0  # draws the 5 folds, whatever --seed: runs at several seeds share them
     rare_below: int = 1000  # rare: fewer positive images than this in the whole CSV (Sec. 3: 1,000)
     # model (Sec. 3)
     clip: str = "tiny"  # tiny (--width, --layers, --patch_size, a conv stem) | ViT-B/32 (Sec. 3)
@@ -78,6 +79,7 @@ class Config:
     bank_size: int = 2048  # recent image embeddings the mixture is fitted on (the paper: each batch)
     refit_every: int = 50  # steps between fits of the mixture to the bank
     margin: float = 0.2  # alpha of Eq. (3) (not given in the paper; FaceNet's)
+    prompts: str = "chexzero"  # zero-shot pair: chexzero ("{}" / "no {}", Table 2's baseline) | present
     # optimisation (Sec. 3)
     epochs: int = 10  # training epochs (not given in the paper; the official code's 10)
     batch_size: int = 32  # GLOBAL batch of image-text pairs (Sec. 3: 32)
@@ -107,9 +109,11 @@ PRESETS = {
     # Demo: phantoms at 64 px, a tiny CLIP from scratch. ~2100 training images / 64 = 32 steps per epoch x 30
     # epochs. K = 12, one per phantom class, as the paper's K = 40 is one per CXR-LT class. lr 1e-3 after a
     # 30-step warm-up: the paper's 1e-6 fine-tunes pretrained weights and moves random ones nowhere. The
-    # phantoms' three rare findings have 40-100 positive images, the others 110 or more: rare below 105.
+    # phantoms' three rare findings have 40-100 positive images, the others 110 or more: rare below 105. Zero-shot
+    # on the training phrase "x is present": a CLIP trained from scratch on meta-labels never reads "no x".
     "demo": dict(n_clusters=12, bank_size=512, refit_every=25, epochs=30, batch_size=64, lr=1e-3,
-                 weight_decay=0.05, warmup_steps=30, plateau_patience=3, grad_clip=1.0, rare_below=105),
+                 weight_decay=0.05, warmup_steps=30, plateau_patience=3, grad_clip=1.0, rare_below=105,
+                 prompts="present"),
     # Paper (Sec. 3): CLIP ViT-B/32 from CheXzero, 224 px, K = 40, nu = 4, batch 32 (1 GPU in the paper),
     # lr 1e-6; fold 0 of the five runs. The bank holds 64 global batches of 32.
     "paper": dict(data="", image_size=224, fold=0, clip="ViT-B/32", init="chexzero", num_workers=8),
@@ -196,11 +200,22 @@ class CXRCML(nn.Module):
         return functools.partial(pixels, size=self.cfg.image_size, chexzero=self.cfg.clip == "ViT-B/32")
 
     def zeroshot_prompts(self, label: str):
-        """(positive, negative prompts): the training phrase "x is present" against the data set's normal
-        class ("no finding is present", "normal is present"); that class itself against nothing."""
+        """(positive, negative prompts) that common.zeroshot_scores ranks on: --prompts=chexzero, CheXzero's
+        pair; present, the training phrase "x is present" against the data set's normal class ("no finding is
+        present", "normal is present"), that class itself against nothing."""
+        if self.cfg.prompts == "chexzero":
+            return chexzero_prompts(label)
         x = common.label_text(label)
         normal = [n for n in map(common.label_text, self.class_names) if n in ("no finding", "normal")]
         return [f"{x} is present"], [f"{n} is present" for n in normal if n != x]
+
+
+def chexzero_prompts(label: str) -> tuple[list[str], list[str]]:
+    """CheXzero's zero-shot pair "{}" / "no {}" (rajpurkarlab/CheXzero zero_shot.py), with which Table 2 scores its
+    CheXzero baseline (the paper names no other; common.zeroshot_scores ranks as CheXzero's softmax over it). A
+    class that is itself a negation ("No Finding") gets no "no no finding": its positive prompt alone."""
+    x = common.label_text(label)
+    return [x], [] if x.startswith("no ") else [f"no {x}"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,9 +223,9 @@ class CXRCML(nn.Module):
 
 
 # L_c: CLIP's symmetric InfoNCE. u, v [b, d] on this rank, row i of one paired with row i of the other; each
-# local row is scored against all world * b gathered rows, its positive at column rank * b + i.
-def clip_loss(u, v, scale):
-    u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [B, d]
+# local row is scored against the world * b rows of u_all, v_all [B, d] (the global batch, gathered with
+# gradient by the caller), its positive at column rank * b + i.
+def clip_loss(u, v, u_all, v_all, scale):
     target = torch.arange(len(u), device=u.device) + len(u) * common.rank()  # row i's global index
     return 0.5 * (F.cross_entropy(scale * u @ v_all.T, target) + F.cross_entropy(scale * v @ u_all.T, target))
 
@@ -278,9 +293,8 @@ class StudentTMixture:
         # Sigma_k = sum_i r_ik u_ik (x_i - mu_k)^2 / sum_i r_ik (Peel & McLachlan: no u in the denominator)
         var = (w.T @ (X * X) - 2 * means * (w.T @ X) + means * means * sw[:, None]) / nk[:, None]
         var = var.clamp_min(0) + self.reg
-        if self.means is not None:  # a component that lost all its points stays where it was
-            dead = (resp.sum(0) < eps)[:, None]
-            means, var = torch.where(dead, self.means, means), torch.where(dead, self.variances, var)
+        dead = (resp.sum(0) < eps)[:, None]  # a component that lost all its points stays where it was
+        means, var = torch.where(dead, self.means, means), torch.where(dead, self.variances, var)
         self.means, self.variances, self.weights = means, var, nk / nk.sum()
 
     def _e_step(self, X, dof: float):
@@ -291,11 +305,11 @@ class StudentTMixture:
         return torch.exp(weighted - ll[:, None]), (dof + X.shape[1]) / (dof + maha), ll
 
     def _em(self, X, n: int, dof: float):
-        ll = torch.full((), -math.inf)
+        """n EM steps -> the mean log-likelihood of X under the final parameters (the starts are ranked on it)."""
         for _ in range(n):
-            resp, u, ll = self._e_step(X, dof)
+            resp, u, _ = self._e_step(X, dof)
             self._m_step(X, resp, None if math.isinf(dof) else u)
-        return ll.mean()
+        return self._e_step(X, dof)[2].mean()
 
     @torch.no_grad()
     def fit(self, X, seed: int = 0):
@@ -306,7 +320,9 @@ class StudentTMixture:
         Xc, gen, best = X - self.center, torch.Generator(X.device).manual_seed(seed), None
         for _ in range(self.n_init):
             seeds = kmeans_pp(Xc, self.K, gen)
-            self.means = None
+            # the start: each point to its nearest seed; a seed that gets none keeps its place and the data's
+            # variance (the dead-component rule of _m_step)
+            self.means, self.variances = seeds, (Xc.var(0) + self.reg).expand_as(seeds)
             self._m_step(Xc, F.one_hot(torch.cdist(Xc, seeds).argmin(1), self.K).to(X))
             self._em(Xc, self.em_iters, math.inf)  # the Gaussian mixture the t-mixture starts from
             ll = self._em(Xc, self.em_iters, self.dof)
@@ -325,9 +341,11 @@ class StudentTMixture:
 
 
 # Eq. (3), Sec. 2: L_m = sum over triplets of max(0, d(a, p) - d(a, n) + alpha), d Euclidean, a and p in one
-# cluster, n in another. The paper does not say how triplets are mined: batch-hard (each anchor's farthest
-# positive and nearest negative, Hermans et al., arXiv:1703.07737); the sum is a mean over the anchors that
-# have both, so that the equal weights of Eq. (4) hold at any batch size.
+# cluster, n in another. The paper does not say how triplets are mined: batch-hard, one triplet per anchor (its
+# farthest positive and nearest negative, Hermans et al., arXiv:1703.07737). Averaged over the n_a anchors of the
+# global batch that have a triplet, not summed: Eq. (4) with L_m weighted 1 / n_a (1/32 at the paper's batch 32
+# when every anchor has one). Summed, L_m starts near B alpha against L_c's ln B and swamps it (the demo's L_c
+# then stays at ln 64).
 def triplet_loss(emb, labels, margin: float):
     """emb [n, d] L2-normalised, labels [n] pseudo-labels (None: no mixture yet, L_m = 0) -> scalar."""
     if labels is None:
@@ -338,8 +356,17 @@ def triplet_loss(emb, labels, margin: float):
     pos, neg = same & ~torch.eye(len(labels), dtype=torch.bool, device=emb.device), ~same
     d_ap = D.masked_fill(~pos, -math.inf).amax(1)  # hardest positive; -inf where there is none
     d_an = D.masked_fill(~neg, math.inf).amin(1)  # hardest negative; +inf where there is none
-    valid = (pos.any(1) & neg.any(1)).float()  # anchors with a triplet (others add relu(-inf) = 0)
+    valid = (pos.any(1) & neg.any(1)).float()  # [n]: the n_a anchors with a triplet (others add relu(-inf) = 0)
     return (F.relu(d_ap - d_an + margin) * valid).sum() / valid.sum().clamp_min(1)
+
+
+# Eq. (4), Sec. 2: L = L_c + L_m, for training and validation alike. v, u [b, d]: this rank's image and text
+# embeddings; v_all [B, d]: the global batch's images (gathered once by the caller, which also banks them).
+def cml_loss(v, u, v_all, scale, mixture: StudentTMixture, margin: float):
+    """-> (L_c, L_m); L_m on the mixture's pseudo-labels of v_all, 0 before its first fit."""
+    l_c = clip_loss(u, v, common.all_gather_with_grad(u), v_all, scale)
+    pseudo = mixture.predict(v_all) if mixture.fitted else None  # [B] cluster pseudo-labels
+    return l_c, triplet_loss(v_all, pseudo, margin)
 
 
 def refit(mixture: StudentTMixture, bank, step: int, cfg: Config):
@@ -401,27 +428,32 @@ def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader wor
 
 
 def patient_folds(table: common.XrayCSV, folds: int, seed: int) -> np.ndarray:
-    """Fold index [N] of each row: patients never split, and each label's positives spread evenly. The
-    official k_fold_cross.py stratifies images (scikit-learn's StratifiedKFold on the whole label vector),
-    so one patient's images can train and validate at once; here patients are dealt one by one, those of
-    the rarest classes first, each to the fold that has the smallest share of its positive classes."""
+    """Fold index [N] of each row: scikit-learn's StratifiedGroupKFold with the patients as groups (never split)
+    and each patient's rarest positive class (fewest positive images in the table; none: a stratum of its own)
+    as the stratum, so that the few patients of a rare class spread over the folds. The official
+    k_fold_cross.py stratifies images (StratifiedKFold), so one patient's images can train and validate at once."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     pid = [r.get("patient_id") or r.get("study_id") or f"_row{i}" for i, r in enumerate(table.rows)]
-    uniq = sorted(set(pid))
-    index = {p: j for j, p in enumerate(uniq)}
-    y, n = np.zeros((len(uniq), len(table.label_names))), np.zeros(len(uniq))  # positives, images
-    for i, p in enumerate(pid):
-        y[index[p]] += table.rows[i]["_labels"] == 1
-        n[index[p]] += 1
-    total = y.sum(0)
-    rarest = np.where(y > 0, total, np.inf).min(1)  # each patient's rarest positive class
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    order = order[np.argsort(rarest[order], kind="stable")]
-    count, size, fold = np.zeros((folds, y.shape[1])), np.zeros(folds), np.zeros(len(uniq), int)
-    for j in order:
-        has = y[j] > 0
-        f = int(np.argmin((count[:, has] / total[has]).sum(1) + size / n.sum()))
-        fold[j], count[f], size[f] = f, count[f] + y[j], size[f] + n[j]
-    return fold[[index[p] for p in pid]]
+    patients, group = np.unique(pid, return_inverse=True)  # group [N]: each row's patient
+    pos = table.labels() == 1  # [N, L]
+    has = np.zeros((len(patients), pos.shape[1]), bool)  # [P, L]: the patient has a positive image
+    np.logical_or.at(has, group, pos)
+    rarest = np.where(has.any(1), np.where(has, pos.sum(0), np.inf).argmin(1), pos.shape[1])  # [P]
+    fold, splits = np.zeros(len(pid), int), StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    try:
+        for k, (_, rows) in enumerate(splits.split(pid, rarest[group], group)):
+            fold[rows] = k
+    except ValueError as e:  # fewer patients than folds, or every stratum smaller than the folds
+        raise common.UserError(f"--fold: the train split of {table.path} gives no {folds} patient folds: {e}")
+    return fold
+
+
+def fold_rows(table: common.XrayCSV, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Sec. 3, the five runs: (training rows, validation rows) of --fold=k: fold k of the training patients
+    validates. The folds come from --fold_seed, so five runs at any --seed use five disjoint validation folds."""
+    fold = patient_folds(table, FOLDS, cfg.fold_seed)
+    return np.flatnonzero(fold != cfg.fold), np.flatnonzero(fold == cfg.fold)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,10 +565,10 @@ def check(cfg: Config):
     """Flag values that cannot work, before anything runs."""
     if cfg.clip not in ("tiny", "ViT-B/32") or cfg.init not in ("random", "chexzero", "openai") or \
             cfg.init != "random" and cfg.clip != "ViT-B/32" or not -1 <= cfg.fold < FOLDS or \
-            cfg.bank_size < cfg.batch_size:
+            cfg.bank_size < cfg.batch_size or cfg.prompts not in ("chexzero", "present"):
         raise common.UserError(f"--clip is tiny | ViT-B/32; --init random | chexzero | openai (these two "
                                f"with --clip=ViT-B/32); --fold -1 (the CSV's valid split) or 0..{FOLDS - 1}; "
-                               f"--bank_size at least --batch_size")
+                               f"--bank_size at least --batch_size; --prompts chexzero | present")
     if not cfg.data:
         raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py cxr_lt writes it)")
     if cfg.init == "chexzero" and not cfg.resume and not Path(cfg.chexzero).is_file():
@@ -562,8 +594,7 @@ def train(cfg: Config) -> dict:
     names, counts = tr.label_names, sum((t.labels() == 1).sum(0) for t in (tr, va, te))
     rare = [n for n, c in zip(names, counts) if c < cfg.rare_below]
     if cfg.fold >= 0:  # Sec. 3, the 5 runs: fold k of the training patients validates, the others train
-        fold = patient_folds(tr, FOLDS, cfg.seed)
-        va, train_rows, val_rows = tr, np.flatnonzero(fold != cfg.fold), np.flatnonzero(fold == cfg.fold)
+        va, (train_rows, val_rows) = tr, fold_rows(tr, cfg)
     else:
         train_rows, val_rows = range(len(tr)), range(len(va))
     if not len(val_rows):
@@ -592,7 +623,8 @@ def train(cfg: Config) -> dict:
     mixture = StudentTMixture(cfg.n_clusters, cfg.dof, cfg.em_iters, cfg.n_init)
     # the mixture is fitted to a bank of the last --bank_size image embeddings [bank_size, d] (no gradient),
     # the same on every rank (the gathered global batches). The paper fits each batch of 32, which cannot hold
-    # K = 40 components (its code fits min(5, 32 / 3) = 5); a bank can. `seen`: embeddings pushed so far
+    # K = 40 components (its code fits min(5, 32 / 3) = 5); a bank can. L_m is 0 until the bank first fills
+    # (the first 2048 / 32 = 64 steps of the paper preset). `seen`: embeddings pushed so far
     bank, seen = torch.zeros(cfg.bank_size, raw_model.clip.config.projection_dim, device=device), 0
     if ck is not None:
         mixture.load_state_dict(ck["mixture"], device)
@@ -620,10 +652,8 @@ def train(cfg: Config) -> dict:
             with ctx:
                 v, u = model(x, ids, am)  # image and text embeddings [b, d]
             v, u = v.float(), u.float()
-            v_all = common.all_gather_with_grad(v)  # [B, d]: triplets are mined in the global batch
-            l_c = clip_loss(u, v, raw_model.logit_scale.exp())
-            pseudo = mixture.predict(v_all) if mixture.fitted else None  # cluster pseudo-labels [B]
-            l_m = triplet_loss(v_all, pseudo, cfg.margin)  # Eq. (3)
+            v_all = common.all_gather_with_grad(v)  # [B, d]: L_c's columns, L_m's triplets, the bank's entries
+            l_c, l_m = cml_loss(v, u, v_all, raw_model.logit_scale.exp(), mixture, cfg.margin)
             loss = l_c + l_m  # Eq. (4): equal weights (Sec. 3)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # the true gradients, for clipping and the check
@@ -661,10 +691,9 @@ def validation_loss(model: CXRCML, loader, mixture: StudentTMixture, device, ctx
     for b in loader:
         with ctx:
             v, u = model(b["image"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device))
-        v_all = common.all_gather_with_grad(v.float())
-        pseudo = mixture.predict(v_all) if mixture.fitted else None
-        l_c = clip_loss(u.float(), v.float(), model.logit_scale.exp())
-        losses.append(float(l_c + triplet_loss(v_all, pseudo, cfg.margin)))
+        v, u = v.float(), u.float()
+        l_c, l_m = cml_loss(v, u, common.all_gather_with_grad(v), model.logit_scale.exp(), mixture, cfg.margin)
+        losses.append(float(l_c + l_m))
     return common.all_reduce_mean(float(np.mean(losses)))
 
 

@@ -108,7 +108,7 @@ class Config:
     seg_epochs: int = 20  # segmentation decoder epochs
     mask_rle: str = ""  # segmentation: masks from this column of SIIM stage-1 (relative) RLE, not `mask`
     bootstrap: int = 1000  # patient resamples for the confidence intervals and p-values (0: none)
-    prompts: str = ""  # zero-shot prompts per class, a JSON {class: {"pos": [...], "neg": [...]}}
+    prompts: str = ""  # zero-shot prompts: chexzero (CheXzero's "{}" / "no {}") | a JSON {class: {"pos", "neg"}}
     # run
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # images per forward pass
@@ -360,7 +360,9 @@ def load_model(path: str, device: str, prompts: str = ""):
     except (KeyError, RuntimeError, TypeError) as e:  # written by another version of the paper file
         raise common.UserError(f"{paper}.load cannot rebuild {path} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200]})") from None
-    if prompts:
+    if prompts == "chexzero":  # CheXzero's pair, as CXR-CML's Table 2 scores its CheXzero baseline
+        model.zeroshot_prompts = importlib.import_module("cxrcml").chexzero_prompts
+    elif prompts:
         try:
             with open(prompts, encoding="utf-8") as f:
                 bank = {common.label_text(c): (d["pos"], d.get("neg", [])) for c, d in json.load(f).items()}

@@ -70,7 +70,8 @@ def test_cxrcml_paper_preset_clip_vit_b32():
     ids = torch.randint(5, 1000, (2, 16))
     ids[:, -1] = 3  # [SEP]: CLIP pools at the end-of-text token
     v, u = model(torch.randn(2, 3, 224, 224), ids, torch.ones_like(ids))
-    _step(model, cxrcml.clip_loss(u, v, model.logit_scale.exp()) + cxrcml.triplet_loss(v, torch.tensor([0, 1]), 0.2))
+    loss = cxrcml.clip_loss(u, v, u, v, model.logit_scale.exp())  # one process: the batch is the global one
+    _step(model, loss + cxrcml.triplet_loss(v, torch.tensor([0, 1]), 0.2))
 
 
 @pytest.mark.slow
