@@ -109,7 +109,7 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path, phantom_c
 
 
 # the function whose value is (or carries) each paper file's training loss: a NaN there is a NaN loss
-LOSS_FN = {"pedclip": "total_loss", "cxrclip": "cxrclip_loss", "cxrcml": "clip_loss", "dmlm": "total_loss"}
+LOSS_FN = {"pedclip": "total_loss", "cxrclip": "cxrclip_loss", "cxrcml": "cml_loss", "dmlm": "total_loss"}
 
 
 def nan_at_call(fn, calls, rank_ok=lambda: True):
