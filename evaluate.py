@@ -1,13 +1,12 @@
 """
 evaluate.py: the downstream protocols of the four papers (PedCLIP, CXR-CLIP, CXR-CML, D-MLM) on a checkpoint
-of any of them, with 95% bootstrap confidence intervals, and a side-by-side table of several checkpoints with
-paired bootstrap p-values.
+of any of them, with 95% bootstrap confidence intervals, a side-by-side table of several checkpoints with
+paired bootstrap p-values, and figures.
 
     python evaluate.py --ckpt=out/pedclip/ckpt.pt                      # zero-shot AUC on the demo's phantoms
-    python evaluate.py --ckpt=out/pedclip/ckpt.pt --task=retrieval,probe
     python evaluate.py --ckpt=out/cxrclip/ckpt.pt,out/pedclip/ckpt.pt,out/cxrcml/ckpt.pt,out/dmlm/ckpt.pt \\
-        --task=zeroshot,retrieval,probe --out=results                     # the comparison table
-    python evaluate.py --preset=vindr --ckpt=out/cxrclip/ckpt.pt           # a paper's protocol (below)
+        --task=zeroshot,retrieval,probe --out=results                     # the comparison table and figures
+    python evaluate.py --preset=cxrclip_vindr --ckpt=out/cxrclip/ckpt.pt   # a paper's table (the map below)
 
 A checkpoint names the paper file that wrote it; that file's load(path) rebuilds the model, and only the
 interface all four share is used: encode_image, encode_text, image_tokens, image_transform, zeroshot_prompts.
@@ -16,44 +15,51 @@ interface all four share is used: encode_image, encode_text, image_tokens, image
     zeroshot             per label, cos(positive prompts) - cos(negative prompts)  AUC, F1, ACC    all
                          (common.zeroshot_scores, as at the end of training); F1,  (macro)
                          ACC at the threshold maximising F1 on the valid split
-    zeroshot_multiclass  argmax over the classes' prompts, on the images positive  ACC, macro F1   all
-                         for exactly one class (CheXpert 5x200: CXR-CLIP Table 2)
+    zeroshot_multiclass  argmax over the classes of the mean cosine to a class's   ACC, macro F1   all
+                         prompts, images positive for exactly one class (5x200)
     retrieval            image -> text: one frontal image per study against one    R@1, R@5, R@10  frontal
-                         report section per study, identical texts merged into one
-                         candidate (CXR-CLIP Table 3 and its evaluator)
-    probe                logistic regression on frozen embeddings, --fractions of  AUC@1/10/100%   all
-                         the training images x --seeds (PedCLIP Table 2; concept
-                         alignment: --labels=<concept columns> --fractions=1)
+                         report section per study, identical texts merged
+    probe                frozen image features (--probe_features), a linear head  AUC@1/10/100%   all
+                         per --probe: logreg (C chosen on valid) | head (CXR-CLIP)
     finetune             image encoder + linear head, D-MLM's recipe (Sec. 3.5)    AUC@1/10/100%   all
     segmentation         light decoder on frozen image_tokens, images with a mask  Dice@1/10/100%  all
-                         (D-MLM Table 5, PedCLIP Table 2)
-    regression           ridge (--mode=frozen) or fine-tuning on --target_column   MAE             all
-                         (bone age in months: PedCLIP Table 2)
-    grading              ordinal grades (edema 0-3: D-MLM Table 4), logistic       ACC, F1, kappa, all
-                         regression or fine-tuning                                 one-vs-rest AUC
-
+    regression           ridge (alpha chosen on valid) or fine-tuning              MAE             all
+    grading              ordinal grades, logistic regression or fine-tuning       ACC, F1, kappa, all
+                                                                                   one-vs-rest AUC
 Labels. A label cell is 1, 0, -1 (uncertain) or blank (not mentioned). --blank and --uncertain say what
 becomes of the last two (drop: left out of that label's metrics and fits), --no_finding makes a blank label
 negative where No Finding = 1. Every output states the policy it used. --labels / --exclude / --min_pos choose
 the labels; --rare splits them into base and rare groups (CXR-CML Sec. 3: < 1,000 positive images).
-Views. --views=auto takes the task's default above; frontal is PA, AP and their decubitus / axial variants
-(an empty or unknown view is not frontal); all; or a list such as PA,AP.
-Uncertainty. Every headline metric has a 95% percentile CI from --bootstrap resamples of the patients of the
-evaluation split (CheXzero: 1,000); with several checkpoints each metric of the 2nd, 3rd, ... is compared
-with the first on the same resamples: p is the two-sided paired bootstrap p-value of their difference.
-Probes and fine-tuning also give the std over --seeds. Nothing is fitted or chosen on the evaluation split.
+Views: auto (the task's default above), frontal (PA, AP and their variants; an unknown view is not), all, or a
+list such as PA,AP. Nothing is fitted or chosen on the evaluation split.
+Uncertainty. 95% percentile CIs from --bootstrap resamples of the patients of the evaluation split; a resample
+in which a label scored on all rows has one class is skipped and counted, so that every macro is over the
+same labels. With several checkpoints each metric of the 2nd, 3rd, ... is compared with the first on the same
+resamples: p is the two-sided paired bootstrap p-value. Probes and fine-tuning also give the std over --seeds.
 
-Presets: the papers' protocols on the CSVs data_prep.py writes (--help shows each preset's values):
-    --preset=vindr          CXR-CLIP Table 2: VinDr-CXR zero-shot AUC over the classes with >= 10 positive
-                            test images, without "Other disease(s)", "Other lesion" and "No finding"
-    --preset=chexpert5x200  CXR-CLIP Tables 2-3: 5-way zero-shot accuracy and retrieval on CheXpert 5x200
-    --preset=openi          CXR-CLIP Table 3: Open-I retrieval (data_prep writes no views for Open-I: all)
-    --preset=chexpert       D-MLM Table 1 (PRIOR / GLoRIA): fine-tuning on 1/10/100% of CheXpert, the five
-                            competition labels, frontal images, blank -> 0, -1 -> U-Ones / U-Zeros per label
-    --preset=cxrlt          CXR-CML Table 2: zero-shot AUC on CXR-LT, all / base / rare
-    --preset=edema          D-MLM Table 4: edema severity 0-3, fine-tuned
-Output: printed, and <out>/eval_<tasks>.json and .md (--out: the checkpoint's folder, or ./results for
-several checkpoints). A user error (a missing file or column, a bad flag) is one line and exit status 2.
+Paper tables -> commands. R: the release's folder as downloaded. Each preset reads data_prep.py's default
+--out, data/<data set>.csv (--help with a preset shows its values):
+    table                            python data_prep.py ...                  python evaluate.py --preset=...
+    CXR-CLIP T2 VinDr ZS, 10%, 100%  vindr_cxr --root=R                       cxrclip_vindr
+    CXR-CLIP T2 RSNA / SIIM          rsna_pneumonia --root=R / siim --root=R  cxrclip_rsna / cxrclip_siim
+    CXR-CLIP T2-3 C5x200 ACC, R@K    chexpert5x200 --root=R                   cxrclip_5x200
+    CXR-CLIP T3 MIMIC / Open-I R@K   mimic_cxr --root=R --reports=R2 / openi  cxrclip_mimic / cxrclip_openi
+    CXR-CML T2 all / base / rare     cxr_lt --root=R --label_root=L           cxrcml_cxrlt (one fold)
+    D-MLM T1, T2, T5 RSNA / SIIM     rsna_pneumonia / siim --fractions=0.6,0.2,0.2   dmlm_rsna / dmlm_siim
+    D-MLM T1 CheXpert; T2 NIH        chexpert --root=R; nih --root=R          dmlm_chexpert; dmlm_nih
+    D-MLM T3 COVID-19; T4 edema      covidx --root=R; mimic_edema --label_root=L   dmlm_covidx; dmlm_edema
+    PedCLIP T1-2 PCXR / CHD / GRAZ   vindr_pcxr / chd_cxr / grazpedwri        pedclip_pcxr / _chd / _graz
+    PedCLIP T2 bone age              boneage --root=R                         pedclip_boneage
+Training (the checkpoints above): python cxrclip.py --preset=paper --data=data/mimic_cxr.csv; python dmlm.py
+--preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json after python text_prep.py knowledge
+--findings=data/mimic_cxr.csv --model=<LLM>; for k in 0..4: python cxrcml.py --preset=paper --data=data/cxr_lt.csv
+--fold=k --out_dir=out/cxrcml_fold$k, then python cxrcml.py summarize out/cxrcml_fold* (the mean of the five);
+python text_prep.py extract_bodyparts --csv=data/pexr.csv --model=<LLM>, python pedclip.py --preset=paper
+--data=data/pexr.csv. Not covered: PeXR and PedCLIP's Arthritis set (private; its concept probe is --task=probe
+--labels=<concept columns> --fractions=1), D-MLM's Covid-19 segmentation (no converter). D-MLM segments with a
+frozen decoder where it fine-tunes (no recipe given). RSNA's images are a subset of NIH ChestX-ray14.
+Output: printed, and <out>/eval_<tasks>.json, .md and .png figures (--out: the checkpoint's folder, or ./results
+for several). A user error (a missing file or column, a bad flag) is one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ class Config:
     ckpt: str = ""  # checkpoint(s) of pedclip.py / cxrclip.py / cxrcml.py / dmlm.py, comma-separated
     task: str = "zeroshot"  # task(s), comma-separated (the table in the manual above)
     data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (data_prep.py writes them)
-    split: str = "test"  # evaluation split (heads are fitted on "train", thresholds chosen on "valid")
+    split: str = "test"  # evaluation split (heads are fitted on "train", hyper-parameters chosen on "valid")
     out: str = ""  # output folder (default: the checkpoint's folder; ./results for several)
     # labels and images
     labels: str = ""  # label columns to evaluate, comma-separated (default: all)
@@ -96,7 +102,11 @@ class Config:
     retrieval_text: str = "impression"  # a study's text: impression (else findings) | findings | a column
     fractions: str = "0.01,0.1,1"  # shares of the training images for probe / finetune / segmentation
     seeds: str = "0,1,2"  # one run per seed and fraction; mean and std over the seeds
-    probe_c: float = 1.0  # inverse L2 strength of the logistic-regression heads (scikit-learn C)
+    probe: str = "logreg"  # logreg (scikit-learn, C from --probe_c on valid) | head (CXR-CLIP's linear head)
+    probe_features: str = "backbone"  # backbone (what the projection reads) | embedding (the shared space)
+    probe_c: str = "0.01,0.1,1,10,100"  # logreg / grading: C candidates, the best valid AUC per label wins
+    probe_epochs: int = 300  # head: epochs, the one with the lowest valid loss kept (CXR-CLIP's configs)
+    probe_lr: float = 5e-5  # head: AdamW lr, weight decay 1e-4, cosine, batch 256 (CXR-CLIP's configs)
     mode: str = "frozen"  # regression / grading: frozen (scikit-learn on embeddings) | finetune
     target_column: str = "target"  # regression / grading target
     classes: str = ""  # grading: the grades in order (default: the values in the training split)
@@ -105,9 +115,9 @@ class Config:
     head_lr: float = 3e-4  # fine-tuning: head learning rate, one warm-up epoch then cosine (D-MLM: 3e-4)
     ft_batch_size: int = 32  # fine-tuning batch size
     seg_epochs: int = 20  # segmentation decoder epochs
-    mask_rle: str = ""  # segmentation: masks from this column of SIIM stage-1 (relative) RLE, not `mask`
     bootstrap: int = 1000  # patient resamples for the confidence intervals and p-values (0: none)
     prompts: str = ""  # zero-shot prompts per class, a JSON {class: {"pos": [...], "neg": [...]}}
+    figures: bool = True  # write the figures (PNG) beside the markdown
     # run
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # images per forward pass
@@ -117,19 +127,37 @@ class Config:
 
 
 CHEXPERT_5 = "Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion"
-PRESETS = {  # the papers' protocols, on the CSVs data_prep.py writes (the manual above says which)
+CXRCLIP_T2 = dict(task="zeroshot,probe", probe="head", fractions="0.1,1", seeds="1234")  # ZS, 10%, 100%
+DMLM_T125 = dict(task="finetune,zeroshot,segmentation", seeds="0,1,2,3,4")  # Tables 1, 2, 5; 5 runs (PRIOR)
+PEDCLIP_T12 = dict(task="zeroshot,probe", fractions="1")  # Table 1 zero-shot, Table 2 linear probing
+PRESETS = {  # the papers' protocols on data_prep.py's CSVs (the map in the manual above)
     "demo": {},  # the phantoms the four demos train on
-    "vindr": dict(data="data/vindr.csv", min_pos=10,
-                  exclude="Other disease,Other diseases,Other lesion,No finding"),
-    "chexpert5x200": dict(data="data/chexpert5x200.csv", task="zeroshot_multiclass,retrieval", views="all"),
-    "openi": dict(data="data/openi.csv", task="retrieval", views="all"),
-    "chexpert": dict(data="data/chexpert.csv", task="finetune", labels=CHEXPERT_5, blank="zero",
-                     uncertain="gloria", views="frontal", seeds="0,1,2,3,4"),
-    "cxrlt": dict(data="data/cxrlt.csv", rare="auto"),
-    "edema": dict(data="data/edema.csv", task="grading", mode="finetune", classes="0,1,2,3"),
+    "cxrclip_vindr": dict(data="data/vindr_cxr.csv", min_pos=10, **CXRCLIP_T2,  # Sec. 4.1: >= 10 test positives
+                          exclude="Other disease,Other diseases,Other lesion,No finding"),
+    "cxrclip_rsna": dict(data="data/rsna_pneumonia.csv", **CXRCLIP_T2),
+    "cxrclip_siim": dict(data="data/siim.csv", **CXRCLIP_T2),
+    "cxrclip_5x200": dict(data="data/chexpert5x200.csv", task="zeroshot_multiclass,retrieval", views="all"),
+    "cxrclip_mimic": dict(data="data/mimic_cxr.csv", task="retrieval"),  # MIMIC's test split, frontal queries
+    "cxrclip_openi": dict(data="data/openi.csv", task="retrieval"),  # Sec. 4.1: one frontal image per study
+    "cxrcml_cxrlt": dict(data="data/cxr_lt.csv", rare="auto"),
+    "dmlm_rsna": dict(data="data/rsna_pneumonia.csv", **DMLM_T125),
+    "dmlm_siim": dict(data="data/siim.csv", **DMLM_T125),
+    "dmlm_chexpert": dict(data="data/chexpert.csv", task="finetune", labels=CHEXPERT_5, blank="zero",
+                          uncertain="gloria", views="frontal", seeds="0,1,2,3,4"),
+    "dmlm_nih": dict(data="data/nih.csv"),  # Table 2: macro over the 14 diseases (MedKLIP)
+    "dmlm_covidx": dict(data="data/covidx.csv"),  # Table 3
+    "dmlm_edema": dict(data="data/mimic_edema.csv", task="grading", mode="finetune", classes="0,1,2,3",
+                       views="frontal"),  # Table 4; the severity set [5] grades frontal images
+    "pedclip_pcxr": dict(data="data/vindr_pcxr.csv", exclude="No finding", **PEDCLIP_T12),  # its 14 findings
+    "pedclip_chd": dict(data="data/chd_cxr.csv", **PEDCLIP_T12),
+    "pedclip_graz": dict(data="data/grazpedwri.csv", **{**PEDCLIP_T12, "task": "zeroshot,probe,segmentation"}),
+    "pedclip_boneage": dict(data="data/boneage.csv", task="regression"),
 }
 PHANTOMS = 3000  # images in the demos' phantom data set (the same as the paper files draw)
 PAPERS = ("pedclip", "cxrclip", "cxrcml", "dmlm")
+# the module whose input is the image feature before the projection to the shared space (a linear probe's)
+PRE_PROJECTION = {"pedclip": "image_proj", "cxrclip": "image_proj", "cxrcml": "clip.visual_projection",
+                  "dmlm": "image_gauss"}
 TASKS = ("zeroshot", "zeroshot_multiclass", "retrieval", "probe", "finetune", "segmentation", "regression",
          "grading")
 DEFAULT_VIEWS = {"retrieval": "frontal"}  # CXR-CLIP Sec. 4.1: one frontal image per study; others: all
@@ -149,20 +177,20 @@ def csv_list(s: str) -> list[str]:
 # ---- metrics (vectorised: 1,000 bootstrap resamples stay quick; tests check them on scikit-learn) ----
 
 
-def auc_per_column(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
-    """ROC AUC of each column over its 0 / 1 rows (nan rows left out), by the Mann-Whitney rank sum; nan for
-    a column with one class. Rows may repeat (a bootstrap resample): average ranks handle the ties."""
-    from scipy.stats import rankdata
+def auc_columns(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """common.auc_per_label as an array [L], nan where a column holds one class."""
+    per = common.auc_per_label(Y, S, list(range(Y.shape[1])))["per_label"].values()
+    return np.array([np.nan if a is None else a for a in per], dtype=np.float64)
 
-    out = np.full(Y.shape[1], np.nan)
-    for j in range(Y.shape[1]):
-        m = (Y[:, j] == 0) | (Y[:, j] == 1)
-        pos = Y[m, j] == 1
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if n_pos and n_neg:
-            r = rankdata(S[m, j])
-            out[j] = (r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
+
+def macro(v, keep=None) -> float | None:
+    """The mean of per-label values over `keep` (the labels defined on all the evaluated rows; default: the
+    finite ones). None when one of them is undefined here: a bootstrap resample that leaves a label with one
+    class is skipped and counted, rather than averaged over fewer labels (which pulls a rare label's macro
+    towards the common labels' and widens its interval)."""
+    v = np.asarray(v, dtype=np.float64)
+    keep = np.isfinite(v) if keep is None else np.asarray(keep, bool)
+    return float(v[keep].mean()) if keep.any() and np.isfinite(v[keep]).all() else None
 
 
 def f1_acc_per_column(Y: np.ndarray, S: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,11 +211,6 @@ def best_f1_threshold(y: np.ndarray, s: np.ndarray) -> float | None:
         return None
     p, r, t = precision_recall_curve(y[m], s[m])
     return float(t[np.argmax(2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12))])
-
-
-def mean_or_none(v) -> float | None:
-    v = np.asarray(v, dtype=np.float64)
-    return float(np.nanmean(v)) if np.isfinite(v).any() else None
 
 
 def confusion(gt: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -241,14 +264,26 @@ def patient_groups(rows: list[dict]) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1].reshape(-1)
 
 
-def bootstrap(stat, groups: np.ndarray, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+def label_strata(Y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """[patients] the stratum of each patient: its rarest positive label (by positive patients), -1 for
+    none. Resampled within these strata, every label keeps a positive patient in (almost) every resample."""
+    P = np.zeros((int(groups.max()) + 1, Y.shape[1]), bool)
+    np.logical_or.at(P, groups, Y == 1)
+    rarest = np.argmin(np.where(P, P.sum(0)[None, :], np.inf), 1)
+    return np.where(P.any(1), rarest, -1)
+
+
+def bootstrap(stat, groups: np.ndarray, n: int, seed: int = 0, strata=None) -> dict[str, np.ndarray]:
     """stat(idx) -> {metric: value} on the rows idx (repeats allowed). n resamples of whole patients with
-    replacement -> {metric: [n] values, nan where undefined}. The draws depend only on (seed, groups), so two
+    replacement, within `strata` (a stratum per patient, label_strata) when given -> {metric: [n] values,
+    nan where undefined (a skipped resample)}. The draws depend only on (seed, groups, strata), so two
     checkpoints evaluated on the same rows see the same resamples (paired_p)."""
     rng, n_groups = np.random.default_rng(seed), int(groups.max()) + 1 if len(groups) else 0
+    members = [np.flatnonzero(strata == s) for s in np.unique(strata)] if strata is not None else \
+        [np.arange(n_groups)]
     out: dict[str, list] = {}
     for _ in range(n):
-        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        counts = sum(np.bincount(m[rng.integers(0, len(m), len(m))], minlength=n_groups) for m in members)
         idx = np.repeat(np.arange(len(groups)), counts[groups])  # a drawn patient's rows, as often as drawn
         for k, v in stat(idx).items():
             out.setdefault(k, []).append(np.nan if v is None else v)
@@ -264,6 +299,7 @@ def percentile_ci(reps: np.ndarray) -> list[float] | None:
 def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
     """Two-sided paired bootstrap p-value of "metric a != metric b", from their values on the same resamples:
     twice the share of resampled differences on the far side of 0 (+1 smoothing, so never exactly 0)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     d = (a - b)[np.isfinite(a) & np.isfinite(b)]
     if not len(d):
         return None
@@ -319,16 +355,18 @@ def retrieval_text(row: dict, how: str) -> str:
 
 @dataclass
 class Part:
-    """The readable rows of one split (after --views) and their image embeddings [n, D]."""
+    """The readable rows of one split (after --views), their image embeddings [n, D] and, for probes, the
+    features the projection reads [n, C] (None when not needed)."""
     rows: list[dict]
     emb: np.ndarray
+    feat: np.ndarray | None = None
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Rows -> (image [3, S, S], index, error text); `seed` set: the training transform with a generator per
-    (seed, epoch, index), so augmentations are reproducible in any worker."""
+    """Rows -> (training-transformed image [3, S, S], index, error text), with a generator per (seed, epoch,
+    index), so that augmentations are reproducible in any worker (fine-tuning)."""
 
-    def __init__(self, rows: list[dict], transform, size: int, seed: int | None = None):
+    def __init__(self, rows: list[dict], transform, size: int, seed: int):
         self.rows, self.tf, self.size, self.seed, self.epoch = rows, transform, size, seed, 0
 
     def __len__(self):
@@ -336,10 +374,8 @@ class ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            img = common.load_image(self.rows[i]["_path"])
-            if self.seed is None:
-                return self.tf(img), i, ""
-            return self.tf(img, np.random.default_rng([self.seed, self.epoch, i])), i, ""
+            return self.tf(common.load_image(self.rows[i]["_path"]),
+                           np.random.default_rng([self.seed, self.epoch, i])), i, ""
         except common.BadImageError as e:
             return torch.zeros(3, self.size, self.size), i, str(e)
 
@@ -371,21 +407,6 @@ def load_model(path: str, device: str, prompts: str = ""):
     return model.to(device).eval(), paper
 
 
-@torch.no_grad()
-def forward_images(model, rows: list[dict], fn, device: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """fn (encode_image, image_tokens, ...) of every row's image with the eval transform, in float32 ->
-    (array [n, ...], readable mask [n]): the same forward as common.zeroshot_eval at the end of training."""
-    from tqdm import tqdm
-
-    ds = ImageRows(rows, model.image_transform(False), model.cfg.image_size)
-    dl = torch.utils.data.DataLoader(ds, cfg.batch_size, num_workers=cfg.num_workers)
-    out, ok = [], np.ones(len(rows), bool)
-    for x, idx, err in tqdm(dl, desc="images", unit="batch", leave=False, disable=len(dl) < 4):
-        ok[[i for i, e in zip(idx.tolist(), err) if e]] = False
-        out.append(fn(x.to(device)).float().cpu().numpy())
-    return np.concatenate(out), ok
-
-
 class Evaluator:
     """One checkpoint on one CSV: its model, the CSV's splits (read once), their image embeddings (computed
     once and shared by the tasks), and the label / view choices of the config."""
@@ -396,6 +417,12 @@ class Evaluator:
         self.parts: dict[tuple, Part] = {}  # (split, views) -> Part; tests fill it with hand-made features
         self.label_names_all: list[str] | None = None
         self.columns: list[str] | None = None
+        self.proj = None  # the projection whose input a probe reads (--probe_features=backbone)
+        if "probe" in csv_list(cfg.task) and cfg.probe_features == "backbone" and model is not None:
+            try:
+                self.proj = model.get_submodule(PRE_PROJECTION[paper])
+            except (AttributeError, KeyError):
+                print(f"note: no {PRE_PROJECTION.get(paper)} in this {paper} model; probes read the embedding")
 
     # -- rows
     def rows(self, split: str, views: str, required: bool = True) -> list[dict]:
@@ -423,15 +450,28 @@ class Evaluator:
             rows = self.rows(split, views, required)
             if not rows:
                 return None
-            emb, ok = self.images(rows, self.model.encode_image)
+            dim = []  # the embedding's width, set by the first batch
+
+            def embed(x):  # encode_image, and the input of its projection caught on the way (for probes)
+                seen = []
+                hook = self.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0])) if self.proj else None
+                e = self.model.encode_image(x)
+                if hook:
+                    hook.remove()
+                dim[:] = [e.shape[1]]
+                return torch.cat([e] + [seen[0].reshape(len(x), -1).to(e.dtype)] if seen else [e], 1)
+            out, ok = self.images(rows, embed)
             if not ok.all():
                 print(f"warning: {int((~ok).sum())} unreadable image(s) in split {split!r} left out (first: "
                       f"{rows[int(np.argmin(ok))]['_path']})")
-            self.parts[key] = Part([r for r, k in zip(rows, ok) if k], emb[ok])
+            out = out[ok]
+            self.parts[key] = Part([r for r, k in zip(rows, ok) if k], out[:, :dim[0]],
+                                   out[:, dim[0]:] if self.proj else None)
         return self.parts[key]
 
     def images(self, rows: list[dict], fn) -> tuple[np.ndarray, np.ndarray]:
-        return forward_images(self.model, rows, fn, self.device, self.cfg)
+        return common.embed_images(self.model, rows, self.device, self.cfg.batch_size, fn=fn,
+                                   num_workers=self.cfg.num_workers)
 
     # -- labels
     def labels(self, rows: list[dict], names: list[str]) -> np.ndarray:
@@ -485,6 +525,21 @@ class Evaluator:
 # ---- zero-shot ----
 
 
+def label_stat(Y: np.ndarray, S: np.ndarray, T: np.ndarray, is_rare: np.ndarray):
+    """stat(idx) of the zero-shot task: macro AUC, F1 and ACC (at thresholds T) over the labels defined on all
+    rows; base / rare AUC where some labels are rare."""
+    keep = np.isfinite(auc_columns(Y, S))
+
+    def stat(idx):
+        auc = auc_columns(Y[idx], S[idx])
+        f1, acc = f1_acc_per_column(Y[idx], S[idx], T)
+        out = {"auc_macro": macro(auc, keep), "f1_macro": macro(f1, keep), "acc_macro": macro(acc, keep)}
+        if is_rare.any():
+            out.update(auc_base=macro(auc, keep & ~is_rare), auc_rare=macro(auc, keep & is_rare))
+        return out
+    return stat
+
+
 def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     test = ev.part(ev.cfg.split, views)
     names, few = ev.label_names(test.rows)
@@ -494,7 +549,7 @@ def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     emb = test.emb if valid is None else np.concatenate([test.emb, valid.emb])
     Y, S = ev.labels(test.rows, names), common.zeroshot_scores(ev.model, emb, names)
     S, Sv = S[:len(Y)], S[len(Y):]  # one call: the prompts are encoded once
-    T, fallback = np.zeros(len(names)), []
+    T, fallback = np.zeros(len(names)), list(names) if valid is None else []
     if valid is not None:
         Yv = ev.labels(valid.rows, names)
         for j, n in enumerate(names):
@@ -502,28 +557,25 @@ def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
             T[j] = 0.0 if t is None else t
             fallback += [n] if t is None else []
     rare = ev.rare_labels(names)
-    is_rare = np.array([n in rare for n in names])
-
-    def stat(idx):
-        auc = auc_per_column(Y[idx], S[idx])
-        f1, acc = f1_acc_per_column(Y[idx], S[idx], T)
-        out = {"auc_macro": mean_or_none(auc), "f1_macro": mean_or_none(f1), "acc_macro": mean_or_none(acc)}
-        if rare:
-            out.update(auc_base=mean_or_none(auc[~is_rare]), auc_rare=mean_or_none(auc[is_rare]))
-        return out
-
+    stat = label_stat(Y, S, T, np.array([n in rare for n in names]))
     per = common.auc_per_label(Y, S, names)  # the per-label AUC and macro of the training-time evaluation
-    metrics = {**stat(np.arange(len(Y))), "auc_macro": per["macro"]}
     f1, acc = f1_acc_per_column(Y, S, T)
-    res = {"metrics": metrics, "n_images": len(Y), "rare_labels": rare, "per_label": {
-        n: {"auc": per["per_label"][n], "f1": mean_or_none(f1[j]), "acc": mean_or_none(acc[j]),
+    res = {"metrics": stat(np.arange(len(Y))), "n_images": len(Y), "rare_labels": rare, "per_label": {
+        n: {"auc": per["per_label"][n], "f1": macro(f1[j:j + 1]), "acc": macro(acc[j:j + 1]),
             "threshold": float(T[j]), "n_pos": int((Y[:, j] == 1).sum()), "n_neg": int((Y[:, j] == 0).sum())}
-        for j, n in enumerate(names)},
+        for j, n in enumerate(names)}, "_roc": (names, Y, S), "_strata": Y,
         "note": "score cos(positive prompts) - cos(negative prompts); F1 / ACC at the threshold maximising "
-                "F1 on the valid split" + (f" (0 for {fallback}: no valid positive)" if fallback else "")
+                "F1 on the valid split" + (f" (0, the pair's 0.5, for {fallback}: no valid split or no valid "
+                                           f"positive)" if fallback else "")
                 + "; a label with one class is undefined and left out of the macro"
                 + (f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else "")}
     return res, stat, test.rows
+
+
+@torch.no_grad()
+def encode_texts(model, texts: list[str], batch: int = 256) -> np.ndarray:
+    return np.concatenate([model.encode_text(texts[i:i + batch]).double().cpu().numpy()
+                           for i in range(0, len(texts), batch)])
 
 
 def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
@@ -535,7 +587,9 @@ def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable,
         raise common.UserError(f"zeroshot_multiclass: no image of split {ev.cfg.split!r} is positive for "
                                f"exactly one of {classes}")
     gt = np.argmax(raw[one] == 1, 1)
-    T = np.stack([common.prompt_embedding(ev.model, ev.model.zeroshot_prompts(c)[0]) for c in classes])
+    # the mean of the cosines to a class's prompts (CXR-CLIP's evaluator), i.e. the dot product with the mean
+    # of their unit embeddings, not renormalised: classes with more varied prompts are not favoured
+    T = np.stack([encode_texts(ev.model, ev.model.zeroshot_prompts(c)[0]).mean(0) for c in classes])
     pred = np.argmax(test.emb[one].astype(np.float64) @ T.T, 1)
     K = len(classes)
 
@@ -544,20 +598,14 @@ def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable,
         return {"acc": m["acc"], "f1_macro": m["f1_macro"]}
 
     res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes,
-           "confusion": confusion(gt, pred, K).tolist(),
-           "note": "images positive for exactly one class; prediction: argmax over the classes of the cosine "
-                   "to the mean embedding of the class's positive prompts; the label policy does not apply"}
+           "confusion": confusion(gt, pred, K).tolist(), "_strata": np.eye(K)[gt],
+           "note": "images positive for exactly one class; prediction: argmax over the classes of the mean "
+                   "cosine to the class's positive prompts; the label policy does not apply"}
     return res, stat, [test.rows[i] for i in one]
 
 
 # ----------------------------------------------------------------------------------------------------
 # ---- retrieval (CXR-CLIP Table 3) ----
-
-
-@torch.no_grad()
-def encode_texts(model, texts: list[str], batch: int = 256) -> np.ndarray:
-    return np.concatenate([model.encode_text(texts[i:i + batch]).double().cpu().numpy()
-                           for i in range(0, len(texts), batch)])
 
 
 def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
@@ -603,19 +651,23 @@ def pct(f: float) -> str:
 
 
 def over_fractions(ev: Evaluator, n_train: int, name: str, run, score) -> tuple[dict, callable]:
-    """run(train_idx, seed) -> predictions for the test rows, once per (--fractions, --seeds); score(pred,
-    idx) -> the metric on test rows idx. -> ({metrics: name@F, the mean over seeds; seed_std, ...}, stat)."""
+    """run(train_idx, seed) -> (predictions for the test rows, what was chosen on valid), once per
+    (--fractions, --seeds); score(pred, idx) -> the metric on test rows idx. -> ({metrics: name@F, the mean
+    over the seeds whose run is defined; seed_std; chosen, ...}, stat)."""
     fracs, seeds = [float(f) for f in csv_list(ev.cfg.fractions)], [int(s) for s in csv_list(ev.cfg.seeds)]
-    preds = {(f, s): run(subsample(n_train, f, s), s) for f in fracs for s in seeds}
+    runs = {(f, s): run(subsample(n_train, f, s), s) for f in fracs for s in seeds}
+    n_test = len(next(iter(runs.values()))[0])
+    full = {k: score(p, np.arange(n_test)) for k, (p, _) in runs.items()}
+    keep = {f: [full[f, s] is not None for s in seeds] for f in fracs}
 
     def stat(idx):
-        return {f"{name}@{pct(f)}": mean_or_none([score(preds[f, s], idx) for s in seeds]) for f in fracs}
+        return {f"{name}@{pct(f)}": macro([score(runs[f, s][0], idx) for s in seeds], keep[f]) for f in fracs}
 
-    n_test = len(next(iter(preds.values())))
-    std = {f"{name}@{pct(f)}": float(np.nanstd([score(preds[f, s], np.arange(n_test)) for s in seeds]))
-           for f in fracs}
+    std = {f"{name}@{pct(f)}": float(np.std([full[f, s] for s, k in zip(seeds, keep[f]) if k]))
+           if any(keep[f]) else None for f in fracs}
     return {"metrics": stat(np.arange(n_test)), "seed_std": std, "seeds": seeds,
-            "n_train": {pct(f): len(subsample(n_train, f, 0)) for f in fracs}}, stat
+            "n_train": {pct(f): len(subsample(n_train, f, 0)) for f in fracs},
+            "chosen": {f"{pct(f)}, seed {s}": c for (f, s), (_, c) in runs.items() if c is not None}}, stat
 
 
 def fit(model, X: np.ndarray, y: np.ndarray):
@@ -635,48 +687,128 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, C: float, seed: int = 0):
     return fit(LogisticRegression(C=C, max_iter=2000, random_state=seed), X, y)
 
 
-def probe_scores(Xtr, Ytr, Xte, C: float, seed: int = 0) -> np.ndarray:
-    """A logistic regression per label on its 0 / 1 training rows -> P(1) on Xte [n, L]; nan for a label whose
-    training rows hold one class (no probe: undefined in that run)."""
-    out = np.full((len(Xte), Ytr.shape[1]), np.nan)
+def choose_on_valid(cands: list, fit_one, score, default):
+    """fit_one(c) for each candidate; score(model) -> its score on the valid split (higher is better; None
+    when there is none) -> (model, c) of the best, the first on ties; without a valid score: c = default."""
+    best = None
+    for c in cands:
+        m = fit_one(c)
+        s = score(m)
+        if s is None:
+            break
+        if best is None or s > best[0]:
+            best = (s, m, c)
+    return (best[1], best[2]) if best else (fit_one(default), default)
+
+
+def probe_scores(Xtr, Ytr, Xva, Yva, Xte, cands: list[float], seed: int = 0) -> tuple[np.ndarray, list]:
+    """A logistic regression per label on its 0 / 1 training rows, C the candidate with the best AUC on the
+    valid rows (C = 1 without valid positives and negatives) -> (P(1) on Xte [n, L], C per label); nan for a
+    label whose training rows hold one class (no probe: undefined in that run)."""
+    out, chosen = np.full((len(Xte), Ytr.shape[1]), np.nan), []
     for j in range(Ytr.shape[1]):
         m = (Ytr[:, j] == 0) | (Ytr[:, j] == 1)
-        if 0 < Ytr[m, j].sum() < m.sum():
-            out[:, j] = fit_logreg(Xtr[m], Ytr[m, j].astype(int), C, seed).predict_proba(Xte)[:, 1]
-    return out
+        if not 0 < Ytr[m, j].sum() < m.sum():
+            chosen.append(None)
+            continue
+        mv = np.isin(Yva[:, j], (0, 1)) if Xva is not None else np.zeros(0, bool)
+
+        def score(clf):
+            return macro(auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:])) if mv.any() else None
+        clf, c = choose_on_valid(cands, lambda c: fit_logreg(Xtr[m], Ytr[m, j].astype(int), c, seed), score, 1.0)
+        out[:, j] = clf.predict_proba(Xte)[:, 1]
+        chosen.append(c)
+    return out, chosen
+
+
+def linear_head(Xtr, Ytr, Xva, Yva, Xte, cfg: Config, seed: int, device: str) -> tuple[np.ndarray, int]:
+    """CXR-CLIP's linear probe (its finetune_10 / _100 configs): one linear layer on the frozen features, BCE
+    over the labels (nan left out), AdamW (--probe_lr, weight decay 1e-4), batches of 256, cosine over
+    --probe_epochs; the epoch with the lowest valid loss is kept (the last without a valid split) -> (P(1) on
+    Xte [n, L], nan for a label with one class in training; that epoch). A departure: the features are taken
+    once with the evaluation transform, where the official code augments every epoch."""
+    torch.manual_seed(seed)
+    T = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
+    x, y = T(Xtr), T(Ytr)
+    head = nn.Linear(x.shape[1], y.shape[1]).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=1e-4)
+    bs = min(256, len(x))
+    steps, g = len(x) // bs, torch.Generator().manual_seed(seed)  # drop_last, as the official loader
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.probe_epochs * steps))
+
+    def loss(x, y):
+        out, m = head(x), ~torch.isnan(y)
+        return F.binary_cross_entropy_with_logits(out[m], y[m]) if m.any() else out.sum() * 0
+    best = (math.inf, cfg.probe_epochs, None)
+    for epoch in range(cfg.probe_epochs):
+        for b in torch.randperm(len(x), generator=g)[:steps * bs].view(steps, bs).to(device):
+            opt.zero_grad(set_to_none=True)
+            loss(x[b], y[b]).backward()
+            opt.step()
+            sched.step()
+        if Xva is not None and len(Xva):
+            with torch.no_grad():
+                v = loss(T(Xva), T(Yva)).item()
+            if v < best[0]:
+                best = (v, epoch + 1, {k: t.clone() for k, t in head.state_dict().items()})
+    if best[2] is not None:
+        head.load_state_dict(best[2])
+    with torch.no_grad():
+        P = torch.sigmoid(head(T(Xte))).double().cpu().numpy()
+    one_class = [not 0 < np.nansum(Ytr[:, j]) < np.isfinite(Ytr[:, j]).sum() for j in range(Ytr.shape[1])]
+    P[:, one_class] = np.nan
+    return P, best[1]
 
 
 def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict, callable, list]:
-    train, test = ev.part("train", views), ev.part(ev.cfg.split, views)
+    c = ev.cfg
+    train, test = ev.part("train", views), ev.part(c.split, views)
+    valid = ev.part("valid", views, required=False) if not finetune and c.split != "valid" else None
     names, few = ev.label_names(test.rows)
     Ytr, Yte = ev.labels(train.rows, names), ev.labels(test.rows, names)
+    Yva, X = ev.labels(valid.rows, names) if valid else None, lambda p: p.emb if p.feat is None else p.feat
+    Xva = X(valid) if valid else None
 
     def run(idx, seed):
         if finetune:
             return finetune_predict(ev, [train.rows[i] for i in idx], Ytr[idx], "multilabel", len(names),
-                                    test.rows, seed, test.emb.shape[1])
-        return probe_scores(train.emb[idx], Ytr[idx], test.emb, ev.cfg.probe_c, seed)
+                                    test.rows, seed, test.emb.shape[1]), None
+        if c.probe == "head":
+            return linear_head(X(train)[idx], Ytr[idx], Xva, Yva, X(test), c, seed, ev.device)
+        return probe_scores(X(train)[idx], Ytr[idx], Xva, Yva, X(test), [float(v) for v in csv_list(c.probe_c)],
+                            seed)
 
-    res, stat = over_fractions(ev, len(train.rows), "auc", run, lambda P, idx: mean_or_none(
-        auc_per_column(Yte[idx], P[idx])))
-    how = (f"image encoder + linear head fine-tuned, masked BCE, {ev.cfg.ft_epochs} epochs" if finetune else
-           "logistic regression per label on frozen, standardised image embeddings")
-    res.update(n_images=len(test.rows), note=f"{how}; macro AUC over the labels defined in a run, mean over "
-               f"seeds" + (f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else ""))
+    keeps = {}  # per run: the labels defined on all test rows
+
+    def score(P, idx):
+        return macro(auc_columns(Yte[idx], P[idx]), keeps.setdefault(id(P), np.isfinite(auc_columns(Yte, P))))
+
+    res, stat = over_fractions(ev, len(train.rows), "auc", run, score)
+    feats = "features before the projection" if train.feat is not None else "embeddings"
+    how = (f"image encoder + linear head fine-tuned, masked BCE, {c.ft_epochs} epochs" if finetune else
+           f"linear head on frozen {feats}, best of {c.probe_epochs} epochs by the valid loss (chosen: "
+           f"the epoch)" if c.probe == "head" else
+           f"logistic regression per label on frozen, standardised {feats}, C from {c.probe_c} by the valid "
+           f"AUC (chosen: C per label)")
+    res.update(n_images=len(test.rows), _strata=Yte, note=f"{how}; macro AUC over the labels defined in a run, mean over "
+               f"seeds" + ("" if finetune or valid else "; no valid split: C = 1 / the last epoch")
+               + (f"; --min_pos={c.min_pos} dropped {few}" if few else ""))
     return res, stat, test.rows
 
 
-def warmup_cosine(total: int, warmup: int):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (D-MLM Sec. 3.5)."""
-    return lambda step: (step + 1) / warmup if step < warmup else \
-        0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def warmup_cosine(opt, warmup: int, total: int):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (D-MLM Sec. 3.5), with torch's
+    schedulers."""
+    S = torch.optim.lr_scheduler
+    return S.SequentialLR(opt, [S.LinearLR(opt, 1 / warmup, 1.0, max(1, warmup - 1)),
+                                S.CosineAnnealingLR(opt, max(1, total - warmup))], milestones=[warmup])
 
 
 def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, kind: str, n_out: int,
                      test_rows: list[dict], seed: int, dim: int) -> np.ndarray:
     """A fresh copy of the checkpoint's model; its image encoder and a linear head on encode_image are trained
     on (rows, targets) with D-MLM's recipe (Sec. 3.5: AdamW, weight decay 0.05, encoder lr 1e-5, head lr 3e-4
-    warmed up then cosine, 10 epochs) -> the head's output on test_rows.
+    warmed up then cosine, 10 epochs; nothing is chosen on valid) -> the head's output on test_rows.
     kind: multilabel (targets [n, L] 1 / 0 / nan: BCE on the known ones, -> probabilities) | multiclass
     (targets [n] class ids: cross-entropy, -> probabilities) | regression (targets [n]: smooth L1 on the
     standardised target, -> target units)."""
@@ -689,7 +821,7 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, kind:
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": c.ft_lr},
                              {"params": head.parameters(), "lr": c.head_lr}], weight_decay=0.05)
     per_epoch = max(1, len(rows) // c.ft_batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.ft_epochs * per_epoch, per_epoch))
+    sched = warmup_cosine(opt, per_epoch, c.ft_epochs * per_epoch)
     t = torch.as_tensor(np.asarray(targets, dtype=np.float64))
     mu, sd = (t.mean(), t.std().clamp(min=1e-6)) if kind == "regression" else (0.0, 1.0)
     ctx = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
@@ -717,101 +849,111 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, kind:
             nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
             opt.step()
             sched.step()
-    model.eval()
     with ctx:
-        out, _ = forward_images(model, test_rows, lambda x: head(model.encode_image(x).float() * feat_scale),
-                                ev.device, c)
+        out, _ = common.embed_images(model, test_rows, ev.device, c.batch_size, num_workers=c.num_workers,
+                                     fn=lambda x: head(model.encode_image(x).float() * feat_scale))
     out = torch.from_numpy(out).double()
     if kind == "regression":
         return (out[:, 0] * sd + mu).numpy()
     return (torch.sigmoid(out) if kind == "multilabel" else out.softmax(-1)).numpy()
 
 
-def numeric_targets(ev: Evaluator, part: Part) -> tuple[Part, np.ndarray]:
-    """The rows whose --target_column is a number, and the numbers."""
+def numeric_targets(ev: Evaluator, part: Part | None) -> tuple[Part, np.ndarray]:
+    """The rows whose --target_column is a number, and the numbers (none for a missing split)."""
     col = ev.cfg.target_column
     if col not in ev.columns:
         raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
     vals = []
-    for r in part.rows:
+    for r in part.rows if part else []:
         try:
             vals.append(float((r.get(col) or "").strip()))
         except ValueError:
             vals.append(math.nan)
     keep = np.flatnonzero(np.isfinite(vals))
-    return Part([part.rows[i] for i in keep], part.emb[keep]), np.asarray(vals)[keep]
+    return (Part([part.rows[i] for i in keep], part.emb[keep]) if part else None), np.asarray(vals)[keep]
+
+
+def target_parts(ev: Evaluator, views: str):
+    """(train, valid, test) of numeric_targets; valid is (None, []) when the CSV has no valid split."""
+    c = ev.cfg
+    va = ev.part("valid", views, required=False) if c.split != "valid" else None
+    return [numeric_targets(ev, p) for p in (ev.part("train", views), va, ev.part(c.split, views))]
 
 
 def task_regression(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
-    from sklearn.linear_model import RidgeCV
+    from sklearn.linear_model import Ridge
 
-    (tr, ytr), (te, yte) = (numeric_targets(ev, ev.part(s, views)) for s in ("train", ev.cfg.split))
+    (tr, ytr), (va, yva), (te, yte) = target_parts(ev, views)
     if len(tr.rows) < 2 or not len(te.rows):
         raise common.UserError(f"regression: too few rows with a number in {ev.cfg.target_column!r}")
     if ev.cfg.mode == "finetune":
-        pred = finetune_predict(ev, tr.rows, ytr, "regression", 1, te.rows, 0, te.emb.shape[1])
+        pred, alpha = finetune_predict(ev, tr.rows, ytr, "regression", 1, te.rows, 0, te.emb.shape[1]), None
     else:
-        pred = fit(RidgeCV(alphas=np.logspace(-3, 3, 13)), tr.emb, ytr).predict(te.emb)
+        m, alpha = choose_on_valid(list(np.logspace(-3, 3, 13)), lambda a: fit(Ridge(alpha=a), tr.emb, ytr),
+                                   lambda m: -np.abs(m.predict(va.emb) - yva).mean() if len(yva) else None, 1.0)
+        pred = m.predict(te.emb)
     err, base = np.abs(pred - yte), np.abs(ytr.mean() - yte)
 
     def stat(idx):
         return {"mae": float(err[idx].mean()), "mae_predict_mean": float(base[idx].mean())}
 
     res = {"metrics": stat(np.arange(len(yte))), "n_train": len(ytr), "n_images": len(yte),
-           "mode": ev.cfg.mode, "note": f"MAE in the units of {ev.cfg.target_column!r} (bone age: months); "
-           f"mae_predict_mean: always the training mean; frozen: ridge regression, alpha by cross-validation"}
+           "mode": ev.cfg.mode, "chosen": alpha, "note": f"MAE in the units of {ev.cfg.target_column!r} (bone "
+           f"age: months); mae_predict_mean: always the training mean; frozen: ridge regression on the "
+           f"standardised embeddings, alpha by the valid MAE" + ("" if len(yva) else " (no valid split: 1)")}
     return res, stat, te.rows
 
 
 def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
-    (tr, ytr), (te, yte) = (numeric_targets(ev, ev.part(s, views)) for s in ("train", ev.cfg.split))
-    classes = [float(c) for c in csv_list(ev.cfg.classes)] if ev.cfg.classes else sorted(set(ytr.tolist()))
-    cid = {c: k for k, c in enumerate(classes)}
-    ktr, kte = (np.array([cid.get(v, -1) for v in y]) for y in (ytr, yte))
-    tr_keep, te_keep = np.flatnonzero(ktr >= 0), np.flatnonzero(kte >= 0)
-    ktr, kte = ktr[tr_keep], kte[te_keep]
+    c = ev.cfg
+    (tr, ytr), (va, yva), (te, yte) = target_parts(ev, views)
+    classes = [float(v) for v in csv_list(c.classes)] if c.classes else sorted(set(ytr.tolist()))
+    cid = {v: k for k, v in enumerate(classes)}
+    ktr, kva, kte = (np.array([cid.get(v, -1) for v in y], dtype=int) for y in (ytr, yva, yte))
+    tr_keep, va_keep, te_keep = np.flatnonzero(ktr >= 0), np.flatnonzero(kva >= 0), np.flatnonzero(kte >= 0)
+    ktr, kva, kte = ktr[tr_keep], kva[va_keep], kte[te_keep]
     if len(set(ktr.tolist())) < 2 or not len(kte):
         raise common.UserError(f"grading: need two or more of the grades {classes} in the training split "
-                               f"and a graded row in {ev.cfg.split!r}")
-    if ev.cfg.mode == "finetune":
-        prob = finetune_predict(ev, [tr.rows[i] for i in tr_keep], ktr, "multiclass", len(classes),
+                               f"and a graded row in {c.split!r}")
+    K, C = len(classes), None
+    if c.mode == "finetune":
+        prob = finetune_predict(ev, [tr.rows[i] for i in tr_keep], ktr, "multiclass", K,
                                 [te.rows[i] for i in te_keep], 0, te.emb.shape[1])
     else:
-        clf = fit_logreg(tr.emb[tr_keep], ktr, ev.cfg.probe_c)
-        prob = np.zeros((len(te_keep), len(classes)))
+        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)],
+                                 lambda C: fit_logreg(tr.emb[tr_keep], ktr, C),
+                                 lambda m: float((m.predict(va.emb[va_keep]) == kva).mean()) if len(kva) else None,
+                                 1.0)
+        prob = np.zeros((len(te_keep), K))
         prob[:, clf.classes_] = clf.predict_proba(te.emb[te_keep])
-    K, pred = len(classes), prob.argmax(1)
+    pred = prob.argmax(1)
     onehot = (kte[:, None] == np.arange(K)[None, :]).astype(np.float64)
+    keep = np.isfinite(auc_columns(onehot, prob))
 
     def stat(idx):
-        return {**class_metrics(kte[idx], pred[idx], K),
-                "auc_ovr_macro": mean_or_none(auc_per_column(onehot[idx], prob[idx]))}
+        return {**class_metrics(kte[idx], pred[idx], K), "auc_ovr_macro": macro(auc_columns(onehot[idx],
+                                                                                            prob[idx]), keep)}
 
-    res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": ev.cfg.mode,
-           "confusion": confusion(kte, pred, K).tolist(), "n_train": len(ktr),
-           "n_images": len(kte), "note": "grades in the order of --classes; auc_ovr_macro: each grade "
-                                         "against the rest (D-MLM Table 4), macro over the grades present"}
+    res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": c.mode, "chosen": C, "_strata": onehot,
+           "confusion": confusion(kte, pred, K).tolist(), "n_train": len(ktr), "n_images": len(kte),
+           "note": "grades in the order of --classes; auc_ovr_macro: each grade against the rest (D-MLM Table "
+                   "4), macro over the grades present" + ("; frozen: C by the valid accuracy" + (
+                       "" if len(kva) else " (no valid split: 1)") if c.mode == "frozen" else "")}
     return res, stat, [te.rows[i] for i in te_keep]
 
 
 # -- segmentation: a light decoder on the frozen image tokens
 
 
-def load_mask(row: dict, csv_dir: Path, size: int, rle_column: str = "") -> np.ndarray:
-    """bool [size, size]: the `mask` image > 0 (an empty cell: no finding), or a SIIM stage-1 run-length
-    string (data_prep's decoder; "-1" or empty: no finding) at the image's own size, resized (nearest)."""
+def load_mask(row: dict, csv_dir: Path, size: int) -> np.ndarray:
+    """bool [size, size]: the `mask` image > 0 (data_prep writes one per image with a finding; an empty cell:
+    no finding), resized with nearest neighbours."""
     import cv2
 
-    if rle_column:
-        from data_prep import rle_decode
-
-        h, w = common.load_image(row["_path"]).shape
-        m = rle_decode((row.get(rle_column) or "").strip(), h, w, relative=True)
-    elif (row.get("mask") or "").strip():
-        p = Path(row["mask"].strip())
-        m = common.load_image(p if p.is_absolute() else csv_dir / p)
-    else:
+    p = Path((row.get("mask") or "").strip())
+    if not str(p) or str(p) == ".":
         return np.zeros((size, size), bool)
+    m = common.load_image(p if p.is_absolute() else csv_dir / p)
     return cv2.resize((m > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
 
 
@@ -832,25 +974,39 @@ class SegDecoder(nn.Module):
         return F.interpolate(self.net(x), size=(self.out_size,) * 2, mode="bilinear")[:, 0]
 
 
+def finding_masks(ev: Evaluator, rows: list[dict], size: int) -> tuple[list[int], np.ndarray]:
+    """The rows whose mask holds a finding, and those masks bit-packed [n, size*size/8]: read one at a time,
+    so that the masks without a finding (most of RSNA's 26,684) are never all in memory."""
+    keep, packed, bad = [], [], 0
+    for i, r in enumerate(rows):
+        try:
+            m = load_mask(r, Path(ev.cfg.data).parent, size)
+        except common.BadImageError:
+            bad += 1
+            continue
+        if m.any():
+            keep.append(i), packed.append(np.packbits(m))
+    if bad:
+        print(f"warning: {bad} unreadable mask(s) left out")
+    return keep, np.stack(packed) if packed else np.zeros((0, (size * size + 7) // 8), np.uint8)
+
+
 def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     c, S = ev.cfg, ev.model.cfg.image_size
     ev.rows("train", views)  # reads the CSV's columns
-    if not c.mask_rle and "mask" not in ev.columns:
-        raise common.UserError(f"segmentation: {c.data} has no `mask` column (or give --mask_rle=<column>)")
-    if c.mask_rle and c.mask_rle not in ev.columns:
-        raise common.UserError(f"--mask_rle={c.mask_rle}: no such column in {c.data}")
+    if "mask" not in ev.columns:
+        raise common.UserError(f"segmentation: {c.data} has no `mask` column (data_prep.py writes the masks)")
     data = {}
     for split in ("train", c.split):  # the images with a finding (D-MLM: SIIM's 2,669 pneumothorax images)
         rows = ev.rows(split, views)
-        masks = np.stack([load_mask(r, Path(c.data).parent, S, c.mask_rle) for r in rows])
-        keep = np.flatnonzero(masks.reshape(len(rows), -1).any(1))
-        if not len(keep):
+        keep, masks = finding_masks(ev, rows, S)
+        if not keep:
             raise common.UserError(f"segmentation: no image of split {split!r} has a non-empty mask")
         rows = [rows[i] for i in keep]
         tokens, ok = ev.images(rows, ev.model.image_tokens)
-        data[split] = (torch.from_numpy(tokens[ok]).half(), torch.from_numpy(masks[keep][ok]),
-                       [r for r, k in zip(rows, ok) if k])
+        data[split] = (torch.from_numpy(tokens[ok]).half(), masks[ok], [r for r, k in zip(rows, ok) if k])
     (Xtr, Mtr, _), (Xte, Mte, te_rows) = data["train"], data[c.split]
+    unpack = lambda m: torch.from_numpy(np.unpackbits(m, axis=1, count=S * S).reshape(-1, S, S))  # noqa: E731
     grid = math.isqrt(Xtr.shape[1])
     if grid * grid != Xtr.shape[1]:
         raise common.UserError(f"segmentation: image_tokens gives {Xtr.shape[1]} tokens, not a square grid")
@@ -863,7 +1019,7 @@ def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         g = torch.Generator().manual_seed(seed)
         for _ in range(c.seg_epochs):
             for b in torch.from_numpy(idx)[torch.randperm(len(idx), generator=g)].split(32):
-                x, m = Xtr[b].float().to(ev.device), Mtr[b].float().to(ev.device)
+                x, m = Xtr[b].float().to(ev.device), unpack(Mtr[b.numpy()]).float().to(ev.device)
                 logit = dec(x)
                 p = torch.sigmoid(logit)  # BCE + soft Dice
                 soft = 1 - (2 * (p * m).sum((1, 2)) + 1) / (p.sum((1, 2)) + m.sum((1, 2)) + 1)
@@ -873,10 +1029,11 @@ def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
                 opt.step()
             sched.step()
         with torch.no_grad():
-            pred = torch.cat([dec(x.float().to(ev.device)).cpu() > 0 for x in Xte.split(64)]).numpy()
-        return dice_per_image(pred, Mte.numpy())
+            return np.concatenate([dice_per_image(dec(x.float().to(ev.device)).cpu().numpy() > 0,
+                                                  unpack(Mte[i:i + 64]).numpy().astype(bool))
+                                   for i, x in zip(range(0, len(Xte), 64), Xte.split(64))]), None
 
-    res, stat = over_fractions(ev, len(Xtr), "dice", run, lambda d, idx: mean_or_none(d[idx]))
+    res, stat = over_fractions(ev, len(Xtr), "dice", run, lambda d, idx: macro(d[idx]))
     res.update(n_images=len(te_rows), note=f"decoder on frozen image_tokens ({grid}x{grid}), BCE + soft "
                f"Dice, {c.seg_epochs} epochs, trained and tested on images with a finding; Dice at {S} px")
     return res, stat, te_rows
@@ -893,12 +1050,152 @@ def run_task(ev: Evaluator, task: str) -> dict:
     kept under "_boot" (for paired_p; not written)."""
     views = views_of(ev.cfg, task)
     res, stat, rows = TASK_FNS[task](ev, views)
-    boot = bootstrap(stat, patient_groups(rows), ev.cfg.bootstrap) if ev.cfg.bootstrap > 0 else {}
+    groups, Y = patient_groups(rows), res.pop("_strata", None)  # Y: the rows' labels where there are labels
+    strata = label_strata(Y, groups) if Y is not None and len(rows) else None
+    boot = bootstrap(stat, groups, ev.cfg.bootstrap, strata=strata) if ev.cfg.bootstrap > 0 else {}
     res["ci"] = {k: percentile_ci(v) for k, v in boot.items()}
+    res["bootstrap_skipped"] = max([int(np.isnan(v).sum()) for k, v in boot.items()
+                                    if res["metrics"].get(k) is not None] or [0])
     labels = ev.policy() if task in ("zeroshot", "probe", "finetune") else "not used"
     return {"task": task, "paper": ev.paper, "ckpt": ev.ckpt, "data": ev.cfg.data, "split": ev.cfg.split,
             "labels": labels, "views": views, "bootstrap": ev.cfg.bootstrap, **res, "_boot": boot,
             "_rows": [(r["_row"], r.get("patient_id", "")) for r in rows]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- figures (matplotlib, headless): pure functions of arrays, one PNG each ----
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(path, curves: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]):
+    """curves {label: [(checkpoint name, y [n] 1 / 0 / nan, score [n])]} -> one ROC panel per label, each
+    checkpoint's curve overlaid (scikit-learn's roc_curve)."""
+    from sklearn.metrics import roc_curve
+
+    plt, n = pyplot(), len(curves)
+    cols = min(5, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3 * cols, 3 * -(-n // cols)), squeeze=False)
+    for ax, (label, runs) in zip(axes.flat, curves.items()):
+        for name, y, s in runs:
+            m = np.isin(y, (0, 1))
+            if 0 < y[m].sum() < m.sum():
+                fpr, tpr, _ = roc_curve(y[m], s[m])
+                ax.plot(fpr, tpr, lw=1.2, label=name)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.set_title(label[:28], fontsize=9)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.supxlabel("false positive rate"), fig.supylabel("true positive rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_figure(path, rows: list[tuple[str, list[tuple[str, float | None, list | None]]]]):
+    """rows [(task / metric, [(checkpoint name, value, [lo, hi] or None)])] -> one line per metric, each
+    checkpoint a point with its 95% CI."""
+    plt = pyplot()
+    names = list(dict.fromkeys(n for _, cells in rows for n, _, _ in cells))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) * max(1, len(names)) ** 0.5 + 1.2))
+    for k, name in enumerate(names):
+        off = (k - (len(names) - 1) / 2) * 0.8 / max(1, len(names))
+        pts = [(i + off, v, ci) for i, (_, cells) in enumerate(rows) for n, v, ci in cells
+               if n == name and v is not None]
+        y, v = [p[0] for p in pts], [p[1] for p in pts]
+        err = np.array([[v_ - (ci or (v_, v_))[0], (ci or (v_, v_))[1] - v_] for _, v_, ci in pts]).T
+        ax.errorbar(v, y, xerr=err.reshape(2, -1), fmt="o", ms=4, capsize=2, label=name)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("value (95% CI)")
+    ax.grid(axis="x", color="0.9")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gate_figure(path, counts: np.ndarray, parts: list[str], experts: list[str], layers: list[int]):
+    """counts [layers, body parts, experts]: how often the gate's top expert is each expert, per body part
+    (PedCLIP's MoBE) -> one row-normalised heat map per MoBE layer."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(counts), figsize=(0.3 * len(experts) * len(counts) + 2,
+                                                      0.3 * len(parts) + 2), squeeze=False)
+    for ax, c, layer in zip(axes[0], counts, layers):
+        ax.imshow(c / np.maximum(c.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(parts)), parts, fontsize=8)
+        ax.set(xlabel="expert with the largest gate weight", ylabel="body part", title=f"MoBE, layer {layer}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sigma_figure(path, image: np.ndarray, patch_var: np.ndarray, tokens: list[str], token_var: np.ndarray):
+    """D-MLM's uncertainty: an image [H, W] beside its per-patch sigma^2 grid [g, g], and the report's tokens
+    coloured by their sigma^2 (mean over D)."""
+    plt = pyplot()
+    fig = plt.figure(figsize=(10, 4))
+    a, b, t = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
+    a.imshow(image, cmap="gray"), a.set_title("image", fontsize=9), a.axis("off")
+    im = b.imshow(patch_var, cmap="magma")
+    b.set_title("patch sigma^2", fontsize=9), b.axis("off"), fig.colorbar(im, ax=b, fraction=0.046)
+    t.axis("off"), t.set_title("report, tokens by sigma^2", fontsize=9)
+    v = np.asarray(token_var, dtype=np.float64)
+    norm = plt.Normalize(v.min(), v.max() if v.max() > v.min() else v.min() + 1)
+    x, y = 0.0, 0.95
+    for tok, var in zip(tokens, v):
+        w = 0.018 * (len(tok) + 1)
+        if x + w > 1:
+            x, y = 0.0, y - 0.07
+        t.text(x, y, tok, fontsize=8, va="top", transform=t.transAxes,
+               bbox=dict(facecolor=plt.cm.magma(norm(var)), alpha=0.5, lw=0, pad=1))
+        x += w
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def paper_figure(ev: Evaluator, path: Path) -> str:
+    """The figure of the paper's new module, for the checkpoint of `ev` -> a line for the markdown: PedCLIP's
+    gate (body part -> expert) on the evaluation split; D-MLM's sigma^2 of a test image and its report."""
+    m, rows = ev.model, ev.rows(ev.cfg.split, "all")
+    if ev.paper == "pedclip":
+        if "body_part" not in ev.columns:
+            return "gate figure skipped: the CSV has no body_part column"
+        # PedCLIP.encode -> (tokens, [gate logits [B, E] per MoBE layer]); the top expert per layer
+        top, ok = ev.images(rows, lambda x: torch.stack([g.argmax(-1) for g in m.encode(x)[1]], 1))
+        parts = sorted({(r.get("body_part") or "?").strip() or "?" for r in rows})
+        counts = np.zeros((top.shape[1], len(parts), len(m.body_parts)))
+        for r, e in zip([r for r, k in zip(rows, ok) if k], top[ok].astype(int)):
+            counts[np.arange(len(e)), parts.index((r.get("body_part") or "?").strip() or "?"), e] += 1
+        gate_figure(path, counts, parts, list(m.body_parts), list(m.moe_layers))
+        return f"![PedCLIP's gate: body part -> expert]({path.name})"
+    if ev.paper == "dmlm":
+        if not (hasattr(m, "patch_variances") and hasattr(m, "token_variances")):
+            return "sigma^2 figure skipped: this dmlm model has no patch_variances / token_variances"
+        r = next((r for r in rows if retrieval_text(r, "findings") or (r.get("report") or "").strip()), None)
+        if r is None:
+            return "sigma^2 figure skipped: no report text in the evaluation split"
+        img = common.load_image(r["_path"])
+        x = m.image_transform(False)(img)[None].to(ev.device)
+        pv = m.patch_variances(x)[0].float().cpu().numpy()
+        g = math.isqrt(len(pv))
+        tokens, var = m.token_variances([retrieval_text(r, "findings") or r["report"].strip()])
+        sigma_figure(path, common.resize(img, m.cfg.image_size), pv[:g * g].reshape(g, g), tokens[0], var[0])
+        return f"![D-MLM's sigma^2 of {Path(r['_path']).name}]({path.name})"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -925,7 +1222,11 @@ def format_result(r: dict) -> str:
         lines.append(f"    {n[:28]:<28} AUC {fmt(d['auc'])}  F1 {fmt(d['f1'])}  ACC {fmt(d['acc'])}  "
                      f"(threshold {d['threshold']:.3f}; {d['n_pos']} pos / {d['n_neg']} neg)")
     if r["ci"]:
-        lines.append(f"  95% CIs: {r['bootstrap']} resamples of the patients")
+        lines.append(f"  95% CIs: {r['bootstrap']} resamples of the patients" + (
+            f", {r['bootstrap_skipped']} skipped (a label with one class in them)" if r["bootstrap_skipped"]
+            else ""))
+    if r.get("chosen"):
+        lines.append(f"  chosen on the valid split: {r['chosen']}")
     return "\n".join(lines + [f"  note: {r['note']}"])
 
 
@@ -941,11 +1242,16 @@ def compare(results: dict):
                                    if k in r0["_boot"]}
 
 
-def markdown_table(results: dict, cfg: Config) -> str:
-    """One row per (task, metric), one column per checkpoint: value (95% CI), p against the first column."""
-    ckpts = list(results)
-    papers = [next(iter(results[c].values()))["paper"] for c in ckpts]
-    heads = papers if len(set(papers)) == len(papers) else ckpts
+def heads_of(results: dict) -> list[str]:
+    """A column name per checkpoint: its paper, or its path when two share a paper."""
+    papers = [next(iter(r.values()))["paper"] for r in results.values()]
+    return papers if len(set(papers)) == len(papers) else list(results)
+
+
+def markdown_table(results: dict, cfg: Config, figures: list[str] = ()) -> str:
+    """One row per (task, metric), one column per checkpoint: value (95% CI), p against the first column;
+    then the figures."""
+    ckpts, heads = list(results), heads_of(results)
     policy = next((r["labels"] for r in results[ckpts[0]].values() if r["labels"] != "not used"), None)
     lines = [f"{cfg.data}, split {cfg.split}" + (f"; labels: {policy}" if policy else "")
              + f"; 95% CIs: {cfg.bootstrap} bootstrap resamples of the patients"
@@ -960,7 +1266,29 @@ def markdown_table(results: dict, cfg: Config) -> str:
             lines.append(f"| {task} ({r['views']}) | {k} | " + " | ".join(cells) + " |")
     if heads != ckpts:
         lines += ["", "Checkpoints: " + ", ".join(f"{h} = {c}" for h, c in zip(heads, ckpts)) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + [f for f in figures if f]) + "\n"
+
+
+def write_figures(results: dict, stem: Path) -> list[str]:
+    """The ROC curves of the zero-shot labels (every checkpoint overlaid) and the comparison of the
+    checkpoints' metrics with their CIs -> markdown lines naming the PNGs."""
+    heads, out = heads_of(results), []
+    curves: dict[str, list] = {}
+    for h, rt in zip(heads, results.values()):
+        if "zeroshot" in rt:
+            names, Y, S = rt["zeroshot"]["_roc"]
+            for j, n in enumerate(names):
+                curves.setdefault(n, []).append((h, Y[:, j], S[:, j]))
+    if curves:
+        roc_figure(f"{stem}_roc.png", curves)
+        out.append(f"![zero-shot ROC curves per label]({stem.name}_roc.png)")
+    rows = [(f"{t} {k}", [(h, rt[t]["metrics"].get(k), rt[t]["ci"].get(k)) for h, rt in zip(heads, results.values())])
+            for t, r in next(iter(results.values())).items() for k in r["metrics"]]
+    rows = [r for r in rows if all(v is None or 0 <= v <= 1 for _, v, _ in r[1])]  # AUC, R@K, Dice, ...: one scale
+    if rows:
+        comparison_figure(f"{stem}_compare.png", rows)
+        out.append(f"![the metrics with their 95% CIs]({stem.name}_compare.png)")
+    return out
 
 
 def check_config(cfg: Config) -> tuple[list[str], list[str]]:
@@ -974,17 +1302,20 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--task={cfg.task}: choose from {', '.join(TASKS)} (comma-separated)")
     choices = {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"),
-               "mode": ("frozen", "finetune")}
+               "mode": ("frozen", "finetune"), "probe": ("logreg", "head"),
+               "probe_features": ("backbone", "embedding")}
     for k, ok in choices.items():
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: choose from {' | '.join(ok)}")
     try:
-        fracs, _ = [float(f) for f in csv_list(cfg.fractions)], [int(s) for s in csv_list(cfg.seeds)]
+        fracs, _, cs = ([float(f) for f in csv_list(cfg.fractions)], [int(s) for s in csv_list(cfg.seeds)],
+                        [float(c) for c in csv_list(cfg.probe_c)])
     except ValueError:
-        raise common.UserError(f"--fractions={cfg.fractions} / --seeds={cfg.seeds}: expected numbers, "
-                               f"e.g. 0.01,0.1,1 and 0,1,2") from None
-    if not fracs or not csv_list(cfg.seeds) or not all(0 < f <= 1 for f in fracs):
-        raise common.UserError(f"--fractions={cfg.fractions}: shares in (0, 1]; --seeds: at least one")
+        raise common.UserError(f"--fractions={cfg.fractions} / --seeds={cfg.seeds} / --probe_c={cfg.probe_c}: "
+                               f"expected numbers, e.g. 0.01,0.1,1 and 0,1,2 and 0.1,1,10") from None
+    if not fracs or not csv_list(cfg.seeds) or not all(0 < f <= 1 for f in fracs) or not cs or min(cs) <= 0:
+        raise common.UserError(f"--fractions={cfg.fractions}: shares in (0, 1]; --seeds: at least one; "
+                               f"--probe_c: values > 0")
     heads = [t for t in tasks if t not in ("zeroshot", "zeroshot_multiclass", "retrieval")]
     if cfg.split == "train" and heads:
         raise common.UserError(f"--split=train: {', '.join(heads)} fit their heads on the training split")
@@ -992,12 +1323,13 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
         if not Path(c).is_file():
             raise common.UserError(f"no checkpoint at {c} (train one first, e.g. `python pedclip.py`)")
     if cfg.data != Config.data and not Path(cfg.data).is_file():
-        raise common.UserError(f"data CSV {cfg.data} does not exist (data_prep.py writes one per data set)")
+        raise common.UserError(f"data CSV {cfg.data} does not exist (data_prep.py writes one per data set; "
+                               f"the presets read its default --out, data/<data set>.csv)")
     return ckpts, tasks
 
 
 def main(argv=None) -> dict:
-    """-> {checkpoint: {task: result}}; also printed and written to <out>/eval_<tasks>.json and .md."""
+    """-> {checkpoint: {task: result}}; also printed and written to <out>/eval_<tasks>.json, .md and .png."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__)
@@ -1009,30 +1341,34 @@ def main(argv=None) -> dict:
     device = "cuda" if cuda else "cpu"
     if cuda:  # as the paper files' setup() does, so that the zero-shot numbers agree with training time
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.out or (Path(ckpts[0]).parent if len(ckpts) == 1 else "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / ("eval_" + "+".join(tasks))
     threads = torch.get_num_threads()
     torch.set_num_threads(common.cpu_threads(cfg.threads))
     try:
-        results = {}
-        for ck in ckpts:
+        results, figures = {}, []
+        for i, ck in enumerate(ckpts):
             model, paper = load_model(ck, device, cfg.prompts)
             print(f"{ck}: {paper}, {model.cfg.image_size} px, on {device}")
             ev, results[ck] = Evaluator(cfg, model, paper, ck, device), {}
             for t in tasks:
                 results[ck][t] = run_task(ev, t)
                 print(format_result(results[ck][t]))
+            if cfg.figures:
+                figures.append(paper_figure(ev, Path(f"{stem}_{paper}{i}.png")))
             del ev, model
     finally:
         torch.set_num_threads(threads)
     compare(results)
-    out = Path(cfg.out or (Path(ckpts[0]).parent if len(ckpts) == 1 else "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / ("eval_" + "+".join(tasks))
+    if cfg.figures:
+        figures = write_figures(results, stem) + figures
     clean = {c: {t: {k: v for k, v in r.items() if not k.startswith("_")} for t, r in rt.items()}
              for c, rt in results.items()}
     common.atomic_write(f"{stem}.json", lambda f: json.dump(clean, f, indent=2))
-    md = markdown_table(results, cfg)
+    md = markdown_table(results, cfg, figures)
     common.atomic_write(f"{stem}.md", lambda f: f.write(md))
-    print(f"\n{md}\nwrote {stem}.json and {stem}.md")
+    print(f"\n{md}\nwrote {stem}.json and {stem}.md" + (" and its figures" if cfg.figures else ""))
     return results
 
 
