@@ -1,65 +1,55 @@
 """
 evaluate.py: the downstream protocols of the four papers (PedCLIP, CXR-CLIP, CXR-CML, D-MLM) on a checkpoint
-of any of them, with 95% bootstrap confidence intervals, a side-by-side table of several checkpoints with
-paired bootstrap p-values, and figures.
+of any of them (its paper file's load() rebuilds it), with 95% bootstrap CIs, figures, and several checkpoints
+side by side with paired bootstrap p-values.
 
     python evaluate.py --ckpt=out/pedclip/ckpt.pt                      # zero-shot AUC on the demo's phantoms
     python evaluate.py --ckpt=out/cxrclip/ckpt.pt,out/pedclip/ckpt.pt,out/cxrcml/ckpt.pt,out/dmlm/ckpt.pt \\
         --task=zeroshot,retrieval,probe --out=results                     # the comparison table and figures
     python evaluate.py --preset=cxrclip_vindr --ckpt=out/cxrclip/ckpt.pt   # a paper's table (the map below)
 
-A checkpoint names the paper file that wrote it; that file's load(path) rebuilds the model, and only the
-interface all four share is used: encode_image, encode_text, image_tokens, image_transform, zeroshot_prompts.
+    zeroshot             cos(positive prompts) - cos(negative prompts) per label, as at the end of training:
+                         AUC; F1, ACC at the threshold of the best F1 on the valid split
+    zeroshot_multiclass  the class of the highest mean cosine to its prompts, on images positive for one class
+    retrieval            image -> text R@1/5/10: one frontal image per study against one report section per
+                         study, identical texts merged (CXR-CLIP Sec. 4.1 and its evaluator)
+    probe                a linear head on frozen features (--probe_features): --probe=logreg (scikit-learn, C
+                         chosen on valid) or head (CXR-CLIP's: best epoch on valid), on --fractions of the
+                         training images x --seeds
+    finetune             image encoder + linear head, D-MLM's recipe (Sec. 3.5: 10 epochs, nothing chosen)
+    segmentation         a light decoder on the frozen image_tokens of the images with a finding: Dice
+    regression           ridge (alpha chosen on valid) or fine-tuning: MAE (PedCLIP: bone age)
+    grading              ordinal grades (D-MLM: edema 0-3): ACC, macro F1, kappa, one-vs-rest AUC
+Labels: 1, 0, -1 (uncertain) or blank; --blank, --uncertain and --no_finding say what the last two become (every
+output states it); --labels / --exclude / --min_pos choose them, --rare splits base and rare (CXR-CML: < 1,000
+positive images). Views (--views): retrieval frontal, the others all. Nothing is fitted on the evaluation split.
+95% percentile CIs from --bootstrap resamples of the patients, drawn within strata of their rarest positive
+label, so that every resample's macro is over the same labels (one that still loses a label is skipped and
+counted); p: the two-sided paired bootstrap p-value of each later checkpoint against the first.
 
-    task                 protocol                                                  metrics         views
-    zeroshot             per label, cos(positive prompts) - cos(negative prompts)  AUC, F1, ACC    all
-                         (common.zeroshot_scores, as at the end of training); F1,  (macro)
-                         ACC at the threshold maximising F1 on the valid split
-    zeroshot_multiclass  argmax over the classes of the mean cosine to a class's   ACC, macro F1   all
-                         prompts, images positive for exactly one class (5x200)
-    retrieval            image -> text: one frontal image per study against one    R@1, R@5, R@10  frontal
-                         report section per study, identical texts merged
-    probe                frozen image features (--probe_features), a linear head  AUC@1/10/100%   all
-                         per --probe: logreg (C chosen on valid) | head (CXR-CLIP)
-    finetune             image encoder + linear head, D-MLM's recipe (Sec. 3.5)    AUC@1/10/100%   all
-    segmentation         light decoder on frozen image_tokens, images with a mask  Dice@1/10/100%  all
-    regression           ridge (alpha chosen on valid) or fine-tuning              MAE             all
-    grading              ordinal grades, logistic regression or fine-tuning       ACC, F1, kappa, all
-                                                                                   one-vs-rest AUC
-Labels. A label cell is 1, 0, -1 (uncertain) or blank (not mentioned). --blank and --uncertain say what
-becomes of the last two (drop: left out of that label's metrics and fits), --no_finding makes a blank label
-negative where No Finding = 1. Every output states the policy it used. --labels / --exclude / --min_pos choose
-the labels; --rare splits them into base and rare groups (CXR-CML Sec. 3: < 1,000 positive images).
-Views: auto (the task's default above), frontal (PA, AP and their variants; an unknown view is not), all, or a
-list such as PA,AP. Nothing is fitted or chosen on the evaluation split.
-Uncertainty. 95% percentile CIs from --bootstrap resamples of the patients of the evaluation split; a resample
-in which a label scored on all rows has one class is skipped and counted, so that every macro is over the
-same labels. With several checkpoints each metric of the 2nd, 3rd, ... is compared with the first on the same
-resamples: p is the two-sided paired bootstrap p-value. Probes and fine-tuning also give the std over --seeds.
-
-Paper tables -> commands. R: the release's folder as downloaded. Each preset reads data_prep.py's default
---out, data/<data set>.csv (--help with a preset shows its values):
-    table                            python data_prep.py ...                  python evaluate.py --preset=...
+Paper tables -> commands. R: the release's folder as downloaded. A preset reads data_prep.py's default --out,
+data/<data set>.csv (--preset=NAME --help shows its values):
+    paper, table, column             python data_prep.py ...                  python evaluate.py --preset=
     CXR-CLIP T2 VinDr ZS, 10%, 100%  vindr_cxr --root=R                       cxrclip_vindr
     CXR-CLIP T2 RSNA / SIIM          rsna_pneumonia --root=R / siim --root=R  cxrclip_rsna / cxrclip_siim
     CXR-CLIP T2-3 C5x200 ACC, R@K    chexpert5x200 --root=R                   cxrclip_5x200
     CXR-CLIP T3 MIMIC / Open-I R@K   mimic_cxr --root=R --reports=R2 / openi  cxrclip_mimic / cxrclip_openi
-    CXR-CML T2 all / base / rare     cxr_lt --root=R --label_root=L           cxrcml_cxrlt (one fold)
+    CXR-CML T2 all / base / rare     cxr_lt --root=R --label_root=L           cxrcml_cxrlt (per fold)
     D-MLM T1, T2, T5 RSNA / SIIM     rsna_pneumonia / siim --fractions=0.6,0.2,0.2   dmlm_rsna / dmlm_siim
     D-MLM T1 CheXpert; T2 NIH        chexpert --root=R; nih --root=R          dmlm_chexpert; dmlm_nih
     D-MLM T3 COVID-19; T4 edema      covidx --root=R; mimic_edema --label_root=L   dmlm_covidx; dmlm_edema
     PedCLIP T1-2 PCXR / CHD / GRAZ   vindr_pcxr / chd_cxr / grazpedwri        pedclip_pcxr / _chd / _graz
     PedCLIP T2 bone age              boneage --root=R                         pedclip_boneage
-Training (the checkpoints above): python cxrclip.py --preset=paper --data=data/mimic_cxr.csv; python dmlm.py
---preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json after python text_prep.py knowledge
---findings=data/mimic_cxr.csv --model=<LLM>; for k in 0..4: python cxrcml.py --preset=paper --data=data/cxr_lt.csv
---fold=k --out_dir=out/cxrcml_fold$k, then python cxrcml.py summarize out/cxrcml_fold* (the mean of the five);
-python text_prep.py extract_bodyparts --csv=data/pexr.csv --model=<LLM>, python pedclip.py --preset=paper
---data=data/pexr.csv. Not covered: PeXR and PedCLIP's Arthritis set (private; its concept probe is --task=probe
---labels=<concept columns> --fractions=1), D-MLM's Covid-19 segmentation (no converter). D-MLM segments with a
-frozen decoder where it fine-tunes (no recipe given). RSNA's images are a subset of NIH ChestX-ray14.
-Output: printed, and <out>/eval_<tasks>.json, .md and .png figures (--out: the checkpoint's folder, or ./results
-for several). A user error (a missing file or column, a bad flag) is one line and exit status 2.
+The checkpoints: python cxrclip.py --preset=paper --data=data/mimic_cxr.csv; python text_prep.py knowledge
+--findings=data/mimic_cxr.csv --model=<LLM>, then python dmlm.py --preset=paper --data=data/mimic_cxr.csv
+--knowledge=data/knowledge.json; for k in 0..4: python cxrcml.py --preset=paper --data=data/cxr_lt.csv --fold=k
+--out_dir=out/cxrcml_fold$k (python cxrcml.py summarize out/cxrcml_fold*: their mean); python text_prep.py
+extract_bodyparts --csv=data/pexr.csv --model=<LLM>, then python pedclip.py --preset=paper --data=data/pexr.csv.
+Not covered: PeXR and PedCLIP's Arthritis set (private; its concepts: --task=probe --labels=<concepts>
+--fractions=1); D-MLM's Covid-19 segmentation (no converter). D-MLM fine-tunes its segmentation, with no recipe
+given: here the decoder reads frozen tokens. RSNA's images are a subset of NIH ChestX-ray14.
+Output: printed, and <out>/eval_<tasks>.json, .md and .png (--out: the checkpoint's folder, or ./results). A
+user error (a missing file or column, a bad flag) is one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -76,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import figures
 
 # ----------------------------------------------------------------------------------------------------
 # ---- config ----
@@ -169,6 +160,7 @@ GLORIA_UNCERTAIN = {"atelectasis": 1.0, "cardiomegaly": 0.0, "consolidation": 0.
 NORMAL_LABELS = ("no finding", "normal")
 
 
+
 def csv_list(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
@@ -184,10 +176,8 @@ def auc_columns(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
 
 
 def macro(v, keep=None) -> float | None:
-    """The mean of per-label values over `keep` (the labels defined on all the evaluated rows; default: the
-    finite ones). None when one of them is undefined here: a bootstrap resample that leaves a label with one
-    class is skipped and counted, rather than averaged over fewer labels (which pulls a rare label's macro
-    towards the common labels' and widens its interval)."""
+    """The mean of per-label values over `keep` (the labels defined on all evaluated rows; default: the finite
+    ones); None when one of them is undefined here (a bootstrap resample that lost a label: skipped)."""
     v = np.asarray(v, dtype=np.float64)
     keep = np.isfinite(v) if keep is None else np.asarray(keep, bool)
     return float(v[keep].mean()) if keep.any() and np.isfinite(v[keep]).all() else None
@@ -213,29 +203,22 @@ def best_f1_threshold(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(t[np.argmax(2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12))])
 
 
-def confusion(gt: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    """[k, k] counts of (true class, predicted class)."""
-    return np.bincount(gt * k + pred, minlength=k * k).reshape(k, k)
-
-
 def class_metrics(gt: np.ndarray, pred: np.ndarray, k: int) -> dict:
     """Accuracy, macro F1 (over all k classes; 0 for a class never true nor predicted, as scikit-learn's
-    zero_division=0) and quadratically weighted Cohen's kappa of class ids, from the confusion matrix."""
-    C = confusion(gt, pred, k).astype(np.float64)
+    zero_division=0), quadratically weighted Cohen's kappa and the confusion matrix [true, predicted]."""
+    C = np.bincount(gt * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
     n, tp, true, predicted = C.sum(), np.diag(C), C.sum(1), C.sum(0)
     f1 = np.where(true + predicted > 0, 2 * tp / np.maximum(true + predicted, 1), 0.0)
     w = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2 / max(1, (k - 1) ** 2)
-    expected = np.outer(true, predicted) / max(n, 1)
-    kappa = 1 - (w * C).sum() / (w * expected).sum() if (w * expected).sum() > 0 else None
-    return {"acc": float(tp.sum() / max(n, 1)), "f1_macro": float(f1.mean()),
-            "kappa_quadratic": None if kappa is None else float(kappa)}
+    expected = (w * np.outer(true, predicted)).sum() / max(n, 1)
+    return {"acc": float(tp.sum() / max(n, 1)), "f1_macro": float(f1.mean()), "confusion": C.astype(int).tolist(),
+            "kappa_quadratic": float(1 - (w * C).sum() / expected) if expected > 0 else None}
 
 
 def recall_hits(sim: np.ndarray, target: np.ndarray, ks=(1, 5, 10)) -> np.ndarray:
     """sim [Q, M] query-candidate similarities, target [Q] each query's own candidate -> bool [Q, len(ks)]:
     is it among the top k? Its rank counts every candidate scoring at least as high (ties count against)."""
-    own = sim[np.arange(len(sim)), target]
-    rank = (sim >= own[:, None]).sum(1)
+    rank = (sim >= sim[np.arange(len(sim)), target][:, None]).sum(1)
     return rank[:, None] <= np.asarray(ks)[None, :]
 
 
@@ -269,15 +252,14 @@ def label_strata(Y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     none. Resampled within these strata, every label keeps a positive patient in (almost) every resample."""
     P = np.zeros((int(groups.max()) + 1, Y.shape[1]), bool)
     np.logical_or.at(P, groups, Y == 1)
-    rarest = np.argmin(np.where(P, P.sum(0)[None, :], np.inf), 1)
-    return np.where(P.any(1), rarest, -1)
+    return np.where(P.any(1), np.argmin(np.where(P, P.sum(0)[None, :], np.inf), 1), -1)
 
 
 def bootstrap(stat, groups: np.ndarray, n: int, seed: int = 0, strata=None) -> dict[str, np.ndarray]:
     """stat(idx) -> {metric: value} on the rows idx (repeats allowed). n resamples of whole patients with
-    replacement, within `strata` (a stratum per patient, label_strata) when given -> {metric: [n] values,
-    nan where undefined (a skipped resample)}. The draws depend only on (seed, groups, strata), so two
-    checkpoints evaluated on the same rows see the same resamples (paired_p)."""
+    replacement, within `strata` (label_strata) when given -> {metric: [n] values, nan where undefined: a
+    skipped resample}. The draws depend only on (seed, groups, strata): two checkpoints evaluated on the same
+    rows see the same resamples (paired_p)."""
     rng, n_groups = np.random.default_rng(seed), int(groups.max()) + 1 if len(groups) else 0
     members = [np.flatnonzero(strata == s) for s in np.unique(strata)] if strata is not None else \
         [np.arange(n_groups)]
@@ -301,9 +283,7 @@ def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
     twice the share of resampled differences on the far side of 0 (+1 smoothing, so never exactly 0)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     d = (a - b)[np.isfinite(a) & np.isfinite(b)]
-    if not len(d):
-        return None
-    return float(min(1.0, 2 * (min((d <= 0).sum(), (d >= 0).sum()) + 1) / (len(d) + 1)))
+    return float(min(1.0, 2 * (min((d <= 0).sum(), (d >= 0).sum()) + 1) / (len(d) + 1))) if len(d) else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,14 +301,13 @@ def apply_label_policy(Y: np.ndarray, names: list[str], blank: str, uncertain: s
         if not nf:
             raise common.UserError(f"--no_finding: no No Finding column among the labels {names}")
         normal = (Y[:, nf] == 1).any(1)
-        for j in range(len(names)):
-            if j not in nf:
-                Y[normal & np.isnan(Y[:, j]), j] = 0.0
+        for j in set(range(len(names))) - set(nf):
+            Y[normal & np.isnan(Y[:, j]), j] = 0.0
     if blank == "zero":
         Y[np.isnan(Y)] = 0.0
     for j, t in enumerate(text):
-        v = {"ones": 1.0, "zeros": 0.0, "gloria": GLORIA_UNCERTAIN.get(t, np.nan)}.get(uncertain, np.nan)
-        Y[Y[:, j] == -1, j] = v
+        Y[Y[:, j] == -1, j] = {"ones": 1.0, "zeros": 0.0, "gloria": GLORIA_UNCERTAIN.get(t, np.nan)}.get(
+            uncertain, np.nan)
     return Y
 
 
@@ -345,12 +324,9 @@ def view_set(views: str) -> set[str] | None:
 
 def retrieval_text(row: dict, how: str) -> str:
     """One report section of a study (CXR-CLIP samples one section, not the concatenation)."""
-    if how in ("impression", "findings"):
-        other = "findings" if how == "impression" else "impression"
-        text = (row.get(how) or "").strip() or (row.get(other) or "").strip()
-    else:
-        text = (row.get(how) or "").strip()
-    return " ".join(text.split())
+    other = {"impression": "findings", "findings": "impression"}.get(how)
+    return " ".join(((row.get(how) or "").strip() or (row.get(other) or "").strip() if other else
+                     (row.get(how) or "").strip()).split())
 
 
 @dataclass
@@ -364,7 +340,7 @@ class Part:
 
 class ImageRows(torch.utils.data.Dataset):
     """Rows -> (training-transformed image [3, S, S], index, error text), with a generator per (seed, epoch,
-    index), so that augmentations are reproducible in any worker (fine-tuning)."""
+    index): augmentations are reproducible in any worker (fine-tuning)."""
 
     def __init__(self, rows: list[dict], transform, size: int, seed: int):
         self.rows, self.tf, self.size, self.seed, self.epoch = rows, transform, size, seed, 0
@@ -424,7 +400,6 @@ class Evaluator:
             except (AttributeError, KeyError):
                 print(f"note: no {PRE_PROJECTION.get(paper)} in this {paper} model; probes read the embedding")
 
-    # -- rows
     def rows(self, split: str, views: str, required: bool = True) -> list[dict]:
         """The rows of `split` whose view is in --views (all rows for --views=all)."""
         if self.table is None:
@@ -445,40 +420,35 @@ class Evaluator:
         return rows
 
     def part(self, split: str, views: str, required: bool = True) -> Part | None:
-        key = (split, views)
-        if key not in self.parts:
-            rows = self.rows(split, views, required)
+        """The Part of (split, views), embedded on first use; None for a missing split that is not required."""
+        if (split, views) not in self.parts:
+            rows, dim = self.rows(split, views, required), []
             if not rows:
                 return None
-            dim = []  # the embedding's width, set by the first batch
 
             def embed(x):  # encode_image, and the input of its projection caught on the way (for probes)
                 seen = []
                 hook = self.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0])) if self.proj else None
                 e = self.model.encode_image(x)
-                if hook:
-                    hook.remove()
+                hook and hook.remove()
                 dim[:] = [e.shape[1]]
                 return torch.cat([e] + [seen[0].reshape(len(x), -1).to(e.dtype)] if seen else [e], 1)
             out, ok = self.images(rows, embed)
             if not ok.all():
                 print(f"warning: {int((~ok).sum())} unreadable image(s) in split {split!r} left out (first: "
                       f"{rows[int(np.argmin(ok))]['_path']})")
-            out = out[ok]
-            self.parts[key] = Part([r for r, k in zip(rows, ok) if k], out[:, :dim[0]],
-                                   out[:, dim[0]:] if self.proj else None)
-        return self.parts[key]
+            self.parts[split, views] = Part([r for r, k in zip(rows, ok) if k], out[ok, :dim[0]],
+                                            out[ok, dim[0]:] if self.proj else None)
+        return self.parts[split, views]
 
     def images(self, rows: list[dict], fn) -> tuple[np.ndarray, np.ndarray]:
         return common.embed_images(self.model, rows, self.device, self.cfg.batch_size, fn=fn,
                                    num_workers=self.cfg.num_workers)
 
-    # -- labels
     def labels(self, rows: list[dict], names: list[str]) -> np.ndarray:
         """[n, L] 1 / 0 / nan after the label policy."""
-        j = [self.label_names_all.index(n) for n in names]
+        j, c = [self.label_names_all.index(n) for n in names], self.cfg
         Y = np.array([r["_labels"][j] for r in rows], dtype=np.float64).reshape(len(rows), len(j))
-        c = self.cfg
         return apply_label_policy(Y, names, c.blank, c.uncertain, c.no_finding)
 
     def label_names(self, rows: list[dict]) -> tuple[list[str], list[str]]:
@@ -491,11 +461,9 @@ class Evaluator:
                                    f"{self.label_names_all})")
         excluded = {common.label_text(n) for n in csv_list(self.cfg.exclude)}
         names = [n for n in names if common.label_text(n) not in excluded]
-        few = []
-        if self.cfg.min_pos > 0:
-            pos = (self.labels(rows, names) == 1).sum(0)
-            few = [n for n, p in zip(names, pos) if p < self.cfg.min_pos]
-            names = [n for n in names if n not in few]
+        pos = (self.labels(rows, names) == 1).sum(0)
+        few = [n for n, p in zip(names, pos) if p < self.cfg.min_pos]
+        names = [n for n in names if n not in few]
         if not names:
             raise common.UserError(f"no label left to evaluate in {self.cfg.data} after --labels, --exclude "
                                    f"and --min_pos={self.cfg.min_pos}")
@@ -508,11 +476,10 @@ class Evaluator:
         if r in ("", "none"):
             return []
         if r != "auto":
-            unknown = [n for n in csv_list(r) if n not in names]
-            if unknown:
-                raise common.UserError(f"--rare: {unknown} are not among the evaluated labels {names}")
+            if set(csv_list(r)) - set(names):
+                raise common.UserError(f"--rare: {sorted(set(csv_list(r)) - set(names))} are not among the "
+                                       f"evaluated labels {names}")
             return csv_list(r)
-        self.rows("train", "all", required=False)  # reads the CSV
         counts = (self.table.labels()[:, [self.label_names_all.index(n) for n in names]] == 1).sum(0)
         return [n for n, c in zip(names, counts) if c < self.cfg.rare_below]
 
@@ -522,7 +489,7 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- zero-shot ----
+# ---- zero-shot and retrieval ----
 
 
 def label_stat(Y: np.ndarray, S: np.ndarray, T: np.ndarray, is_rare: np.ndarray):
@@ -531,8 +498,7 @@ def label_stat(Y: np.ndarray, S: np.ndarray, T: np.ndarray, is_rare: np.ndarray)
     keep = np.isfinite(auc_columns(Y, S))
 
     def stat(idx):
-        auc = auc_columns(Y[idx], S[idx])
-        f1, acc = f1_acc_per_column(Y[idx], S[idx], T)
+        auc, (f1, acc) = auc_columns(Y[idx], S[idx]), f1_acc_per_column(Y[idx], S[idx], T)
         out = {"auc_macro": macro(auc, keep), "f1_macro": macro(f1, keep), "acc_macro": macro(acc, keep)}
         if is_rare.any():
             out.update(auc_base=macro(auc, keep & ~is_rare), auc_rare=macro(auc, keep & is_rare))
@@ -544,30 +510,22 @@ def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     test = ev.part(ev.cfg.split, views)
     names, few = ev.label_names(test.rows)
     # F1 / ACC thresholds: max-F1 on the valid split (MedKLIP, which D-MLM follows, takes it on the test set
-    # itself); without a valid positive, 0 on the score, the pair softmax's 0.5
+    # itself); without a valid positive, 0 on the score: the pair softmax's 0.5
     valid = ev.part("valid", views, required=False) if ev.cfg.split != "valid" else None
     emb = test.emb if valid is None else np.concatenate([test.emb, valid.emb])
-    Y, S = ev.labels(test.rows, names), common.zeroshot_scores(ev.model, emb, names)
-    S, Sv = S[:len(Y)], S[len(Y):]  # one call: the prompts are encoded once
-    T, fallback = np.zeros(len(names)), list(names) if valid is None else []
-    if valid is not None:
-        Yv = ev.labels(valid.rows, names)
-        for j, n in enumerate(names):
-            t = best_f1_threshold(Yv[:, j], Sv[:, j])
-            T[j] = 0.0 if t is None else t
-            fallback += [n] if t is None else []
-    rare = ev.rare_labels(names)
+    Y, S = ev.labels(test.rows, names), common.zeroshot_scores(ev.model, emb, names)  # prompts encoded once
+    T = [best_f1_threshold(y, s) for y, s in zip(ev.labels(valid.rows, names).T, S[len(Y):].T)] if valid else []
+    fallback = [n for n, t in zip(names, T) if t is None] if valid else names
+    T, S, rare = np.array([t or 0.0 for t in T] or np.zeros(len(names))), S[:len(Y)], ev.rare_labels(names)
     stat = label_stat(Y, S, T, np.array([n in rare for n in names]))
-    per = common.auc_per_label(Y, S, names)  # the per-label AUC and macro of the training-time evaluation
-    f1, acc = f1_acc_per_column(Y, S, T)
+    per, (f1, acc) = common.auc_per_label(Y, S, names)["per_label"], f1_acc_per_column(Y, S, T)
     res = {"metrics": stat(np.arange(len(Y))), "n_images": len(Y), "rare_labels": rare, "per_label": {
-        n: {"auc": per["per_label"][n], "f1": macro(f1[j:j + 1]), "acc": macro(acc[j:j + 1]),
-            "threshold": float(T[j]), "n_pos": int((Y[:, j] == 1).sum()), "n_neg": int((Y[:, j] == 0).sum())}
-        for j, n in enumerate(names)}, "_roc": (names, Y, S), "_strata": Y,
-        "note": "score cos(positive prompts) - cos(negative prompts); F1 / ACC at the threshold maximising "
-                "F1 on the valid split" + (f" (0, the pair's 0.5, for {fallback}: no valid split or no valid "
-                                           f"positive)" if fallback else "")
-                + "; a label with one class is undefined and left out of the macro"
+        n: {"auc": per[n], "f1": macro(f1[j:j + 1]), "acc": macro(acc[j:j + 1]), "threshold": float(T[j]),
+            "n_pos": int((Y[:, j] == 1).sum()), "n_neg": int((Y[:, j] == 0).sum())} for j, n in enumerate(names)},
+        "_roc": (names, Y, S), "_strata": Y,
+        "note": "score cos(positive prompts) - cos(negative prompts); F1 / ACC at the threshold maximising F1 on "
+                "the valid split" + (f" (0, the pair's 0.5, for {fallback}: no valid split or no valid positive)"
+                                     if fallback else "") + "; a label with one class is left out of the macro"
                 + (f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else "")}
     return res, stat, test.rows
 
@@ -586,31 +544,25 @@ def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable,
     if not len(one):
         raise common.UserError(f"zeroshot_multiclass: no image of split {ev.cfg.split!r} is positive for "
                                f"exactly one of {classes}")
-    gt = np.argmax(raw[one] == 1, 1)
-    # the mean of the cosines to a class's prompts (CXR-CLIP's evaluator), i.e. the dot product with the mean
-    # of their unit embeddings, not renormalised: classes with more varied prompts are not favoured
+    gt, K = np.argmax(raw[one] == 1, 1), len(classes)
+    # the mean of the cosines to a class's prompts (CXR-CLIP's evaluator): the dot product with the mean of
+    # their unit embeddings, not renormalised (which would favour a class with more varied prompts)
     T = np.stack([encode_texts(ev.model, ev.model.zeroshot_prompts(c)[0]).mean(0) for c in classes])
     pred = np.argmax(test.emb[one].astype(np.float64) @ T.T, 1)
-    K = len(classes)
 
     def stat(idx):
         m = class_metrics(gt[idx], pred[idx], K)
         return {"acc": m["acc"], "f1_macro": m["f1_macro"]}
 
-    res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes,
-           "confusion": confusion(gt, pred, K).tolist(), "_strata": np.eye(K)[gt],
+    res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes, "_strata": np.eye(K)[gt],
+           "confusion": class_metrics(gt, pred, K)["confusion"],
            "note": "images positive for exactly one class; prediction: argmax over the classes of the mean "
                    "cosine to the class's positive prompts; the label policy does not apply"}
     return res, stat, [test.rows[i] for i in one]
 
 
-# ----------------------------------------------------------------------------------------------------
-# ---- retrieval (CXR-CLIP Table 3) ----
-
-
 def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
-    how = ev.cfg.retrieval_text
-    test = ev.part(ev.cfg.split, views)
+    how, test = ev.cfg.retrieval_text, ev.part(ev.cfg.split, views)
     if how not in ("impression", "findings") and how not in ev.columns:
         raise common.UserError(f"--retrieval_text={how}: no such column in {ev.cfg.data}")
     first: dict[str, int] = {}  # study -> its first image among the accepted views
@@ -622,13 +574,11 @@ def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         raise common.UserError(f"retrieval: fewer than 2 studies with a {how} text and a {views} image in "
                                f"split {ev.cfg.split!r}")
     texts, target = dedupe_texts([retrieval_text(test.rows[i], how) for i in q])
-    sim = test.emb[q].astype(np.float64) @ encode_texts(ev.model, texts).T  # [queries, unique texts]
-    ks = (1, 5, 10)
-    hits = recall_hits(sim, target, ks)
+    hits = recall_hits(test.emb[q].astype(np.float64) @ encode_texts(ev.model, texts).T, target)  # [Q, 3]
 
     def stat(idx):
         r = hits[idx].mean(0)
-        return {**{f"R@{k}": float(v) for k, v in zip(ks, r)}, "rsum": float(r.sum())}
+        return {"R@1": float(r[0]), "R@5": float(r[1]), "R@10": float(r[2]), "rsum": float(r.sum())}
 
     res = {"metrics": stat(np.arange(len(q))), "n_images": len(q), "n_texts": len(texts),
            "note": f"image -> text; queries: the first image of each study (views: {views}); candidates: one "
@@ -646,28 +596,24 @@ def subsample(n: int, frac: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:max(1, int(math.ceil(frac * n)))])
 
 
-def pct(f: float) -> str:
-    return f"{f * 100:g}%"
-
-
 def over_fractions(ev: Evaluator, n_train: int, name: str, run, score) -> tuple[dict, callable]:
     """run(train_idx, seed) -> (predictions for the test rows, what was chosen on valid), once per
     (--fractions, --seeds); score(pred, idx) -> the metric on test rows idx. -> ({metrics: name@F, the mean
     over the seeds whose run is defined; seed_std; chosen, ...}, stat)."""
     fracs, seeds = [float(f) for f in csv_list(ev.cfg.fractions)], [int(s) for s in csv_list(ev.cfg.seeds)]
     runs = {(f, s): run(subsample(n_train, f, s), s) for f in fracs for s in seeds}
-    n_test = len(next(iter(runs.values()))[0])
+    n_test, pct = len(next(iter(runs.values()))[0]), lambda f: f"{name}@{f * 100:g}%"
     full = {k: score(p, np.arange(n_test)) for k, (p, _) in runs.items()}
     keep = {f: [full[f, s] is not None for s in seeds] for f in fracs}
 
     def stat(idx):
-        return {f"{name}@{pct(f)}": macro([score(runs[f, s][0], idx) for s in seeds], keep[f]) for f in fracs}
+        return {pct(f): macro([score(runs[f, s][0], idx) for s in seeds], keep[f]) for f in fracs}
 
-    std = {f"{name}@{pct(f)}": float(np.std([full[f, s] for s, k in zip(seeds, keep[f]) if k]))
-           if any(keep[f]) else None for f in fracs}
-    return {"metrics": stat(np.arange(n_test)), "seed_std": std, "seeds": seeds,
-            "n_train": {pct(f): len(subsample(n_train, f, 0)) for f in fracs},
-            "chosen": {f"{pct(f)}, seed {s}": c for (f, s), (_, c) in runs.items() if c is not None}}, stat
+    return {"metrics": stat(np.arange(n_test)), "seeds": seeds,
+            "seed_std": {pct(f): float(np.std([full[f, s] for s, k in zip(seeds, keep[f]) if k])) if any(keep[f])
+                         else None for f in fracs},
+            "n_train": {f"{f * 100:g}%": len(subsample(n_train, f, 0)) for f in fracs},
+            "chosen": {f"{f * 100:g}%, seed {s}": c for (f, s), (_, c) in runs.items() if c is not None}}, stat
 
 
 def fit(model, X: np.ndarray, y: np.ndarray):
@@ -681,23 +627,22 @@ def fit(model, X: np.ndarray, y: np.ndarray):
         return make_pipeline(StandardScaler(), model).fit(X, y)
 
 
-def fit_logreg(X: np.ndarray, y: np.ndarray, C: float, seed: int = 0):
+def logreg(C: float, seed: int = 0):
     from sklearn.linear_model import LogisticRegression
 
-    return fit(LogisticRegression(C=C, max_iter=2000, random_state=seed), X, y)
+    return LogisticRegression(C=C, max_iter=2000, random_state=seed)
 
 
 def choose_on_valid(cands: list, fit_one, score, default):
     """fit_one(c) for each candidate; score(model) -> its score on the valid split (higher is better; None
-    when there is none) -> (model, c) of the best, the first on ties; without a valid score: c = default."""
+    without one) -> (model, c) of the best, the first on ties; without a valid score: c = default."""
     best = None
     for c in cands:
         m = fit_one(c)
         s = score(m)
         if s is None:
             break
-        if best is None or s > best[0]:
-            best = (s, m, c)
+        best = (s, m, c) if best is None or s > best[0] else best
     return (best[1], best[2]) if best else (fit_one(default), default)
 
 
@@ -707,15 +652,12 @@ def probe_scores(Xtr, Ytr, Xva, Yva, Xte, cands: list[float], seed: int = 0) -> 
     label whose training rows hold one class (no probe: undefined in that run)."""
     out, chosen = np.full((len(Xte), Ytr.shape[1]), np.nan), []
     for j in range(Ytr.shape[1]):
-        m = (Ytr[:, j] == 0) | (Ytr[:, j] == 1)
+        m, mv = np.isin(Ytr[:, j], (0, 1)), np.isin(Yva[:, j], (0, 1)) if Xva is not None else np.zeros(0, bool)
         if not 0 < Ytr[m, j].sum() < m.sum():
             chosen.append(None)
             continue
-        mv = np.isin(Yva[:, j], (0, 1)) if Xva is not None else np.zeros(0, bool)
-
-        def score(clf):
-            return macro(auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:])) if mv.any() else None
-        clf, c = choose_on_valid(cands, lambda c: fit_logreg(Xtr[m], Ytr[m, j].astype(int), c, seed), score, 1.0)
+        clf, c = choose_on_valid(cands, lambda c: fit(logreg(c, seed), Xtr[m], Ytr[m, j].astype(int)), lambda clf: macro(
+            auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:])) if mv.any() else None, 1.0)
         out[:, j] = clf.predict_proba(Xte)[:, 1]
         chosen.append(c)
     return out, chosen
@@ -729,10 +671,9 @@ def linear_head(Xtr, Ytr, Xva, Yva, Xte, cfg: Config, seed: int, device: str) ->
     once with the evaluation transform, where the official code augments every epoch."""
     torch.manual_seed(seed)
     T = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
-    x, y = T(Xtr), T(Ytr)
+    x, y, bs = T(Xtr), T(Ytr), min(256, len(Xtr))
     head = nn.Linear(x.shape[1], y.shape[1]).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=1e-4)
-    bs = min(256, len(x))
     steps, g = len(x) // bs, torch.Generator().manual_seed(seed)  # drop_last, as the official loader
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.probe_epochs * steps))
 
@@ -749,14 +690,12 @@ def linear_head(Xtr, Ytr, Xva, Yva, Xte, cfg: Config, seed: int, device: str) ->
         if Xva is not None and len(Xva):
             with torch.no_grad():
                 v = loss(T(Xva), T(Yva)).item()
-            if v < best[0]:
-                best = (v, epoch + 1, {k: t.clone() for k, t in head.state_dict().items()})
+            best = (v, epoch + 1, {k: t.clone() for k, t in head.state_dict().items()}) if v < best[0] else best
     if best[2] is not None:
         head.load_state_dict(best[2])
     with torch.no_grad():
         P = torch.sigmoid(head(T(Xte))).double().cpu().numpy()
-    one_class = [not 0 < np.nansum(Ytr[:, j]) < np.isfinite(Ytr[:, j]).sum() for j in range(Ytr.shape[1])]
-    P[:, one_class] = np.nan
+    P[:, [not 0 < np.nansum(t) < np.isfinite(t).sum() for t in Ytr.T]] = np.nan
     return P, best[1]
 
 
@@ -765,18 +704,16 @@ def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict,
     train, test = ev.part("train", views), ev.part(c.split, views)
     valid = ev.part("valid", views, required=False) if not finetune and c.split != "valid" else None
     names, few = ev.label_names(test.rows)
-    Ytr, Yte = ev.labels(train.rows, names), ev.labels(test.rows, names)
-    Yva, X = ev.labels(valid.rows, names) if valid else None, lambda p: p.emb if p.feat is None else p.feat
-    Xva = X(valid) if valid else None
+    Ytr, Yte, X = ev.labels(train.rows, names), ev.labels(test.rows, names), lambda p: p.emb if p.feat is None else p.feat
+    Xva, Yva = (X(valid), ev.labels(valid.rows, names)) if valid else (None, None)
 
     def run(idx, seed):
         if finetune:
-            return finetune_predict(ev, [train.rows[i] for i in idx], Ytr[idx], "multilabel", len(names),
-                                    test.rows, seed, test.emb.shape[1]), None
+            return finetune_predict(ev, [train.rows[i] for i in idx], Ytr[idx], len(names), test.rows, seed,
+                                    test.emb.shape[1]), None
         if c.probe == "head":
             return linear_head(X(train)[idx], Ytr[idx], Xva, Yva, X(test), c, seed, ev.device)
-        return probe_scores(X(train)[idx], Ytr[idx], Xva, Yva, X(test), [float(v) for v in csv_list(c.probe_c)],
-                            seed)
+        return probe_scores(X(train)[idx], Ytr[idx], Xva, Yva, X(test), [float(v) for v in csv_list(c.probe_c)], seed)
 
     keeps = {}  # per run: the labels defined on all test rows
 
@@ -786,64 +723,52 @@ def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict,
     res, stat = over_fractions(ev, len(train.rows), "auc", run, score)
     feats = "features before the projection" if train.feat is not None else "embeddings"
     how = (f"image encoder + linear head fine-tuned, masked BCE, {c.ft_epochs} epochs" if finetune else
-           f"linear head on frozen {feats}, best of {c.probe_epochs} epochs by the valid loss (chosen: "
-           f"the epoch)" if c.probe == "head" else
-           f"logistic regression per label on frozen, standardised {feats}, C from {c.probe_c} by the valid "
-           f"AUC (chosen: C per label)")
-    res.update(n_images=len(test.rows), _strata=Yte, note=f"{how}; macro AUC over the labels defined in a run, mean over "
-               f"seeds" + ("" if finetune or valid else "; no valid split: C = 1 / the last epoch")
+           f"linear head on frozen {feats}, the best of {c.probe_epochs} epochs by the valid loss (chosen: the "
+           f"epoch)" if c.probe == "head" else f"logistic regression per label on frozen, standardised {feats}, "
+           f"C from {c.probe_c} by the valid AUC (chosen: C per label)")
+    res.update(n_images=len(test.rows), _strata=Yte, note=f"{how}; macro AUC over the labels defined in a run, "
+               f"mean over seeds" + ("" if finetune or valid else "; no valid split: C = 1 / the last epoch")
                + (f"; --min_pos={c.min_pos} dropped {few}" if few else ""))
     return res, stat, test.rows
 
 
 def warmup_cosine(opt, warmup: int, total: int):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (D-MLM Sec. 3.5), with torch's
-    schedulers."""
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (D-MLM Sec. 3.5)."""
     S = torch.optim.lr_scheduler
     return S.SequentialLR(opt, [S.LinearLR(opt, 1 / warmup, 1.0, max(1, warmup - 1)),
                                 S.CosineAnnealingLR(opt, max(1, total - warmup))], milestones=[warmup])
 
 
-def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, kind: str, n_out: int,
-                     test_rows: list[dict], seed: int, dim: int) -> np.ndarray:
+def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out: int, test_rows: list[dict],
+                     seed: int, dim: int) -> np.ndarray:
     """A fresh copy of the checkpoint's model; its image encoder and a linear head on encode_image are trained
     on (rows, targets) with D-MLM's recipe (Sec. 3.5: AdamW, weight decay 0.05, encoder lr 1e-5, head lr 3e-4
-    warmed up then cosine, 10 epochs; nothing is chosen on valid) -> the head's output on test_rows.
-    kind: multilabel (targets [n, L] 1 / 0 / nan: BCE on the known ones, -> probabilities) | multiclass
-    (targets [n] class ids: cross-entropy, -> probabilities) | regression (targets [n]: smooth L1 on the
-    standardised target, -> target units)."""
-    c, cuda = ev.cfg, ev.device.startswith("cuda")
+    warmed up then cosine, 10 epochs; nothing chosen on valid) -> the head's probabilities on test_rows.
+    targets: [n, L] 1 / 0 / nan (multi-label: BCE on the known ones) or [n] class ids (cross-entropy)."""
+    c, cuda, multilabel = ev.cfg, ev.device.startswith("cuda"), np.ndim(targets) == 2
     torch.manual_seed(seed)
     model = importlib.import_module(ev.paper).load(ev.ckpt)[0].to(ev.device).train()
     ds = ImageRows(rows, model.image_transform(True), model.cfg.image_size, seed)
-    head = nn.Linear(dim, n_out).to(ev.device)
-    feat_scale = math.sqrt(dim)  # the embedding is unit-norm: coordinates of unit scale suit the head's lr
+    head, scale = nn.Linear(dim, n_out).to(ev.device), math.sqrt(dim)  # unit-norm embedding: unit-scale inputs
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": c.ft_lr},
                              {"params": head.parameters(), "lr": c.head_lr}], weight_decay=0.05)
     per_epoch = max(1, len(rows) // c.ft_batch_size)
-    sched = warmup_cosine(opt, per_epoch, c.ft_epochs * per_epoch)
-    t = torch.as_tensor(np.asarray(targets, dtype=np.float64))
-    mu, sd = (t.mean(), t.std().clamp(min=1e-6)) if kind == "regression" else (0.0, 1.0)
+    sched, t = warmup_cosine(opt, per_epoch, c.ft_epochs * per_epoch), torch.as_tensor(np.asarray(targets, float))
     ctx = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
     for epoch in range(c.ft_epochs):
         ds.epoch = epoch
-        dl = torch.utils.data.DataLoader(ds, c.ft_batch_size, shuffle=True, num_workers=c.num_workers,
-                                         drop_last=len(ds) >= c.ft_batch_size,
-                                         generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        for x, idx, err in dl:
+        for x, idx, err in torch.utils.data.DataLoader(
+                ds, c.ft_batch_size, shuffle=True, num_workers=c.num_workers, drop_last=len(ds) >= c.ft_batch_size,
+                generator=torch.Generator().manual_seed(seed * 1000 + epoch)):
             good = torch.tensor([not e for e in err])
             if not good.any():
                 continue
             x, y = x[good].to(ev.device), t[idx[good]].to(ev.device)
             with ctx:
-                out = head(model.encode_image(x).float() * feat_scale).float()
-            if kind == "multilabel":
-                m = ~torch.isnan(y)
-                loss = F.binary_cross_entropy_with_logits(out[m], y[m].float()) if m.any() else out.sum() * 0
-            elif kind == "multiclass":
-                loss = F.cross_entropy(out, y.long())
-            else:
-                loss = F.smooth_l1_loss(out[:, 0], ((y - mu) / sd).float())
+                out = head(model.encode_image(x).float() * scale).float()
+            m = ~torch.isnan(y)
+            loss = (F.binary_cross_entropy_with_logits(out[m], y[m].float()) if m.any() else out.sum() * 0) \
+                if multilabel else F.cross_entropy(out, y.long())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
@@ -851,98 +776,86 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, kind:
             sched.step()
     with ctx:
         out, _ = common.embed_images(model, test_rows, ev.device, c.batch_size, num_workers=c.num_workers,
-                                     fn=lambda x: head(model.encode_image(x).float() * feat_scale))
+                                     fn=lambda x: head(model.encode_image(x).float() * scale))
     out = torch.from_numpy(out).double()
-    if kind == "regression":
-        return (out[:, 0] * sd + mu).numpy()
-    return (torch.sigmoid(out) if kind == "multilabel" else out.softmax(-1)).numpy()
+    return (torch.sigmoid(out) if multilabel else out.softmax(-1)).numpy()
 
 
-def numeric_targets(ev: Evaluator, part: Part | None) -> tuple[Part, np.ndarray]:
-    """The rows whose --target_column is a number, and the numbers (none for a missing split)."""
-    col = ev.cfg.target_column
-    if col not in ev.columns:
-        raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
-    vals = []
-    for r in part.rows if part else []:
-        try:
-            vals.append(float((r.get(col) or "").strip()))
-        except ValueError:
-            vals.append(math.nan)
-    keep = np.flatnonzero(np.isfinite(vals))
-    return (Part([part.rows[i] for i in keep], part.emb[keep]) if part else None), np.asarray(vals)[keep]
+def number(s) -> float:
+    try:
+        return float((s or "").strip())
+    except ValueError:
+        return math.nan
 
 
-def target_parts(ev: Evaluator, views: str):
-    """(train, valid, test) of numeric_targets; valid is (None, []) when the CSV has no valid split."""
-    c = ev.cfg
-    va = ev.part("valid", views, required=False) if c.split != "valid" else None
-    return [numeric_targets(ev, p) for p in (ev.part("train", views), va, ev.part(c.split, views))]
+def numeric_targets(ev: Evaluator, views: str) -> list[tuple[Part | None, np.ndarray]]:
+    """(part, its --target_column as numbers) of the rows that have one, for train, valid (None, [] when
+    the CSV has none) and the evaluation split."""
+    col, out = ev.cfg.target_column, []
+    for p in (ev.part("train", views), ev.part("valid", views, required=False) if ev.cfg.split != "valid"
+              else None, ev.part(ev.cfg.split, views)):
+        if col not in ev.columns:
+            raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
+        v = np.array([number(r.get(col)) for r in (p.rows if p else [])], dtype=np.float64)
+        k = np.flatnonzero(np.isfinite(v))
+        out.append((Part([p.rows[i] for i in k], p.emb[k]) if p else None, v[k]))
+    return out
 
 
 def task_regression(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     from sklearn.linear_model import Ridge
 
-    (tr, ytr), (va, yva), (te, yte) = target_parts(ev, views)
+    (tr, ytr), (va, yva), (te, yte) = numeric_targets(ev, views)
     if len(tr.rows) < 2 or not len(te.rows):
         raise common.UserError(f"regression: too few rows with a number in {ev.cfg.target_column!r}")
-    if ev.cfg.mode == "finetune":
-        pred, alpha = finetune_predict(ev, tr.rows, ytr, "regression", 1, te.rows, 0, te.emb.shape[1]), None
-    else:
-        m, alpha = choose_on_valid(list(np.logspace(-3, 3, 13)), lambda a: fit(Ridge(alpha=a), tr.emb, ytr),
-                                   lambda m: -np.abs(m.predict(va.emb) - yva).mean() if len(yva) else None, 1.0)
-        pred = m.predict(te.emb)
-    err, base = np.abs(pred - yte), np.abs(ytr.mean() - yte)
+    m, alpha = choose_on_valid(list(np.logspace(-3, 3, 13)), lambda a: fit(Ridge(alpha=a), tr.emb, ytr),
+                               lambda m: -np.abs(m.predict(va.emb) - yva).mean() if len(yva) else None, 1.0)
+    err, base = np.abs(m.predict(te.emb) - yte), np.abs(ytr.mean() - yte)
 
     def stat(idx):
         return {"mae": float(err[idx].mean()), "mae_predict_mean": float(base[idx].mean())}
 
-    res = {"metrics": stat(np.arange(len(yte))), "n_train": len(ytr), "n_images": len(yte),
-           "mode": ev.cfg.mode, "chosen": alpha, "note": f"MAE in the units of {ev.cfg.target_column!r} (bone "
-           f"age: months); mae_predict_mean: always the training mean; frozen: ridge regression on the "
-           f"standardised embeddings, alpha by the valid MAE" + ("" if len(yva) else " (no valid split: 1)")}
+    res = {"metrics": stat(np.arange(len(yte))), "n_train": len(ytr), "n_images": len(yte), "chosen": alpha,
+           "note": f"MAE in the units of {ev.cfg.target_column!r} (bone age: months); ridge regression on the "
+                   f"frozen, standardised embeddings (PedCLIP's linear probing), alpha by the valid MAE"
+                   + ("" if len(yva) else " (no valid split: 1)") + "; mae_predict_mean: the training mean's"}
     return res, stat, te.rows
 
 
 def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
-    c = ev.cfg
-    (tr, ytr), (va, yva), (te, yte) = target_parts(ev, views)
-    classes = [float(v) for v in csv_list(c.classes)] if c.classes else sorted(set(ytr.tolist()))
-    cid = {v: k for k, v in enumerate(classes)}
-    ktr, kva, kte = (np.array([cid.get(v, -1) for v in y], dtype=int) for y in (ytr, yva, yte))
-    tr_keep, va_keep, te_keep = np.flatnonzero(ktr >= 0), np.flatnonzero(kva >= 0), np.flatnonzero(kte >= 0)
-    ktr, kva, kte = ktr[tr_keep], kva[va_keep], kte[te_keep]
+    c, parts = ev.cfg, numeric_targets(ev, views)
+    classes = [float(v) for v in csv_list(c.classes)] if c.classes else sorted(set(parts[0][1].tolist()))
+
+    def graded(p, y):  # the rows whose target is one of the grades -> (Part, grade ids)
+        k = np.array([classes.index(v) if v in classes else -1 for v in y], dtype=int)
+        i = np.flatnonzero(k >= 0)
+        return (Part([p.rows[j] for j in i], p.emb[i]) if p else None), k[i]
+    (tr, ktr), (va, kva), (te, kte) = [graded(p, y) for p, y in parts]
     if len(set(ktr.tolist())) < 2 or not len(kte):
         raise common.UserError(f"grading: need two or more of the grades {classes} in the training split "
                                f"and a graded row in {c.split!r}")
     K, C = len(classes), None
     if c.mode == "finetune":
-        prob = finetune_predict(ev, [tr.rows[i] for i in tr_keep], ktr, "multiclass", K,
-                                [te.rows[i] for i in te_keep], 0, te.emb.shape[1])
+        prob = finetune_predict(ev, tr.rows, ktr, K, te.rows, 0, te.emb.shape[1])
     else:
-        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)],
-                                 lambda C: fit_logreg(tr.emb[tr_keep], ktr, C),
-                                 lambda m: float((m.predict(va.emb[va_keep]) == kva).mean()) if len(kva) else None,
-                                 1.0)
-        prob = np.zeros((len(te_keep), K))
-        prob[:, clf.classes_] = clf.predict_proba(te.emb[te_keep])
-    pred = prob.argmax(1)
-    onehot = (kte[:, None] == np.arange(K)[None, :]).astype(np.float64)
+        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)], lambda C: fit(logreg(C), tr.emb, ktr),
+                                 lambda m: float((m.predict(va.emb) == kva).mean()) if len(kva) else None, 1.0)
+        prob = np.zeros((len(kte), K))
+        prob[:, clf.classes_] = clf.predict_proba(te.emb)
+    pred, onehot = prob.argmax(1), np.eye(K)[kte]
     keep = np.isfinite(auc_columns(onehot, prob))
 
     def stat(idx):
-        return {**class_metrics(kte[idx], pred[idx], K), "auc_ovr_macro": macro(auc_columns(onehot[idx],
-                                                                                            prob[idx]), keep)}
+        m = class_metrics(kte[idx], pred[idx], K)
+        return {"acc": m["acc"], "f1_macro": m["f1_macro"], "kappa_quadratic": m["kappa_quadratic"],
+                "auc_ovr_macro": macro(auc_columns(onehot[idx], prob[idx]), keep)}
 
     res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": c.mode, "chosen": C, "_strata": onehot,
-           "confusion": confusion(kte, pred, K).tolist(), "n_train": len(ktr), "n_images": len(kte),
+           "confusion": class_metrics(kte, pred, K)["confusion"], "n_train": len(ktr), "n_images": len(kte),
            "note": "grades in the order of --classes; auc_ovr_macro: each grade against the rest (D-MLM Table "
-                   "4), macro over the grades present" + ("; frozen: C by the valid accuracy" + (
+                   "4), macro over the grades present" + (f"; frozen: C by the valid accuracy" + (
                        "" if len(kva) else " (no valid split: 1)") if c.mode == "frozen" else "")}
-    return res, stat, [te.rows[i] for i in te_keep]
-
-
-# -- segmentation: a light decoder on the frozen image tokens
+    return res, stat, te.rows
 
 
 def load_mask(row: dict, csv_dir: Path, size: int) -> np.ndarray:
@@ -950,11 +863,27 @@ def load_mask(row: dict, csv_dir: Path, size: int) -> np.ndarray:
     no finding), resized with nearest neighbours."""
     import cv2
 
-    p = Path((row.get("mask") or "").strip())
-    if not str(p) or str(p) == ".":
+    p = (row.get("mask") or "").strip()
+    if not p:
         return np.zeros((size, size), bool)
-    m = common.load_image(p if p.is_absolute() else csv_dir / p)
+    m = common.load_image(p if Path(p).is_absolute() else csv_dir / p)
     return cv2.resize((m > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def finding_masks(ev: Evaluator, rows: list[dict], size: int) -> tuple[list[int], np.ndarray]:
+    """The rows whose mask holds a finding, and those masks bit-packed [n, size * size / 8], read one at a time:
+    the masks without a finding (most of RSNA's 26,684) are never all in memory."""
+    keep, packed, bad = [], [], 0
+    for i, r in enumerate(rows):
+        try:
+            m = load_mask(r, Path(ev.cfg.data).parent, size)
+        except common.BadImageError:
+            bad += 1
+            continue
+        if m.any():
+            keep.append(i), packed.append(np.packbits(m))
+    print(f"warning: {bad} unreadable mask(s) left out" if bad else "", end="\n" if bad else "")
+    return keep, np.stack(packed) if packed else np.zeros((0, (size * size + 7) // 8), np.uint8)
 
 
 class SegDecoder(nn.Module):
@@ -974,37 +903,18 @@ class SegDecoder(nn.Module):
         return F.interpolate(self.net(x), size=(self.out_size,) * 2, mode="bilinear")[:, 0]
 
 
-def finding_masks(ev: Evaluator, rows: list[dict], size: int) -> tuple[list[int], np.ndarray]:
-    """The rows whose mask holds a finding, and those masks bit-packed [n, size*size/8]: read one at a time,
-    so that the masks without a finding (most of RSNA's 26,684) are never all in memory."""
-    keep, packed, bad = [], [], 0
-    for i, r in enumerate(rows):
-        try:
-            m = load_mask(r, Path(ev.cfg.data).parent, size)
-        except common.BadImageError:
-            bad += 1
-            continue
-        if m.any():
-            keep.append(i), packed.append(np.packbits(m))
-    if bad:
-        print(f"warning: {bad} unreadable mask(s) left out")
-    return keep, np.stack(packed) if packed else np.zeros((0, (size * size + 7) // 8), np.uint8)
-
-
 def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
-    c, S = ev.cfg, ev.model.cfg.image_size
+    c, S, data = ev.cfg, ev.model.cfg.image_size, {}
     ev.rows("train", views)  # reads the CSV's columns
     if "mask" not in ev.columns:
         raise common.UserError(f"segmentation: {c.data} has no `mask` column (data_prep.py writes the masks)")
-    data = {}
     for split in ("train", c.split):  # the images with a finding (D-MLM: SIIM's 2,669 pneumothorax images)
         rows = ev.rows(split, views)
         keep, masks = finding_masks(ev, rows, S)
         if not keep:
             raise common.UserError(f"segmentation: no image of split {split!r} has a non-empty mask")
-        rows = [rows[i] for i in keep]
-        tokens, ok = ev.images(rows, ev.model.image_tokens)
-        data[split] = (torch.from_numpy(tokens[ok]).half(), masks[ok], [r for r, k in zip(rows, ok) if k])
+        tokens, ok = ev.images([rows[i] for i in keep], ev.model.image_tokens)
+        data[split] = (torch.from_numpy(tokens[ok]).half(), masks[ok], [rows[i] for i, k in zip(keep, ok) if k])
     (Xtr, Mtr, _), (Xte, Mte, te_rows) = data["train"], data[c.split]
     unpack = lambda m: torch.from_numpy(np.unpackbits(m, axis=1, count=S * S).reshape(-1, S, S))  # noqa: E731
     grid = math.isqrt(Xtr.shape[1])
@@ -1015,23 +925,22 @@ def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         torch.manual_seed(seed)
         dec = SegDecoder(Xtr.shape[2], grid, S).to(ev.device)
         opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, c.seg_epochs))
-        g = torch.Generator().manual_seed(seed)
+        sched, g = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, c.seg_epochs)), torch.Generator()
+        g.manual_seed(seed)
         for _ in range(c.seg_epochs):
             for b in torch.from_numpy(idx)[torch.randperm(len(idx), generator=g)].split(32):
                 x, m = Xtr[b].float().to(ev.device), unpack(Mtr[b.numpy()]).float().to(ev.device)
                 logit = dec(x)
                 p = torch.sigmoid(logit)  # BCE + soft Dice
                 soft = 1 - (2 * (p * m).sum((1, 2)) + 1) / (p.sum((1, 2)) + m.sum((1, 2)) + 1)
-                loss = F.binary_cross_entropy_with_logits(logit, m) + soft.mean()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (F.binary_cross_entropy_with_logits(logit, m) + soft.mean()).backward()
                 opt.step()
             sched.step()
         with torch.no_grad():
-            return np.concatenate([dice_per_image(dec(x.float().to(ev.device)).cpu().numpy() > 0,
+            return np.concatenate([dice_per_image(dec(Xte[i:i + 64].float().to(ev.device)).cpu().numpy() > 0,
                                                   unpack(Mte[i:i + 64]).numpy().astype(bool))
-                                   for i, x in zip(range(0, len(Xte), 64), Xte.split(64))]), None
+                                   for i in range(0, len(Xte), 64)]), None
 
     res, stat = over_fractions(ev, len(Xtr), "dice", run, lambda d, idx: macro(d[idx]))
     res.update(n_images=len(te_rows), note=f"decoder on frozen image_tokens ({grid}x{grid}), BCE + soft "
@@ -1050,9 +959,9 @@ def run_task(ev: Evaluator, task: str) -> dict:
     kept under "_boot" (for paired_p; not written)."""
     views = views_of(ev.cfg, task)
     res, stat, rows = TASK_FNS[task](ev, views)
-    groups, Y = patient_groups(rows), res.pop("_strata", None)  # Y: the rows' labels where there are labels
-    strata = label_strata(Y, groups) if Y is not None and len(rows) else None
-    boot = bootstrap(stat, groups, ev.cfg.bootstrap, strata=strata) if ev.cfg.bootstrap > 0 else {}
+    groups, Y = patient_groups(rows), res.pop("_strata", None)  # Y: the rows' labels, where there are labels
+    boot = bootstrap(stat, groups, ev.cfg.bootstrap, strata=None if Y is None else label_strata(Y, groups)) \
+        if ev.cfg.bootstrap > 0 else {}
     res["ci"] = {k: percentile_ci(v) for k, v in boot.items()}
     res["bootstrap_skipped"] = max([int(np.isnan(v).sum()) for k, v in boot.items()
                                     if res["metrics"].get(k) is not None] or [0])
@@ -1063,139 +972,59 @@ def run_task(ev: Evaluator, task: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- figures (matplotlib, headless): pure functions of arrays, one PNG each ----
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def roc_figure(path, curves: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]):
-    """curves {label: [(checkpoint name, y [n] 1 / 0 / nan, score [n])]} -> one ROC panel per label, each
-    checkpoint's curve overlaid (scikit-learn's roc_curve)."""
-    from sklearn.metrics import roc_curve
-
-    plt, n = pyplot(), len(curves)
-    cols = min(5, n)
-    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3 * cols, 3 * -(-n // cols)), squeeze=False)
-    for ax, (label, runs) in zip(axes.flat, curves.items()):
-        for name, y, s in runs:
-            m = np.isin(y, (0, 1))
-            if 0 < y[m].sum() < m.sum():
-                fpr, tpr, _ = roc_curve(y[m], s[m])
-                ax.plot(fpr, tpr, lw=1.2, label=name)
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        ax.set_title(label[:28], fontsize=9)
-        ax.set(xlim=(0, 1), ylim=(0, 1))
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower right")
-    fig.supxlabel("false positive rate"), fig.supylabel("true positive rate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def comparison_figure(path, rows: list[tuple[str, list[tuple[str, float | None, list | None]]]]):
-    """rows [(task / metric, [(checkpoint name, value, [lo, hi] or None)])] -> one line per metric, each
-    checkpoint a point with its 95% CI."""
-    plt = pyplot()
-    names = list(dict.fromkeys(n for _, cells in rows for n, _, _ in cells))
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) * max(1, len(names)) ** 0.5 + 1.2))
-    for k, name in enumerate(names):
-        off = (k - (len(names) - 1) / 2) * 0.8 / max(1, len(names))
-        pts = [(i + off, v, ci) for i, (_, cells) in enumerate(rows) for n, v, ci in cells
-               if n == name and v is not None]
-        y, v = [p[0] for p in pts], [p[1] for p in pts]
-        err = np.array([[v_ - (ci or (v_, v_))[0], (ci or (v_, v_))[1] - v_] for _, v_, ci in pts]).T
-        ax.errorbar(v, y, xerr=err.reshape(2, -1), fmt="o", ms=4, capsize=2, label=name)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("value (95% CI)")
-    ax.grid(axis="x", color="0.9")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def gate_figure(path, counts: np.ndarray, parts: list[str], experts: list[str], layers: list[int]):
-    """counts [layers, body parts, experts]: how often the gate's top expert is each expert, per body part
-    (PedCLIP's MoBE) -> one row-normalised heat map per MoBE layer."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(counts), figsize=(0.3 * len(experts) * len(counts) + 2,
-                                                      0.3 * len(parts) + 2), squeeze=False)
-    for ax, c, layer in zip(axes[0], counts, layers):
-        ax.imshow(c / np.maximum(c.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(parts)), parts, fontsize=8)
-        ax.set(xlabel="expert with the largest gate weight", ylabel="body part", title=f"MoBE, layer {layer}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def sigma_figure(path, image: np.ndarray, patch_var: np.ndarray, tokens: list[str], token_var: np.ndarray):
-    """D-MLM's uncertainty: an image [H, W] beside its per-patch sigma^2 grid [g, g], and the report's tokens
-    coloured by their sigma^2 (mean over D)."""
-    plt = pyplot()
-    fig = plt.figure(figsize=(10, 4))
-    a, b, t = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
-    a.imshow(image, cmap="gray"), a.set_title("image", fontsize=9), a.axis("off")
-    im = b.imshow(patch_var, cmap="magma")
-    b.set_title("patch sigma^2", fontsize=9), b.axis("off"), fig.colorbar(im, ax=b, fraction=0.046)
-    t.axis("off"), t.set_title("report, tokens by sigma^2", fontsize=9)
-    v = np.asarray(token_var, dtype=np.float64)
-    norm = plt.Normalize(v.min(), v.max() if v.max() > v.min() else v.min() + 1)
-    x, y = 0.0, 0.95
-    for tok, var in zip(tokens, v):
-        w = 0.018 * (len(tok) + 1)
-        if x + w > 1:
-            x, y = 0.0, y - 0.07
-        t.text(x, y, tok, fontsize=8, va="top", transform=t.transAxes,
-               bbox=dict(facecolor=plt.cm.magma(norm(var)), alpha=0.5, lw=0, pad=1))
-        x += w
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# ---- figures (the plots themselves are figures.py's) ----
 
 
 @torch.no_grad()
 def paper_figure(ev: Evaluator, path: Path) -> str:
-    """The figure of the paper's new module, for the checkpoint of `ev` -> a line for the markdown: PedCLIP's
-    gate (body part -> expert) on the evaluation split; D-MLM's sigma^2 of a test image and its report."""
+    """The figure of the paper's new module for the checkpoint of `ev` -> a markdown line: PedCLIP's gate (body
+    part -> expert) on the evaluation split; D-MLM's sigma^2 of a test image and its report."""
     m, rows = ev.model, ev.rows(ev.cfg.split, "all")
     if ev.paper == "pedclip":
         if "body_part" not in ev.columns:
             return "gate figure skipped: the CSV has no body_part column"
-        # PedCLIP.encode -> (tokens, [gate logits [B, E] per MoBE layer]); the top expert per layer
+        # PedCLIP.encode(images) -> (tokens, [gate logits [B, E] per MoBE layer]): the top expert per layer
         top, ok = ev.images(rows, lambda x: torch.stack([g.argmax(-1) for g in m.encode(x)[1]], 1))
-        parts = sorted({(r.get("body_part") or "?").strip() or "?" for r in rows})
-        counts = np.zeros((top.shape[1], len(parts), len(m.body_parts)))
-        for r, e in zip([r for r, k in zip(rows, ok) if k], top[ok].astype(int)):
-            counts[np.arange(len(e)), parts.index((r.get("body_part") or "?").strip() or "?"), e] += 1
-        gate_figure(path, counts, parts, list(m.body_parts), list(m.moe_layers))
+        part = [(r.get("body_part") or "").strip() or "?" for r, k in zip(rows, ok) if k]
+        names = sorted(set(part))
+        counts = np.zeros((top.shape[1], len(names), len(m.body_parts)))
+        np.add.at(counts, (np.arange(top.shape[1])[None, :], np.array([names.index(p) for p in part])[:, None],
+                           top[ok].astype(int)), 1)
+        figures.gate_figure(path, counts, names, list(m.body_parts), list(m.moe_layers))
         return f"![PedCLIP's gate: body part -> expert]({path.name})"
     if ev.paper == "dmlm":
         if not (hasattr(m, "patch_variances") and hasattr(m, "token_variances")):
             return "sigma^2 figure skipped: this dmlm model has no patch_variances / token_variances"
-        r = next((r for r in rows if retrieval_text(r, "findings") or (r.get("report") or "").strip()), None)
+        r = next((r for r in rows if retrieval_text(r, "findings") or retrieval_text(r, "report")), None)
         if r is None:
             return "sigma^2 figure skipped: no report text in the evaluation split"
         img = common.load_image(r["_path"])
-        x = m.image_transform(False)(img)[None].to(ev.device)
-        pv = m.patch_variances(x)[0].float().cpu().numpy()
+        pv = m.patch_variances(m.image_transform(False)(img)[None].to(ev.device))[0].float().cpu().numpy()
+        tokens, var = m.token_variances([retrieval_text(r, "findings") or retrieval_text(r, "report")])
         g = math.isqrt(len(pv))
-        tokens, var = m.token_variances([retrieval_text(r, "findings") or r["report"].strip()])
-        sigma_figure(path, common.resize(img, m.cfg.image_size), pv[:g * g].reshape(g, g), tokens[0], var[0])
+        figures.sigma_figure(path, common.resize(img, m.cfg.image_size), pv[:g * g].reshape(g, g), tokens[0], var[0])
         return f"![D-MLM's sigma^2 of {Path(r['_path']).name}]({path.name})"
     return ""
+
+
+def write_figures(results: dict, stem: Path) -> list[str]:
+    """The zero-shot ROC curves (every checkpoint overlaid) and the checkpoints' metrics on the [0, 1] scale
+    with their CIs -> markdown lines naming the PNGs."""
+    heads, curves, out = heads_of(results), {}, []
+    for h, rt in zip(heads, results.values()):
+        names, Y, S = rt["zeroshot"]["_roc"] if "zeroshot" in rt else ([], None, None)
+        for j, n in enumerate(names):
+            curves.setdefault(n, []).append((h, Y[:, j], S[:, j]))
+    if curves:
+        figures.roc_figure(f"{stem}_roc.png", curves)
+        out.append(f"![zero-shot ROC curves per label]({stem.name}_roc.png)")
+    rows = [(f"{t} {k}", [(h, rt[t]["metrics"].get(k), rt[t]["ci"].get(k)) for h, rt in zip(heads, results.values())])
+            for t, r in next(iter(results.values())).items() for k in r["metrics"]]
+    rows = [r for r in rows if all(v is None or 0 <= v <= 1 for _, v, _ in r[1])]  # AUC, R@K, Dice: one axis
+    if rows:
+        figures.comparison_figure(f"{stem}_compare.png", rows)
+        out.append(f"![the metrics with their 95% CIs]({stem.name}_compare.png)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1207,8 +1036,7 @@ def fmt(v, ci=None, p=None, digits: int = 4) -> str:
     if v is None:
         return "undefined"
     d = digits if abs(v) < 10 else 2
-    s = f"{v:.{d}f}" + (f" ({ci[0]:.{d}f}-{ci[1]:.{d}f})" if ci else "")
-    return s + (f", p={p:.3f}" if p is not None else "")
+    return f"{v:.{d}f}" + (f" ({ci[0]:.{d}f}-{ci[1]:.{d}f})" if ci else "") + (f", p={p:.3f}" if p is not None else "")
 
 
 def format_result(r: dict) -> str:
@@ -1216,15 +1044,14 @@ def format_result(r: dict) -> str:
              f"images, views {r['views']} | labels: {r['labels']}"]
     for k, v in r["metrics"].items():
         std = r.get("seed_std", {}).get(k)
-        lines.append(f"  {k:<16} {fmt(v, r['ci'].get(k))}"
-                     + (f"   std over seeds {std:.4f}" if std is not None else ""))
+        lines.append(f"  {k:<16} {fmt(v, r['ci'].get(k))}" + (f"   std over seeds {std:.4f}" if std is not None else ""))
     for n, d in r.get("per_label", {}).items():
         lines.append(f"    {n[:28]:<28} AUC {fmt(d['auc'])}  F1 {fmt(d['f1'])}  ACC {fmt(d['acc'])}  "
                      f"(threshold {d['threshold']:.3f}; {d['n_pos']} pos / {d['n_neg']} neg)")
     if r["ci"]:
-        lines.append(f"  95% CIs: {r['bootstrap']} resamples of the patients" + (
-            f", {r['bootstrap_skipped']} skipped (a label with one class in them)" if r["bootstrap_skipped"]
-            else ""))
+        skipped = r["bootstrap_skipped"]
+        lines.append(f"  95% CIs: {r['bootstrap']} resamples of the patients within label strata"
+                     + (f", {skipped} skipped (a label with one class in them)" if skipped else ""))
     if r.get("chosen"):
         lines.append(f"  chosen on the valid split: {r['chosen']}")
     return "\n".join(lines + [f"  note: {r['note']}"])
@@ -1236,10 +1063,9 @@ def compare(results: dict):
     first = results[next(iter(results))]
     for per_task in list(results.values())[1:]:
         for task, r in per_task.items():
-            r0 = first[task]
-            if r["_boot"] and r["_rows"] == r0["_rows"]:
-                r["p_vs_first"] = {k: paired_p(v, r0["_boot"][k]) for k, v in r["_boot"].items()
-                                   if k in r0["_boot"]}
+            if r["_boot"] and r["_rows"] == first[task]["_rows"]:
+                r["p_vs_first"] = {k: paired_p(v, first[task]["_boot"][k]) for k, v in r["_boot"].items()
+                                   if k in first[task]["_boot"]}
 
 
 def heads_of(results: dict) -> list[str]:
@@ -1248,7 +1074,7 @@ def heads_of(results: dict) -> list[str]:
     return papers if len(set(papers)) == len(papers) else list(results)
 
 
-def markdown_table(results: dict, cfg: Config, figures: list[str] = ()) -> str:
+def markdown_table(results: dict, cfg: Config, pngs=()) -> str:
     """One row per (task, metric), one column per checkpoint: value (95% CI), p against the first column;
     then the figures."""
     ckpts, heads = list(results), heads_of(results)
@@ -1259,36 +1085,12 @@ def markdown_table(results: dict, cfg: Config, figures: list[str] = ()) -> str:
              "| task (views) | metric | " + " | ".join(heads) + " |", "| --- | --- |" + " --- |" * len(ckpts)]
     for task, r in results[ckpts[0]].items():
         for k in r["metrics"]:
-            cells = []
-            for c in ckpts:
-                rc = results[c][task]
-                cells.append(fmt(rc["metrics"].get(k), rc["ci"].get(k), rc.get("p_vs_first", {}).get(k), 3))
+            cells = [fmt(results[c][task]["metrics"].get(k), results[c][task]["ci"].get(k),
+                         results[c][task].get("p_vs_first", {}).get(k), 3) for c in ckpts]
             lines.append(f"| {task} ({r['views']}) | {k} | " + " | ".join(cells) + " |")
     if heads != ckpts:
         lines += ["", "Checkpoints: " + ", ".join(f"{h} = {c}" for h, c in zip(heads, ckpts)) + "."]
-    return "\n".join(lines + [""] + [f for f in figures if f]) + "\n"
-
-
-def write_figures(results: dict, stem: Path) -> list[str]:
-    """The ROC curves of the zero-shot labels (every checkpoint overlaid) and the comparison of the
-    checkpoints' metrics with their CIs -> markdown lines naming the PNGs."""
-    heads, out = heads_of(results), []
-    curves: dict[str, list] = {}
-    for h, rt in zip(heads, results.values()):
-        if "zeroshot" in rt:
-            names, Y, S = rt["zeroshot"]["_roc"]
-            for j, n in enumerate(names):
-                curves.setdefault(n, []).append((h, Y[:, j], S[:, j]))
-    if curves:
-        roc_figure(f"{stem}_roc.png", curves)
-        out.append(f"![zero-shot ROC curves per label]({stem.name}_roc.png)")
-    rows = [(f"{t} {k}", [(h, rt[t]["metrics"].get(k), rt[t]["ci"].get(k)) for h, rt in zip(heads, results.values())])
-            for t, r in next(iter(results.values())).items() for k in r["metrics"]]
-    rows = [r for r in rows if all(v is None or 0 <= v <= 1 for _, v, _ in r[1])]  # AUC, R@K, Dice, ...: one scale
-    if rows:
-        comparison_figure(f"{stem}_compare.png", rows)
-        out.append(f"![the metrics with their 95% CIs]({stem.name}_compare.png)")
-    return out
+    return "\n".join(lines + [""] + [f for f in pngs if f]) + "\n"
 
 
 def check_config(cfg: Config) -> tuple[list[str], list[str]]:
@@ -1301,15 +1103,13 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
         raise common.UserError(f"--ckpt names a checkpoint twice: {cfg.ckpt}")
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--task={cfg.task}: choose from {', '.join(TASKS)} (comma-separated)")
-    choices = {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"),
-               "mode": ("frozen", "finetune"), "probe": ("logreg", "head"),
-               "probe_features": ("backbone", "embedding")}
-    for k, ok in choices.items():
+    for k, ok in {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"), "mode": (
+            "frozen", "finetune"), "probe": ("logreg", "head"), "probe_features": ("backbone", "embedding")}.items():
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: choose from {' | '.join(ok)}")
     try:
-        fracs, _, cs = ([float(f) for f in csv_list(cfg.fractions)], [int(s) for s in csv_list(cfg.seeds)],
-                        [float(c) for c in csv_list(cfg.probe_c)])
+        fracs, _, cs = [[t(v) for v in csv_list(s)] for t, s in ((float, cfg.fractions), (int, cfg.seeds),
+                                                                   (float, cfg.probe_c))]
     except ValueError:
         raise common.UserError(f"--fractions={cfg.fractions} / --seeds={cfg.seeds} / --probe_c={cfg.probe_c}: "
                                f"expected numbers, e.g. 0.01,0.1,1 and 0,1,2 and 0.1,1,10") from None
@@ -1338,37 +1138,32 @@ def main(argv=None) -> dict:
     if cfg.data == Config.data:
         common.ensure_phantoms(cfg.data, PHANTOMS)
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = "cuda" if cuda else "cpu"
     if cuda:  # as the paper files' setup() does, so that the zero-shot numbers agree with training time
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out or (Path(ckpts[0]).parent if len(ckpts) == 1 else "results"))
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / ("eval_" + "+".join(tasks))
-    threads = torch.get_num_threads()
+    stem, threads, results, pngs = out / ("eval_" + "+".join(tasks)), torch.get_num_threads(), {}, []
     torch.set_num_threads(common.cpu_threads(cfg.threads))
     try:
-        results, figures = {}, []
         for i, ck in enumerate(ckpts):
-            model, paper = load_model(ck, device, cfg.prompts)
-            print(f"{ck}: {paper}, {model.cfg.image_size} px, on {device}")
-            ev, results[ck] = Evaluator(cfg, model, paper, ck, device), {}
+            model, paper = load_model(ck, "cuda" if cuda else "cpu", cfg.prompts)
+            print(f"{ck}: {paper}, {model.cfg.image_size} px, on {'cuda' if cuda else 'cpu'}")
+            ev, results[ck] = Evaluator(cfg, model, paper, ck, "cuda" if cuda else "cpu"), {}
             for t in tasks:
                 results[ck][t] = run_task(ev, t)
                 print(format_result(results[ck][t]))
-            if cfg.figures:
-                figures.append(paper_figure(ev, Path(f"{stem}_{paper}{i}.png")))
+            pngs += [paper_figure(ev, Path(f"{stem}_{paper}{i}.png"))] if cfg.figures else []
             del ev, model
     finally:
         torch.set_num_threads(threads)
     compare(results)
-    if cfg.figures:
-        figures = write_figures(results, stem) + figures
+    pngs = (write_figures(results, stem) if cfg.figures else []) + pngs
     clean = {c: {t: {k: v for k, v in r.items() if not k.startswith("_")} for t, r in rt.items()}
              for c, rt in results.items()}
     common.atomic_write(f"{stem}.json", lambda f: json.dump(clean, f, indent=2))
-    md = markdown_table(results, cfg, figures)
+    md = markdown_table(results, cfg, pngs)
     common.atomic_write(f"{stem}.md", lambda f: f.write(md))
-    print(f"\n{md}\nwrote {stem}.json and {stem}.md" + (" and its figures" if cfg.figures else ""))
+    print(f"\n{md}\nwrote {stem}.json and {stem}.md" + (" and the figures" if cfg.figures else ""))
     return results
 
 

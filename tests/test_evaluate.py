@@ -13,6 +13,7 @@ import torch
 
 import common
 import evaluate
+import figures
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -491,13 +492,13 @@ def test_figures_from_synthetic_arrays(tmp_path):
     rng = np.random.default_rng(9)
     y = rng.integers(0, 2, 50).astype(float)
     curves = {f"L{j}": [("a", y, y + rng.normal(size=50)), ("b", y, rng.normal(size=50))] for j in range(7)}
-    evaluate.roc_figure(tmp_path / "roc.png", curves)
+    figures.roc_figure(tmp_path / "roc.png", curves)
     assert _png(tmp_path / "roc.png") == (2 * 3 * 110, 5 * 3 * 110)  # 7 labels: 2 rows of 5 panels
     rows = [("zeroshot auc_macro", [("a", 0.8, [0.7, 0.9]), ("b", 0.6, None)]), ("probe auc@1%", [("a", None, None)])]
-    evaluate.comparison_figure(tmp_path / "cmp.png", rows)
-    evaluate.gate_figure(tmp_path / "gate.png", rng.integers(0, 5, (1, 3, 23)), ["chest", "hand", "knee"],
+    figures.comparison_figure(tmp_path / "cmp.png", rows)
+    figures.gate_figure(tmp_path / "gate.png", rng.integers(0, 5, (1, 3, 23)), ["chest", "hand", "knee"],
                          [f"e{i}" for i in range(23)], [3])
-    evaluate.sigma_figure(tmp_path / "sigma.png", rng.integers(0, 255, (32, 32)), rng.random((4, 4)),
+    figures.sigma_figure(tmp_path / "sigma.png", rng.integers(0, 255, (32, 32)), rng.random((4, 4)),
                           ["there", "is", "a", "small", "left", "effusion", "."], rng.random(7))
     assert _png(tmp_path / "sigma.png") == (440, 1100)
     for f in ("cmp.png", "gate.png"):
