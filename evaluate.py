@@ -1,7 +1,7 @@
 """
 evaluate.py: the downstream protocols of the four papers (PedCLIP, CXR-CLIP, CXR-CML, D-MLM) on a checkpoint
 of any of them (its paper file's load() rebuilds it), with 95% bootstrap CIs, figures, and several checkpoints
-side by side with paired bootstrap p-values.
+side by side with paired bootstrap p-values (render.py draws the tables and figures).
 
     python evaluate.py --ckpt=out/pedclip/ckpt.pt                      # zero-shot AUC on the demo's phantoms
     python evaluate.py --ckpt=out/cxrclip/ckpt.pt,out/pedclip/ckpt.pt,out/cxrcml/ckpt.pt,out/dmlm/ckpt.pt \\
@@ -13,19 +13,16 @@ side by side with paired bootstrap p-values.
     zeroshot_multiclass  the class of the highest mean cosine to its prompts, on images positive for one class
     retrieval            image -> text R@1/5/10: one frontal image per study against one report section per
                          study, identical texts merged (CXR-CLIP Sec. 4.1 and its evaluator)
-    probe                a linear head on frozen features (--probe_features): --probe=logreg (scikit-learn, C
-                         chosen on valid) or head (CXR-CLIP's: best epoch on valid), on --fractions of the
-                         training images x --seeds
-    finetune             image encoder + linear head, D-MLM's recipe (Sec. 3.5: 10 epochs, nothing chosen)
+    probe, finetune      a linear head on frozen features (--probe: logreg, C chosen on valid | head, CXR-CLIP's,
+                         its epoch chosen on valid); image encoder + head, D-MLM's recipe (Sec. 3.5); on
+                         --fractions of the training images x --seeds
     segmentation         a light decoder on the frozen image_tokens of the images with a finding: Dice
-    regression           ridge (alpha chosen on valid) or fine-tuning: MAE (PedCLIP: bone age)
-    grading              ordinal grades (D-MLM: edema 0-3): ACC, macro F1, kappa, one-vs-rest AUC
-Labels: 1, 0, -1 (uncertain) or blank; --blank, --uncertain and --no_finding say what the last two become (every
-output states it); --labels / --exclude / --min_pos choose them, --rare splits base and rare (CXR-CML: < 1,000
-positive images). Views (--views): retrieval frontal, the others all. Nothing is fitted on the evaluation split.
-95% percentile CIs from --bootstrap resamples of the patients, drawn within strata of their rarest positive
-label, so that every resample's macro is over the same labels (one that still loses a label is skipped and
-counted); p: the two-sided paired bootstrap p-value of each later checkpoint against the first.
+    regression, grading  ridge on frozen embeddings, alpha chosen on valid: MAE (PedCLIP: bone age); ordinal
+                         grades (D-MLM: edema 0-3), frozen or fine-tuned: ACC, F1, kappa, one-vs-rest AUC
+Labels: 1, 0, -1 (uncertain) or blank; --blank, --uncertain, --no_finding say what the last two become (each
+output states it). 95% percentile CIs from --bootstrap resamples of the patients, drawn within strata of their
+rarest positive label so that every resample's macro is over the same labels (one that still loses a label is
+skipped and counted); p: two-sided paired bootstrap, each later checkpoint against the first.
 
 Paper tables -> commands. R: the release's folder as downloaded. A preset reads data_prep.py's default --out,
 data/<data set>.csv (--preset=NAME --help shows its values):
@@ -60,13 +57,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import precision_recall_curve
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 import common
-import figures
+import render
 
 # ----------------------------------------------------------------------------------------------------
 # ---- config ----
@@ -79,7 +82,6 @@ class Config:
     data: str = "data/phantoms/phantoms.csv"  # CSV in the project's schema (data_prep.py writes them)
     split: str = "test"  # evaluation split (heads are fitted on "train", hyper-parameters chosen on "valid")
     out: str = ""  # output folder (default: the checkpoint's folder; ./results for several)
-    # labels and images
     labels: str = ""  # label columns to evaluate, comma-separated (default: all)
     exclude: str = ""  # label columns to leave out, comma-separated
     min_pos: int = 0  # evaluate only labels with at least this many positive images in the evaluation split
@@ -89,7 +91,6 @@ class Config:
     views: str = "auto"  # auto (the task's default) | frontal | all | a list such as PA,AP
     rare: str = "none"  # rare labels for base / rare AUC: none | auto (--rare_below) | a list
     rare_below: int = 1000  # auto: rare is fewer positive images than this in the whole CSV (CXR-CML: 1,000)
-    # tasks
     retrieval_text: str = "impression"  # a study's text: impression (else findings) | findings | a column
     fractions: str = "0.01,0.1,1"  # shares of the training images for probe / finetune / segmentation
     seeds: str = "0,1,2"  # one run per seed and fraction; mean and std over the seeds
@@ -98,7 +99,7 @@ class Config:
     probe_c: str = "0.01,0.1,1,10,100"  # logreg / grading: C candidates, the best valid AUC per label wins
     probe_epochs: int = 300  # head: epochs, the one with the lowest valid loss kept (CXR-CLIP's configs)
     probe_lr: float = 5e-5  # head: AdamW lr, weight decay 1e-4, cosine, batch 256 (CXR-CLIP's configs)
-    mode: str = "frozen"  # regression / grading: frozen (scikit-learn on embeddings) | finetune
+    mode: str = "frozen"  # grading: frozen (logistic regression, C from --probe_c on valid) | finetune
     target_column: str = "target"  # regression / grading target
     classes: str = ""  # grading: the grades in order (default: the values in the training split)
     ft_epochs: int = 10  # fine-tuning epochs (D-MLM Sec. 3.5: 10)
@@ -109,7 +110,6 @@ class Config:
     bootstrap: int = 1000  # patient resamples for the confidence intervals and p-values (0: none)
     prompts: str = ""  # zero-shot prompts per class, a JSON {class: {"pos": [...], "neg": [...]}}
     figures: bool = True  # write the figures (PNG) beside the markdown
-    # run
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # images per forward pass
     num_workers: int = 2  # DataLoader workers reading images
@@ -160,7 +160,6 @@ GLORIA_UNCERTAIN = {"atelectasis": 1.0, "cardiomegaly": 0.0, "consolidation": 0.
 NORMAL_LABELS = ("no finding", "normal")
 
 
-
 def csv_list(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
@@ -194,8 +193,6 @@ def f1_acc_per_column(Y: np.ndarray, S: np.ndarray, T: np.ndarray) -> tuple[np.n
 
 def best_f1_threshold(y: np.ndarray, s: np.ndarray) -> float | None:
     """The threshold t (predict 1 where s >= t) with the highest F1 on (y, s); None without a positive."""
-    from sklearn.metrics import precision_recall_curve
-
     m = (y == 0) | (y == 1)
     if not (y[m] == 1).any():
         return None
@@ -315,11 +312,8 @@ def views_of(cfg: Config, task: str) -> str:
     return DEFAULT_VIEWS.get(task, "all") if cfg.views == "auto" else cfg.views
 
 
-def view_set(views: str) -> set[str] | None:
-    """--views -> the accepted view names (upper case), None for all."""
-    if views == "all":
-        return None
-    return set(FRONTAL_VIEWS) if views == "frontal" else {v.upper() for v in csv_list(views)}
+def view_set(views: str) -> set[str] | None:  # --views -> the accepted view names (upper case), None for all
+    return None if views == "all" else set(FRONTAL_VIEWS) if views == "frontal" else set(csv_list(views.upper()))
 
 
 def retrieval_text(row: dict, how: str) -> str:
@@ -331,29 +325,10 @@ def retrieval_text(row: dict, how: str) -> str:
 
 @dataclass
 class Part:
-    """The readable rows of one split (after --views), their image embeddings [n, D] and, for probes, the
-    features the projection reads [n, C] (None when not needed)."""
+    """A split's readable rows (after --views), their embeddings [n, D], for probes the projection's input [n, C]."""
     rows: list[dict]
     emb: np.ndarray
     feat: np.ndarray | None = None
-
-
-class ImageRows(torch.utils.data.Dataset):
-    """Rows -> (training-transformed image [3, S, S], index, error text), with a generator per (seed, epoch,
-    index): augmentations are reproducible in any worker (fine-tuning)."""
-
-    def __init__(self, rows: list[dict], transform, size: int, seed: int):
-        self.rows, self.tf, self.size, self.seed, self.epoch = rows, transform, size, seed, 0
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        try:
-            return self.tf(common.load_image(self.rows[i]["_path"]),
-                           np.random.default_rng([self.seed, self.epoch, i])), i, ""
-        except common.BadImageError as e:
-            return torch.zeros(3, self.size, self.size), i, str(e)
 
 
 def load_model(path: str, device: str, prompts: str = ""):
@@ -362,7 +337,6 @@ def load_model(path: str, device: str, prompts: str = ""):
     replace the paper file's for the classes it names (CXR-CLIP Sec. 4.3 takes each data set's own)."""
     ck = common.load_checkpoint(path)
     paper = ck.get("paper") if isinstance(ck, dict) else None
-    del ck
     if paper not in PAPERS:
         raise common.UserError(f"{path} is not a checkpoint of {', '.join(f'{p}.py' for p in PAPERS)} "
                                f"(its 'paper' entry is {paper!r})")
@@ -391,9 +365,7 @@ class Evaluator:
         self.cfg, self.model, self.paper, self.ckpt, self.device = cfg, model, paper, ckpt, device
         self.table: common.XrayCSV | None = None  # the whole CSV, read on first use
         self.parts: dict[tuple, Part] = {}  # (split, views) -> Part; tests fill it with hand-made features
-        self.label_names_all: list[str] | None = None
-        self.columns: list[str] | None = None
-        self.proj = None  # the projection whose input a probe reads (--probe_features=backbone)
+        self.label_names_all, self.columns, self.proj = None, None, None  # proj: what a probe reads the input of
         if "probe" in csv_list(cfg.task) and cfg.probe_features == "backbone" and model is not None:
             try:
                 self.proj = model.get_submodule(PRE_PROJECTION[paper])
@@ -428,11 +400,12 @@ class Evaluator:
 
             def embed(x):  # encode_image, and the input of its projection caught on the way (for probes)
                 seen = []
-                hook = self.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0])) if self.proj else None
+                hook = self.proj and self.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
                 e = self.model.encode_image(x)
-                hook and hook.remove()
+                if hook:
+                    hook.remove()
                 dim[:] = [e.shape[1]]
-                return torch.cat([e] + [seen[0].reshape(len(x), -1).to(e.dtype)] if seen else [e], 1)
+                return torch.cat([e, *(f.reshape(len(x), -1).to(e.dtype) for f in seen[:1])], 1)
             out, ok = self.images(rows, embed)
             if not ok.all():
                 print(f"warning: {int((~ok).sum())} unreadable image(s) in split {split!r} left out (first: "
@@ -473,19 +446,13 @@ class Evaluator:
         """--rare: none; a list; or auto: the labels with fewer than --rare_below positive images in the data
         set, all splits (CXR-CML Sec. 3, counted as cxrcml.py counts them)."""
         r = self.cfg.rare.strip()
-        if r in ("", "none"):
-            return []
         if r != "auto":
-            if set(csv_list(r)) - set(names):
+            if set(csv_list(r)) - set(names) - {"none"}:
                 raise common.UserError(f"--rare: {sorted(set(csv_list(r)) - set(names))} are not among the "
                                        f"evaluated labels {names}")
-            return csv_list(r)
+            return [n for n in csv_list(r) if n != "none"]
         counts = (self.table.labels()[:, [self.label_names_all.index(n) for n in names]] == 1).sum(0)
         return [n for n, c in zip(names, counts) if c < self.cfg.rare_below]
-
-    def policy(self) -> str:
-        c = self.cfg
-        return f"blank={c.blank}, uncertain={c.uncertain}, no_finding={'on' if c.no_finding else 'off'}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,9 +518,7 @@ def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable,
     pred = np.argmax(test.emb[one].astype(np.float64) @ T.T, 1)
 
     def stat(idx):
-        m = class_metrics(gt[idx], pred[idx], K)
-        return {"acc": m["acc"], "f1_macro": m["f1_macro"]}
-
+        return {k: v for k, v in class_metrics(gt[idx], pred[idx], K).items() if k in ("acc", "f1_macro")}
     res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes, "_strata": np.eye(K)[gt],
            "confusion": class_metrics(gt, pred, K)["confusion"],
            "note": "images positive for exactly one class; prediction: argmax over the classes of the mean "
@@ -579,7 +544,6 @@ def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     def stat(idx):
         r = hits[idx].mean(0)
         return {"R@1": float(r[0]), "R@5": float(r[1]), "R@10": float(r[2]), "rsum": float(r.sum())}
-
     res = {"metrics": stat(np.arange(len(q))), "n_images": len(q), "n_texts": len(texts),
            "note": f"image -> text; queries: the first image of each study (views: {views}); candidates: one "
                    f"section per study ({how}), identical texts merged ({len(q) - len(texts)} duplicates); "
@@ -608,7 +572,6 @@ def over_fractions(ev: Evaluator, n_train: int, name: str, run, score) -> tuple[
 
     def stat(idx):
         return {pct(f): macro([score(runs[f, s][0], idx) for s in seeds], keep[f]) for f in fracs}
-
     return {"metrics": stat(np.arange(n_test)), "seeds": seeds,
             "seed_std": {pct(f): float(np.std([full[f, s] for s, k in zip(seeds, keep[f]) if k])) if any(keep[f])
                          else None for f in fracs},
@@ -619,18 +582,8 @@ def over_fractions(ev: Evaluator, n_train: int, name: str, run, score) -> tuple[
 def fit(model, X: np.ndarray, y: np.ndarray):
     """model.fit(X, y) on standardised features, with one BLAS thread: these fits are small, and more threads
     only wait on each other (ten times slower on a busy 2-core machine)."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(1, user_api="blas"):
         return make_pipeline(StandardScaler(), model).fit(X, y)
-
-
-def logreg(C: float, seed: int = 0):
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=C, max_iter=2000, random_state=seed)
 
 
 def choose_on_valid(cands: list, fit_one, score, default):
@@ -639,8 +592,7 @@ def choose_on_valid(cands: list, fit_one, score, default):
     best = None
     for c in cands:
         m = fit_one(c)
-        s = score(m)
-        if s is None:
+        if (s := score(m)) is None:
             break
         best = (s, m, c) if best is None or s > best[0] else best
     return (best[1], best[2]) if best else (fit_one(default), default)
@@ -653,48 +605,46 @@ def probe_scores(Xtr, Ytr, Xva, Yva, Xte, cands: list[float], seed: int = 0) -> 
     out, chosen = np.full((len(Xte), Ytr.shape[1]), np.nan), []
     for j in range(Ytr.shape[1]):
         m, mv = np.isin(Ytr[:, j], (0, 1)), np.isin(Yva[:, j], (0, 1)) if Xva is not None else np.zeros(0, bool)
-        if not 0 < Ytr[m, j].sum() < m.sum():
-            chosen.append(None)
-            continue
-        clf, c = choose_on_valid(cands, lambda c: fit(logreg(c, seed), Xtr[m], Ytr[m, j].astype(int)), lambda clf: macro(
-            auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:])) if mv.any() else None, 1.0)
-        out[:, j] = clf.predict_proba(Xte)[:, 1]
-        chosen.append(c)
+        if ok := 0 < Ytr[m, j].sum() < m.sum():
+            clf, c = choose_on_valid(
+                cands, lambda c: fit(LogisticRegression(C=c, max_iter=2000, random_state=seed), Xtr[m], Ytr[m, j]),
+                lambda clf: macro(auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:])) if mv.any()
+                else None, 1.0)
+            out[:, j] = clf.predict_proba(Xte)[:, 1]
+        chosen.append(c if ok else None)
     return out, chosen
 
 
 def linear_head(Xtr, Ytr, Xva, Yva, Xte, cfg: Config, seed: int, device: str) -> tuple[np.ndarray, int]:
-    """CXR-CLIP's linear probe (its finetune_10 / _100 configs): one linear layer on the frozen features, BCE
-    over the labels (nan left out), AdamW (--probe_lr, weight decay 1e-4), batches of 256, cosine over
-    --probe_epochs; the epoch with the lowest valid loss is kept (the last without a valid split) -> (P(1) on
-    Xte [n, L], nan for a label with one class in training; that epoch). A departure: the features are taken
-    once with the evaluation transform, where the official code augments every epoch."""
+    """CXR-CLIP's linear probe (its finetune_10 / _100 configs): a linear layer on frozen features, BCE over the
+    known labels, AdamW (--probe_lr, weight decay 1e-4), batches of 256, cosine over --probe_epochs, the epoch of
+    the lowest valid loss kept (else the last) -> (P(1) on Xte [n, L], nan where training had one class; that
+    epoch). A departure: the features are taken once, unaugmented, where the official code augments each epoch."""
     torch.manual_seed(seed)
-    T = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
-    x, y, bs = T(Xtr), T(Ytr), min(256, len(Xtr))
-    head = nn.Linear(x.shape[1], y.shape[1]).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=1e-4)
-    steps, g = len(x) // bs, torch.Generator().manual_seed(seed)  # drop_last, as the official loader
+    x, y, xv, yv, xt = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=device) if a is not None else None
+                        for a in (Xtr, Ytr, Xva, Yva, Xte))
+    head, bs, g = nn.Linear(x.shape[1], y.shape[1]).to(device), min(256, len(x)), torch.Generator().manual_seed(seed)
+    opt, steps = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=1e-4), len(x) // bs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.probe_epochs * steps))
 
-    def loss(x, y):
-        out, m = head(x), ~torch.isnan(y)
+    def loss(x, y):  # BCE over the known labels
+        out, m = head(x), ~y.isnan()
         return F.binary_cross_entropy_with_logits(out[m], y[m]) if m.any() else out.sum() * 0
     best = (math.inf, cfg.probe_epochs, None)
     for epoch in range(cfg.probe_epochs):
-        for b in torch.randperm(len(x), generator=g)[:steps * bs].view(steps, bs).to(device):
+        for b in torch.randperm(len(x), generator=g)[:steps * bs].view(steps, bs).to(device):  # drop_last
             opt.zero_grad(set_to_none=True)
             loss(x[b], y[b]).backward()
             opt.step()
             sched.step()
-        if Xva is not None and len(Xva):
+        if xv is not None and len(xv) and (~yv.isnan()).any():
             with torch.no_grad():
-                v = loss(T(Xva), T(Yva)).item()
+                v = loss(xv, yv).item()
             best = (v, epoch + 1, {k: t.clone() for k, t in head.state_dict().items()}) if v < best[0] else best
-    if best[2] is not None:
+    if best[2]:
         head.load_state_dict(best[2])
     with torch.no_grad():
-        P = torch.sigmoid(head(T(Xte))).double().cpu().numpy()
+        P = torch.sigmoid(head(xt)).double().cpu().numpy()
     P[:, [not 0 < np.nansum(t) < np.isfinite(t).sum() for t in Ytr.T]] = np.nan
     return P, best[1]
 
@@ -704,7 +654,8 @@ def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict,
     train, test = ev.part("train", views), ev.part(c.split, views)
     valid = ev.part("valid", views, required=False) if not finetune and c.split != "valid" else None
     names, few = ev.label_names(test.rows)
-    Ytr, Yte, X = ev.labels(train.rows, names), ev.labels(test.rows, names), lambda p: p.emb if p.feat is None else p.feat
+    Ytr, Yte = ev.labels(train.rows, names), ev.labels(test.rows, names)
+    X = lambda p: p.emb if p.feat is None else p.feat  # noqa: E731
     Xva, Yva = (X(valid), ev.labels(valid.rows, names)) if valid else (None, None)
 
     def run(idx, seed):
@@ -714,12 +665,10 @@ def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict,
         if c.probe == "head":
             return linear_head(X(train)[idx], Ytr[idx], Xva, Yva, X(test), c, seed, ev.device)
         return probe_scores(X(train)[idx], Ytr[idx], Xva, Yva, X(test), [float(v) for v in csv_list(c.probe_c)], seed)
-
     keeps = {}  # per run: the labels defined on all test rows
 
     def score(P, idx):
         return macro(auc_columns(Yte[idx], P[idx]), keeps.setdefault(id(P), np.isfinite(auc_columns(Yte, P))))
-
     res, stat = over_fractions(ev, len(train.rows), "auc", run, score)
     feats = "features before the projection" if train.feat is not None else "embeddings"
     how = (f"image encoder + linear head fine-tuned, masked BCE, {c.ft_epochs} epochs" if finetune else
@@ -745,25 +694,34 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out
     on (rows, targets) with D-MLM's recipe (Sec. 3.5: AdamW, weight decay 0.05, encoder lr 1e-5, head lr 3e-4
     warmed up then cosine, 10 epochs; nothing chosen on valid) -> the head's probabilities on test_rows.
     targets: [n, L] 1 / 0 / nan (multi-label: BCE on the known ones) or [n] class ids (cross-entropy)."""
-    c, cuda, multilabel = ev.cfg, ev.device.startswith("cuda"), np.ndim(targets) == 2
+    c, multilabel, epoch = ev.cfg, np.ndim(targets) == 2, [0]
     torch.manual_seed(seed)
     model = importlib.import_module(ev.paper).load(ev.ckpt)[0].to(ev.device).train()
-    ds = ImageRows(rows, model.image_transform(True), model.cfg.image_size, seed)
+    tf, size, t = model.image_transform(True), model.cfg.image_size, torch.as_tensor(np.asarray(targets, float))
+
+    def load(idx):  # a batch in a DataLoader worker, augmented by a generator per (seed, epoch, image)
+        xs, ok = [], []
+        for i in idx:
+            try:
+                xs.append(tf(common.load_image(rows[i]["_path"]), np.random.default_rng([seed, epoch[0], i])))
+                ok.append(i)
+            except common.BadImageError:  # left out of the batch
+                pass
+        return torch.stack(xs or [torch.zeros(3, size, size)]), torch.tensor(ok, dtype=torch.long)
     head, scale = nn.Linear(dim, n_out).to(ev.device), math.sqrt(dim)  # unit-norm embedding: unit-scale inputs
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": c.ft_lr},
                              {"params": head.parameters(), "lr": c.head_lr}], weight_decay=0.05)
     per_epoch = max(1, len(rows) // c.ft_batch_size)
-    sched, t = warmup_cosine(opt, per_epoch, c.ft_epochs * per_epoch), torch.as_tensor(np.asarray(targets, float))
-    ctx = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
-    for epoch in range(c.ft_epochs):
-        ds.epoch = epoch
-        for x, idx, err in torch.utils.data.DataLoader(
-                ds, c.ft_batch_size, shuffle=True, num_workers=c.num_workers, drop_last=len(ds) >= c.ft_batch_size,
-                generator=torch.Generator().manual_seed(seed * 1000 + epoch)):
-            good = torch.tensor([not e for e in err])
-            if not good.any():
+    sched, ctx = warmup_cosine(opt, per_epoch, c.ft_epochs * per_epoch), torch.autocast(
+        "cuda", torch.bfloat16, enabled=ev.device.startswith("cuda"))
+    for e in range(c.ft_epochs):
+        epoch[0] = e  # read by the workers, which each epoch's DataLoader forks anew
+        for x, idx in torch.utils.data.DataLoader(
+                range(len(rows)), c.ft_batch_size, shuffle=True, num_workers=c.num_workers, collate_fn=load,
+                drop_last=len(rows) >= c.ft_batch_size, generator=torch.Generator().manual_seed(seed * 1000 + e)):
+            if not len(idx):  # every image of the batch unreadable
                 continue
-            x, y = x[good].to(ev.device), t[idx[good]].to(ev.device)
+            x, y = x.to(ev.device), t[idx].to(ev.device)
             with ctx:
                 out = head(model.encode_image(x).float() * scale).float()
             m = ~torch.isnan(y)
@@ -781,30 +739,23 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out
     return (torch.sigmoid(out) if multilabel else out.softmax(-1)).numpy()
 
 
-def number(s) -> float:
-    try:
-        return float((s or "").strip())
-    except ValueError:
-        return math.nan
-
-
 def numeric_targets(ev: Evaluator, views: str) -> list[tuple[Part | None, np.ndarray]]:
-    """(part, its --target_column as numbers) of the rows that have one, for train, valid (None, [] when
-    the CSV has none) and the evaluation split."""
-    col, out = ev.cfg.target_column, []
-    for p in (ev.part("train", views), ev.part("valid", views, required=False) if ev.cfg.split != "valid"
-              else None, ev.part(ev.cfg.split, views)):
-        if col not in ev.columns:
-            raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
-        v = np.array([number(r.get(col)) for r in (p.rows if p else [])], dtype=np.float64)
+    """(part, its --target_column as numbers) of the rows that have one, for train, valid (None, [] when the CSV
+    has none) and the evaluation split."""
+    parts, col = [ev.part("train", views), ev.part("valid", views, False) if ev.cfg.split != "valid" else None,
+                  ev.part(ev.cfg.split, views)], ev.cfg.target_column
+    if col not in ev.columns:
+        raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
+    out = []
+    for p in parts:
+        v = np.array([float(x) if x.strip() and x.strip().lstrip("-").replace(".", "", 1).isdigit() else np.nan
+                      for x in (r.get(col) or "" for r in (p.rows if p else []))], dtype=np.float64)
         k = np.flatnonzero(np.isfinite(v))
         out.append((Part([p.rows[i] for i in k], p.emb[k]) if p else None, v[k]))
     return out
 
 
 def task_regression(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
-    from sklearn.linear_model import Ridge
-
     (tr, ytr), (va, yva), (te, yte) = numeric_targets(ev, views)
     if len(tr.rows) < 2 or not len(te.rows):
         raise common.UserError(f"regression: too few rows with a number in {ev.cfg.target_column!r}")
@@ -814,7 +765,6 @@ def task_regression(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
 
     def stat(idx):
         return {"mae": float(err[idx].mean()), "mae_predict_mean": float(base[idx].mean())}
-
     res = {"metrics": stat(np.arange(len(yte))), "n_train": len(ytr), "n_images": len(yte), "chosen": alpha,
            "note": f"MAE in the units of {ev.cfg.target_column!r} (bone age: months); ridge regression on the "
                    f"frozen, standardised embeddings (PedCLIP's linear probing), alpha by the valid MAE"
@@ -838,7 +788,8 @@ def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     if c.mode == "finetune":
         prob = finetune_predict(ev, tr.rows, ktr, K, te.rows, 0, te.emb.shape[1])
     else:
-        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)], lambda C: fit(logreg(C), tr.emb, ktr),
+        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)],
+                                 lambda C: fit(LogisticRegression(C=C, max_iter=2000), tr.emb, ktr),
                                  lambda m: float((m.predict(va.emb) == kva).mean()) if len(kva) else None, 1.0)
         prob = np.zeros((len(kte), K))
         prob[:, clf.classes_] = clf.predict_proba(te.emb)
@@ -849,7 +800,6 @@ def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         m = class_metrics(kte[idx], pred[idx], K)
         return {"acc": m["acc"], "f1_macro": m["f1_macro"], "kappa_quadratic": m["kappa_quadratic"],
                 "auc_ovr_macro": macro(auc_columns(onehot[idx], prob[idx]), keep)}
-
     res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": c.mode, "chosen": C, "_strata": onehot,
            "confusion": class_metrics(kte, pred, K)["confusion"], "n_train": len(ktr), "n_images": len(kte),
            "note": "grades in the order of --classes; auc_ovr_macro: each grade against the rest (D-MLM Table "
@@ -861,8 +811,6 @@ def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
 def load_mask(row: dict, csv_dir: Path, size: int) -> np.ndarray:
     """bool [size, size]: the `mask` image > 0 (data_prep writes one per image with a finding; an empty cell:
     no finding), resized with nearest neighbours."""
-    import cv2
-
     p = (row.get("mask") or "").strip()
     if not p:
         return np.zeros((size, size), bool)
@@ -886,21 +834,13 @@ def finding_masks(ev: Evaluator, rows: list[dict], size: int) -> tuple[list[int]
     return keep, np.stack(packed) if packed else np.zeros((0, (size * size + 7) // 8), np.uint8)
 
 
-class SegDecoder(nn.Module):
+def seg_decoder(c_in: int, grid: int, out_size: int, width: int = 32) -> nn.Sequential:
     """Tokens [B, N, C] -> grid [B, C, g, g] -> 1x1 conv, x2 upsampling, 3x3 conv, GN, GELU, 1x1 conv -> one
-    logit map, bilinear to the mask size. Light on purpose: the frozen tokens must carry the finding."""
-
-    def __init__(self, c_in: int, grid: int, out_size: int, width: int = 32):
-        super().__init__()
-        self.grid, self.out_size = grid, out_size
-        self.net = nn.Sequential(
-            nn.Conv2d(c_in, width, 1), nn.GELU(), nn.Upsample(scale_factor=2, mode="bilinear"),
-            nn.Conv2d(width, width // 2, 3, padding=1), nn.GroupNorm(8, width // 2), nn.GELU(),
-            nn.Conv2d(width // 2, 1, 1))
-
-    def forward(self, tokens):
-        x = tokens.transpose(1, 2).reshape(len(tokens), -1, self.grid, self.grid)
-        return F.interpolate(self.net(x), size=(self.out_size,) * 2, mode="bilinear")[:, 0]
+    logit map [B, 1, S, S], bilinear to the mask size. Light on purpose: the frozen tokens must carry it."""
+    return nn.Sequential(nn.Unflatten(2, (grid, grid)), nn.Conv2d(c_in, width, 1), nn.GELU(),
+                         nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(width, width // 2, 3, padding=1),
+                         nn.GroupNorm(8, width // 2), nn.GELU(), nn.Conv2d(width // 2, 1, 1),
+                         nn.Upsample(size=(out_size, out_size), mode="bilinear"), nn.Flatten(1, 2))
 
 
 def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
@@ -914,19 +854,19 @@ def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         if not keep:
             raise common.UserError(f"segmentation: no image of split {split!r} has a non-empty mask")
         tokens, ok = ev.images([rows[i] for i in keep], ev.model.image_tokens)
-        data[split] = (torch.from_numpy(tokens[ok]).half(), masks[ok], [rows[i] for i, k in zip(keep, ok) if k])
+        tokens = torch.from_numpy(tokens[ok]).half().transpose(1, 2)  # [n, C, N]
+        data[split] = (tokens, masks[ok], [rows[i] for i, k in zip(keep, ok) if k])
     (Xtr, Mtr, _), (Xte, Mte, te_rows) = data["train"], data[c.split]
     unpack = lambda m: torch.from_numpy(np.unpackbits(m, axis=1, count=S * S).reshape(-1, S, S))  # noqa: E731
-    grid = math.isqrt(Xtr.shape[1])
-    if grid * grid != Xtr.shape[1]:
-        raise common.UserError(f"segmentation: image_tokens gives {Xtr.shape[1]} tokens, not a square grid")
+    if (grid := math.isqrt(Xtr.shape[2])) ** 2 != Xtr.shape[2]:
+        raise common.UserError(f"segmentation: image_tokens gives {Xtr.shape[2]} tokens, not a square grid")
 
     def run(idx, seed):
         torch.manual_seed(seed)
-        dec = SegDecoder(Xtr.shape[2], grid, S).to(ev.device)
+        dec = seg_decoder(Xtr.shape[1], grid, S).to(ev.device)
         opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-        sched, g = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, c.seg_epochs)), torch.Generator()
-        g.manual_seed(seed)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, c.seg_epochs))
+        g = torch.Generator().manual_seed(seed)
         for _ in range(c.seg_epochs):
             for b in torch.from_numpy(idx)[torch.randperm(len(idx), generator=g)].split(32):
                 x, m = Xtr[b].float().to(ev.device), unpack(Mtr[b.numpy()]).float().to(ev.device)
@@ -941,16 +881,14 @@ def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
             return np.concatenate([dice_per_image(dec(Xte[i:i + 64].float().to(ev.device)).cpu().numpy() > 0,
                                                   unpack(Mte[i:i + 64]).numpy().astype(bool))
                                    for i in range(0, len(Xte), 64)]), None
-
     res, stat = over_fractions(ev, len(Xtr), "dice", run, lambda d, idx: macro(d[idx]))
     res.update(n_images=len(te_rows), note=f"decoder on frozen image_tokens ({grid}x{grid}), BCE + soft "
                f"Dice, {c.seg_epochs} epochs, trained and tested on images with a finding; Dice at {S} px")
     return res, stat, te_rows
 
 
-TASK_FNS = {"zeroshot": task_zeroshot, "zeroshot_multiclass": task_zeroshot_multiclass,
-            "retrieval": task_retrieval, "probe": task_probe,
-            "finetune": lambda ev, views: task_probe(ev, views, finetune=True),
+TASK_FNS = {"zeroshot": task_zeroshot, "zeroshot_multiclass": task_zeroshot_multiclass, "retrieval": task_retrieval,
+            "probe": task_probe, "finetune": lambda ev, views: task_probe(ev, views, finetune=True),
             "segmentation": task_segmentation, "regression": task_regression, "grading": task_grading}
 
 
@@ -965,96 +903,16 @@ def run_task(ev: Evaluator, task: str) -> dict:
     res["ci"] = {k: percentile_ci(v) for k, v in boot.items()}
     res["bootstrap_skipped"] = max([int(np.isnan(v).sum()) for k, v in boot.items()
                                     if res["metrics"].get(k) is not None] or [0])
-    labels = ev.policy() if task in ("zeroshot", "probe", "finetune") else "not used"
+    c = ev.cfg
+    labels = f"blank={c.blank}, uncertain={c.uncertain}, no_finding={'on' if c.no_finding else 'off'}" \
+        if task in ("zeroshot", "probe", "finetune") else "not used"
     return {"task": task, "paper": ev.paper, "ckpt": ev.ckpt, "data": ev.cfg.data, "split": ev.cfg.split,
             "labels": labels, "views": views, "bootstrap": ev.cfg.bootstrap, **res, "_boot": boot,
             "_rows": [(r["_row"], r.get("patient_id", "")) for r in rows]}
 
 
 # ----------------------------------------------------------------------------------------------------
-# ---- figures (the plots themselves are figures.py's) ----
-
-
-@torch.no_grad()
-def paper_figure(ev: Evaluator, path: Path) -> str:
-    """The figure of the paper's new module for the checkpoint of `ev` -> a markdown line: PedCLIP's gate (body
-    part -> expert) on the evaluation split; D-MLM's sigma^2 of a test image and its report."""
-    m, rows = ev.model, ev.rows(ev.cfg.split, "all")
-    if ev.paper == "pedclip":
-        if "body_part" not in ev.columns:
-            return "gate figure skipped: the CSV has no body_part column"
-        # PedCLIP.encode(images) -> (tokens, [gate logits [B, E] per MoBE layer]): the top expert per layer
-        top, ok = ev.images(rows, lambda x: torch.stack([g.argmax(-1) for g in m.encode(x)[1]], 1))
-        part = [(r.get("body_part") or "").strip() or "?" for r, k in zip(rows, ok) if k]
-        names = sorted(set(part))
-        counts = np.zeros((top.shape[1], len(names), len(m.body_parts)))
-        np.add.at(counts, (np.arange(top.shape[1])[None, :], np.array([names.index(p) for p in part])[:, None],
-                           top[ok].astype(int)), 1)
-        figures.gate_figure(path, counts, names, list(m.body_parts), list(m.moe_layers))
-        return f"![PedCLIP's gate: body part -> expert]({path.name})"
-    if ev.paper == "dmlm":
-        if not (hasattr(m, "patch_variances") and hasattr(m, "token_variances")):
-            return "sigma^2 figure skipped: this dmlm model has no patch_variances / token_variances"
-        r = next((r for r in rows if retrieval_text(r, "findings") or retrieval_text(r, "report")), None)
-        if r is None:
-            return "sigma^2 figure skipped: no report text in the evaluation split"
-        img = common.load_image(r["_path"])
-        pv = m.patch_variances(m.image_transform(False)(img)[None].to(ev.device))[0].float().cpu().numpy()
-        tokens, var = m.token_variances([retrieval_text(r, "findings") or retrieval_text(r, "report")])
-        g = math.isqrt(len(pv))
-        figures.sigma_figure(path, common.resize(img, m.cfg.image_size), pv[:g * g].reshape(g, g), tokens[0], var[0])
-        return f"![D-MLM's sigma^2 of {Path(r['_path']).name}]({path.name})"
-    return ""
-
-
-def write_figures(results: dict, stem: Path) -> list[str]:
-    """The zero-shot ROC curves (every checkpoint overlaid) and the checkpoints' metrics on the [0, 1] scale
-    with their CIs -> markdown lines naming the PNGs."""
-    heads, curves, out = heads_of(results), {}, []
-    for h, rt in zip(heads, results.values()):
-        names, Y, S = rt["zeroshot"]["_roc"] if "zeroshot" in rt else ([], None, None)
-        for j, n in enumerate(names):
-            curves.setdefault(n, []).append((h, Y[:, j], S[:, j]))
-    if curves:
-        figures.roc_figure(f"{stem}_roc.png", curves)
-        out.append(f"![zero-shot ROC curves per label]({stem.name}_roc.png)")
-    rows = [(f"{t} {k}", [(h, rt[t]["metrics"].get(k), rt[t]["ci"].get(k)) for h, rt in zip(heads, results.values())])
-            for t, r in next(iter(results.values())).items() for k in r["metrics"]]
-    rows = [r for r in rows if all(v is None or 0 <= v <= 1 for _, v, _ in r[1])]  # AUC, R@K, Dice: one axis
-    if rows:
-        figures.comparison_figure(f"{stem}_compare.png", rows)
-        out.append(f"![the metrics with their 95% CIs]({stem.name}_compare.png)")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# ---- output: printed blocks, JSON, the Markdown comparison table ----
-
-
-def fmt(v, ci=None, p=None, digits: int = 4) -> str:
-    """0.8123 (0.7901-0.8345), p=0.002; MAE-sized numbers with 2 decimals."""
-    if v is None:
-        return "undefined"
-    d = digits if abs(v) < 10 else 2
-    return f"{v:.{d}f}" + (f" ({ci[0]:.{d}f}-{ci[1]:.{d}f})" if ci else "") + (f", p={p:.3f}" if p is not None else "")
-
-
-def format_result(r: dict) -> str:
-    lines = [f"== {r['task']} | {r['paper']} {r['ckpt']} | {r['data']} split {r['split']}: {r['n_images']} "
-             f"images, views {r['views']} | labels: {r['labels']}"]
-    for k, v in r["metrics"].items():
-        std = r.get("seed_std", {}).get(k)
-        lines.append(f"  {k:<16} {fmt(v, r['ci'].get(k))}" + (f"   std over seeds {std:.4f}" if std is not None else ""))
-    for n, d in r.get("per_label", {}).items():
-        lines.append(f"    {n[:28]:<28} AUC {fmt(d['auc'])}  F1 {fmt(d['f1'])}  ACC {fmt(d['acc'])}  "
-                     f"(threshold {d['threshold']:.3f}; {d['n_pos']} pos / {d['n_neg']} neg)")
-    if r["ci"]:
-        skipped = r["bootstrap_skipped"]
-        lines.append(f"  95% CIs: {r['bootstrap']} resamples of the patients within label strata"
-                     + (f", {skipped} skipped (a label with one class in them)" if skipped else ""))
-    if r.get("chosen"):
-        lines.append(f"  chosen on the valid split: {r['chosen']}")
-    return "\n".join(lines + [f"  note: {r['note']}"])
+# ---- the paired comparison, the command line ----
 
 
 def compare(results: dict):
@@ -1068,39 +926,12 @@ def compare(results: dict):
                                    if k in first[task]["_boot"]}
 
 
-def heads_of(results: dict) -> list[str]:
-    """A column name per checkpoint: its paper, or its path when two share a paper."""
-    papers = [next(iter(r.values()))["paper"] for r in results.values()]
-    return papers if len(set(papers)) == len(papers) else list(results)
-
-
-def markdown_table(results: dict, cfg: Config, pngs=()) -> str:
-    """One row per (task, metric), one column per checkpoint: value (95% CI), p against the first column;
-    then the figures."""
-    ckpts, heads = list(results), heads_of(results)
-    policy = next((r["labels"] for r in results[ckpts[0]].values() if r["labels"] != "not used"), None)
-    lines = [f"{cfg.data}, split {cfg.split}" + (f"; labels: {policy}" if policy else "")
-             + f"; 95% CIs: {cfg.bootstrap} bootstrap resamples of the patients"
-             + (f"; p: paired bootstrap against {heads[0]}" if len(ckpts) > 1 else "") + ".", "",
-             "| task (views) | metric | " + " | ".join(heads) + " |", "| --- | --- |" + " --- |" * len(ckpts)]
-    for task, r in results[ckpts[0]].items():
-        for k in r["metrics"]:
-            cells = [fmt(results[c][task]["metrics"].get(k), results[c][task]["ci"].get(k),
-                         results[c][task].get("p_vs_first", {}).get(k), 3) for c in ckpts]
-            lines.append(f"| {task} ({r['views']}) | {k} | " + " | ".join(cells) + " |")
-    if heads != ckpts:
-        lines += ["", "Checkpoints: " + ", ".join(f"{h} = {c}" for h, c in zip(heads, ckpts)) + "."]
-    return "\n".join(lines + [""] + [f for f in pngs if f]) + "\n"
-
-
 def check_config(cfg: Config) -> tuple[list[str], list[str]]:
     """The flags a typo could break, checked before any work: -> (checkpoints, tasks)."""
     ckpts, tasks = csv_list(cfg.ckpt), csv_list(cfg.task)
-    if not ckpts:
-        raise common.UserError("--ckpt=PATH[,PATH...] is required: a ckpt.pt or ckpt_best.pt written by "
-                               "pedclip.py, cxrclip.py, cxrcml.py or dmlm.py")
-    if len(set(ckpts)) < len(ckpts):
-        raise common.UserError(f"--ckpt names a checkpoint twice: {cfg.ckpt}")
+    if not ckpts or len(set(ckpts)) < len(ckpts):
+        raise common.UserError(f"--ckpt=PATH[,PATH...] is required, each checkpoint once (a ckpt.pt or ckpt_best.pt "
+                               f"of pedclip.py, cxrclip.py, cxrcml.py or dmlm.py); got {cfg.ckpt!r}")
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--task={cfg.task}: choose from {', '.join(TASKS)} (comma-separated)")
     for k, ok in {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"), "mode": (
@@ -1108,14 +939,13 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: choose from {' | '.join(ok)}")
     try:
-        fracs, _, cs = [[t(v) for v in csv_list(s)] for t, s in ((float, cfg.fractions), (int, cfg.seeds),
-                                                                   (float, cfg.probe_c))]
+        fracs, seeds, cs = [[t(v) for v in csv_list(s)] for t, s in ((float, cfg.fractions), (int, cfg.seeds),
+                                                                      (float, cfg.probe_c))]
     except ValueError:
+        fracs = seeds = cs = []
+    if not (fracs and seeds and cs and all(0 < f <= 1 for f in fracs) and min(cs) > 0):
         raise common.UserError(f"--fractions={cfg.fractions} / --seeds={cfg.seeds} / --probe_c={cfg.probe_c}: "
-                               f"expected numbers, e.g. 0.01,0.1,1 and 0,1,2 and 0.1,1,10") from None
-    if not fracs or not csv_list(cfg.seeds) or not all(0 < f <= 1 for f in fracs) or not cs or min(cs) <= 0:
-        raise common.UserError(f"--fractions={cfg.fractions}: shares in (0, 1]; --seeds: at least one; "
-                               f"--probe_c: values > 0")
+                               f"expected shares in (0, 1], integers, values > 0: e.g. 0.01,0.1,1 / 0,1,2 / 1,10")
     heads = [t for t in tasks if t not in ("zeroshot", "zeroshot_multiclass", "retrieval")]
     if cfg.split == "train" and heads:
         raise common.UserError(f"--split=train: {', '.join(heads)} fit their heads on the training split")
@@ -1137,8 +967,8 @@ def main(argv=None) -> dict:
     ckpts, tasks = check_config(cfg)
     if cfg.data == Config.data:
         common.ensure_phantoms(cfg.data, PHANTOMS)
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cuda:  # as the paper files' setup() does, so that the zero-shot numbers agree with training time
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda":  # as the paper files' setup() does: the zero-shot numbers agree with training time
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out or (Path(ckpts[0]).parent if len(ckpts) == 1 else "results"))
     out.mkdir(parents=True, exist_ok=True)
@@ -1146,22 +976,21 @@ def main(argv=None) -> dict:
     torch.set_num_threads(common.cpu_threads(cfg.threads))
     try:
         for i, ck in enumerate(ckpts):
-            model, paper = load_model(ck, "cuda" if cuda else "cpu", cfg.prompts)
-            print(f"{ck}: {paper}, {model.cfg.image_size} px, on {'cuda' if cuda else 'cpu'}")
-            ev, results[ck] = Evaluator(cfg, model, paper, ck, "cuda" if cuda else "cpu"), {}
+            model, paper = load_model(ck, device, cfg.prompts)
+            print(f"{ck}: {paper}, {model.cfg.image_size} px, on {device}")
+            ev, results[ck] = Evaluator(cfg, model, paper, ck, device), {}
             for t in tasks:
                 results[ck][t] = run_task(ev, t)
-                print(format_result(results[ck][t]))
-            pngs += [paper_figure(ev, Path(f"{stem}_{paper}{i}.png"))] if cfg.figures else []
+                print(render.result_block(results[ck][t]))
+            pngs += [render.paper_figure(ev, Path(f"{stem}_{paper}{i}.png"))] if cfg.figures else []
             del ev, model
     finally:
         torch.set_num_threads(threads)
     compare(results)
-    pngs = (write_figures(results, stem) if cfg.figures else []) + pngs
-    clean = {c: {t: {k: v for k, v in r.items() if not k.startswith("_")} for t, r in rt.items()}
-             for c, rt in results.items()}
+    pngs = (render.figures(results, stem) if cfg.figures else []) + pngs
+    clean = {c: {t: {k: v for k, v in r.items() if k[0] != "_"} for t, r in rt.items()} for c, rt in results.items()}
     common.atomic_write(f"{stem}.json", lambda f: json.dump(clean, f, indent=2))
-    md = markdown_table(results, cfg, pngs)
+    md = render.markdown_table(results, cfg, pngs)
     common.atomic_write(f"{stem}.md", lambda f: f.write(md))
     print(f"\n{md}\nwrote {stem}.json and {stem}.md" + (" and the figures" if cfg.figures else ""))
     return results

@@ -13,7 +13,7 @@ import torch
 
 import common
 import evaluate
-import figures
+import render
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,13 +492,13 @@ def test_figures_from_synthetic_arrays(tmp_path):
     rng = np.random.default_rng(9)
     y = rng.integers(0, 2, 50).astype(float)
     curves = {f"L{j}": [("a", y, y + rng.normal(size=50)), ("b", y, rng.normal(size=50))] for j in range(7)}
-    figures.roc_figure(tmp_path / "roc.png", curves)
+    render.roc_figure(tmp_path / "roc.png", curves)
     assert _png(tmp_path / "roc.png") == (2 * 3 * 110, 5 * 3 * 110)  # 7 labels: 2 rows of 5 panels
     rows = [("zeroshot auc_macro", [("a", 0.8, [0.7, 0.9]), ("b", 0.6, None)]), ("probe auc@1%", [("a", None, None)])]
-    figures.comparison_figure(tmp_path / "cmp.png", rows)
-    figures.gate_figure(tmp_path / "gate.png", rng.integers(0, 5, (1, 3, 23)), ["chest", "hand", "knee"],
+    render.comparison_figure(tmp_path / "cmp.png", rows)
+    render.gate_figure(tmp_path / "gate.png", rng.integers(0, 5, (1, 3, 23)), ["chest", "hand", "knee"],
                          [f"e{i}" for i in range(23)], [3])
-    figures.sigma_figure(tmp_path / "sigma.png", rng.integers(0, 255, (32, 32)), rng.random((4, 4)),
+    render.sigma_figure(tmp_path / "sigma.png", rng.integers(0, 255, (32, 32)), rng.random((4, 4)),
                           ["there", "is", "a", "small", "left", "effusion", "."], rng.random(7))
     assert _png(tmp_path / "sigma.png") == (440, 1100)
     for f in ("cmp.png", "gate.png"):
@@ -710,12 +710,12 @@ def test_other_papers_checkpoints(paper, runs, phantom_csv, tmp_path):
     if paper == "dmlm":  # the sigma^2 figure, through the interface the D-MLM file provides
         ev = evaluate.Evaluator(evaluate.Config(data=phantom_csv, num_workers=0), model, "dmlm")
         if not hasattr(model, "patch_variances"):
-            assert "skipped" in evaluate.paper_figure(ev, tmp_path / "s.png")
+            assert "skipped" in render.paper_figure(ev, tmp_path / "s.png")
             n = (32 // 8) ** 2
             model.patch_variances = lambda x: torch.rand(len(x), n)
             model.token_variances = lambda texts: ([t.split() for t in texts], [np.random.rand(len(t.split()))
                                                                                 for t in texts])
-        assert evaluate.paper_figure(ev, tmp_path / "s.png").endswith("(s.png)")
+        assert render.paper_figure(ev, tmp_path / "s.png").endswith("(s.png)")
         _png(tmp_path / "s.png")
 
 
