@@ -97,7 +97,7 @@ class Config:
     probe: str = "logreg"  # logreg (scikit-learn, C from --probe_c on valid) | head (CXR-CLIP's linear head)
     probe_features: str = "backbone"  # backbone (what the projection reads) | embedding (the shared space)
     probe_c: str = "0.01,0.1,1,10,100"  # logreg / grading: C candidates, the best valid AUC per label wins
-    probe_epochs: int = 300  # head: epochs, the one with the lowest valid loss kept (CXR-CLIP's configs)
+    probe_epochs: int = 300  # head: epochs, the lowest valid loss kept (CXR-CLIP's configs: 300 at 10%, 30 at 100%)
     probe_lr: float = 5e-5  # head: AdamW lr, weight decay 1e-4, cosine, batch 256 (CXR-CLIP's configs)
     mode: str = "frozen"  # grading: frozen (logistic regression, C from --probe_c on valid) | finetune
     target_column: str = "target"  # regression / grading target
@@ -120,7 +120,7 @@ class Config:
 CHEXPERT_5 = "Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion"
 CXRCLIP_T2 = dict(task="zeroshot,probe", probe="head", fractions="0.1,1", seeds="1234")  # ZS, 10%, 100%
 DMLM_T125 = dict(task="finetune,zeroshot,segmentation", seeds="0,1,2,3,4")  # Tables 1, 2, 5; 5 runs (PRIOR)
-PEDCLIP_T12 = dict(task="zeroshot,probe", fractions="1")  # Table 1 zero-shot, Table 2 linear probing
+PEDCLIP_T12 = dict(task="zeroshot,probe", fractions="1")  # Tables 1, 2; no probe recipe given: logreg on valid
 PRESETS = {  # the papers' protocols on data_prep.py's CSVs (the map in the manual above)
     "demo": {},  # the phantoms the four demos train on
     "cxrclip_vindr": dict(data="data/vindr_cxr.csv", min_pos=10, **CXRCLIP_T2,  # Sec. 4.1: >= 10 test positives
