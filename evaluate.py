@@ -219,13 +219,6 @@ def recall_hits(sim: np.ndarray, target: np.ndarray, ks=(1, 5, 10)) -> np.ndarra
     return rank[:, None] <= np.asarray(ks)[None, :]
 
 
-def dedupe_texts(texts: list[str]) -> tuple[list[str], np.ndarray]:
-    """Identical report texts become one candidate (CXR-CLIP's evaluator) -> (unique texts, index of each)."""
-    index: dict[str, int] = {}
-    target = np.array([index.setdefault(t, len(index)) for t in texts], dtype=np.int64)
-    return list(index), target
-
-
 def dice_per_image(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """bool [N, H, W] -> 2|P & G| / (|P| + |G|) per image; nan where both are empty."""
     p, g = pred.reshape(len(pred), -1), gt.reshape(len(gt), -1)
@@ -538,7 +531,9 @@ def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     if len(q) < 2:
         raise common.UserError(f"retrieval: fewer than 2 studies with a {how} text and a {views} image in "
                                f"split {ev.cfg.split!r}")
-    texts, target = dedupe_texts([retrieval_text(test.rows[i], how) for i in q])
+    own = [retrieval_text(test.rows[i], how) for i in q]
+    index = {t: k for k, t in enumerate(dict.fromkeys(own))}  # identical texts: one candidate (CXR-CLIP's code)
+    texts, target = list(index), np.array([index[t] for t in own])
     hits = recall_hits(test.emb[q].astype(np.float64) @ encode_texts(ev.model, texts).T, target)  # [Q, 3]
 
     def stat(idx):
@@ -829,8 +824,10 @@ def finding_masks(ev: Evaluator, rows: list[dict], size: int) -> tuple[list[int]
             bad += 1
             continue
         if m.any():
-            keep.append(i), packed.append(np.packbits(m))
-    print(f"warning: {bad} unreadable mask(s) left out" if bad else "", end="\n" if bad else "")
+            keep.append(i)
+            packed.append(np.packbits(m))
+    if bad:
+        print(f"warning: {bad} unreadable mask(s) left out")
     return keep, np.stack(packed) if packed else np.zeros((0, (size * size + 7) // 8), np.uint8)
 
 

@@ -103,7 +103,8 @@ def roc_figure(path, curves: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]
         for ax in list(axes.flat)[len(curves):]:
             ax.axis("off")
         axes[0, 0].legend(fontsize=7, loc="lower right")
-        fig.supxlabel("false positive rate"), fig.supylabel("true positive rate")
+        fig.supxlabel("false positive rate")
+        fig.supylabel("true positive rate")
     figure(path, draw, (3 * cols, 3 * rows), (rows, cols))
 
 
@@ -121,7 +122,9 @@ def comparison_figure(path, rows: list[tuple[str, list[tuple[str, float | None, 
                 y, v, ci = (np.array(a, dtype=np.float64) for a in zip(*pts))
                 ax.errorbar(v, y, xerr=np.abs(ci.T - v), fmt="o", ms=4, capsize=2, label=name)
         ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-        ax.invert_yaxis(), ax.grid(axis="x", color="0.9"), ax.legend(fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", color="0.9")
+        ax.legend(fontsize=8)
         ax.set_xlabel("value (95% CI)")
     figure(path, draw, (7, 0.3 * len(rows) * len(names) ** 0.5 + 1.2))
 
@@ -145,10 +148,10 @@ def sigma_figure(path, image: np.ndarray, patch_var: np.ndarray, tokens: list[st
         import matplotlib.pyplot as plt
 
         (a, b, t), v = axes[0], np.asarray(token_var, dtype=np.float64)
-        a.imshow(image, cmap="gray"), a.set_title("image")
-        fig.colorbar(b.imshow(patch_var, cmap="magma"), ax=b, fraction=0.046), b.set_title("patch sigma^2")
-        t.set_title("report tokens by sigma^2")
-        for ax in axes[0]:
+        a.imshow(image, cmap="gray")
+        fig.colorbar(b.imshow(patch_var, cmap="magma"), ax=b, fraction=0.046)
+        for ax, title in zip(axes[0], ("image", "patch sigma^2", "report tokens by sigma^2")):
+            ax.set_title(title)
             ax.axis("off")
         norm, x, y = plt.Normalize(v.min(), max(v.max(), v.min() + 1e-12)), 0.0, 0.95
         for tok, var in zip(tokens, v):
