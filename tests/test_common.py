@@ -511,7 +511,7 @@ def test_loop_keeps_the_best_validation_weights_and_stops_on_sigterm(tmp_path):
 # ---- metrics ----
 
 
-def test_auc_per_label_against_sklearn_and_undefined():
+def test_auc_per_label_against_sklearn_with_ties_repeats_and_undefined():
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
@@ -519,13 +519,46 @@ def test_auc_per_label_against_sklearn_and_undefined():
     y[:5, 0] = -1  # uncertain: excluded
     y[5:10, 0] = np.nan  # blank: excluded
     y[:, 2] = 1  # one class only: undefined
-    s = rng.random((50, 3)) + y * 0.3
+    s = np.round(rng.random((50, 3)) + y * 0.3, 1)  # rounded: ties
     r = common.auc_per_label(y, s, ["a", "b", "c"])
     m = slice(10, 50)
     assert abs(r["per_label"]["a"] - roc_auc_score(y[m, 0], s[m, 0])) < 1e-12
     assert abs(r["per_label"]["b"] - roc_auc_score(y[:, 1], s[:, 1])) < 1e-12
     assert r["per_label"]["c"] is None
     assert abs(r["macro"] - (r["per_label"]["a"] + r["per_label"]["b"]) / 2) < 1e-12
+    idx = rng.integers(0, 50, 80)  # a bootstrap resample: rows repeat
+    assert common.auc_per_label(y[idx], s[idx], "abc")["per_label"]["b"] == \
+        pytest.approx(roc_auc_score(y[idx, 1], s[idx, 1]), abs=1e-12)
+
+
+class _ImageModel(torch.nn.Module):
+    """encode_image = the mean pixel of each image (the transform scales to [0, 1])."""
+    cfg = type("C", (), {"image_size": 4})
+
+    @staticmethod
+    def image_transform(train):
+        return lambda img: torch.from_numpy(common.resize(img, 4)).float().div(255).expand(3, 4, 4)
+
+    def encode_image(self, x):
+        return x.mean((1, 2, 3))[:, None]
+
+
+def test_embed_images_rows_workers_bad_images_and_fn(tmp_path):
+    from PIL import Image
+
+    rows = []
+    for i in range(7):
+        Image.fromarray(np.full((6, 6), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"_path": str(tmp_path / f"{i}.png")})
+    rows[4]["_path"] = str(tmp_path / "missing.png")
+    counter = common.BadSampleCounter()
+    emb, ok = common.embed_images(_ImageModel(), rows, "cpu", batch_size=3, counter=counter)
+    assert ok.tolist() == [True] * 4 + [False] + [True] * 2 and counter.counts == {"unreadable image": 1}
+    np.testing.assert_allclose(emb[ok, 0], [30 * i / 255 for i in (0, 1, 2, 3, 5, 6)], atol=1e-6)
+    again, ok2 = common.embed_images(_ImageModel(), rows, "cpu", batch_size=2, num_workers=2,
+                                     fn=lambda x: x[:, 0, :2, :2])  # any function of the batch, in workers
+    assert again.shape == (7, 2, 2) and (ok2 == ok).all()
+    np.testing.assert_allclose(again[ok].mean((1, 2)), emb[ok, 0], atol=1e-6)
 
 
 class _FakeModel:
