@@ -504,8 +504,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]!r})") from None
 
 
 # flags that a resumed run may change: where and how fast it runs, not what it computes
@@ -514,9 +513,8 @@ RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "device", "amp", "compi
 
 
 def start_run(cfg) -> dict | None:
-    """Before any work: with --resume the checkpoint to continue (the same flags, and a run that has not
-    ended: that one says so and exits 0); a new run (None) does not replace another run's ckpt.pt unless
-    --overwrite says so."""
+    """With --resume the checkpoint to continue (same flags; an ended run says so and exits 0), else None;
+    a new run does not replace another run's ckpt.pt unless --overwrite says so."""
     ck = Path(cfg.out_dir) / "ckpt.pt"
     if not cfg.resume:
         if ck.exists() and not cfg.overwrite:
@@ -546,26 +544,20 @@ def _rng_state() -> dict:  # torch's generators: dropout, masks (the data's rand
 
 
 class Loop:
-    """The plumbing of a training loop, so that a paper's train() shows its objective and its whole optimiser
-    step, and little else:
+    """The plumbing of a training loop; the paper's train() keeps its objective and its whole optimiser step:
 
-        loop = common.Loop(cfg, name="pedclip", model=raw_model, opt=opt, sched=sched, scaler=scaler,
-                           sampler=sampler, counter=counter, ck=ck, extra=lambda: meta)
         for epoch in loop.epochs():                   # --epochs, unless --max_steps, a signal or --patience
             for batch in loop.batches(loader):        # counts the batch's unreadable samples
-                ... forward, loss, backward, unscale, clip ...
-                if loop.bad_step(loss, grad_norm):    # not finite on some rank: every rank drops the step
-                    ... zero_grad, scaler.update; continue
+                ... forward, loss, backward, unscale, clip; if loop.bad_step(loss, grad_norm): skip it ...
                 ... scaler.step, scaler.update, zero_grad, scheduler ...
                 loop.step_done(loss=loss, ...)        # log, progress bar, checkpoint, SIGTERM, --max_steps
             loop.end_epoch(val_loss)                  # bad-sample check, best weights, checkpoint
         return loop.close(metrics)                    # metrics.json, or how to --resume a stopped run
 
-    It reads from cfg: out_dir, epochs, max_steps, log_every, ckpt_every, and patience where the paper file has
-    it (epochs without a lower validation loss before the run ends; 0: off). `ck` (from start_run) restores
-    weights, optimiser, schedule, scaler, data position and every rank's RNG, so a resumed run equals one never
-    stopped; `extra()` adds the paper's own state to each checkpoint. SIGTERM / SIGINT finish the step,
-    checkpoint and stop all ranks at the same step.
+    It reads cfg.out_dir, epochs, max_steps, log_every, ckpt_every and, where the paper has it, patience (epochs
+    without a lower validation loss that end the run; 0: off). `ck` (start_run's) restores weights, optimiser,
+    schedule, scaler, data position and every rank's RNG: a resumed run equals one never stopped. `extra()`
+    adds the paper's state to each checkpoint. SIGTERM / SIGINT: all ranks checkpoint and stop at one step.
     """
     STATE = ("step", "epoch", "batch", "skipped", "best_val", "since_best", "log_bytes", "ended")  # resumed
     SCALE_FLOOR = 1.0  # an fp16 loss scale at or below this no longer calibrates: its overflows are divergence
@@ -666,18 +658,12 @@ class Loop:
             self.stop_reason = f"{self.signal or 'a signal on another rank'} received"
 
     def end_epoch(self, val_loss: float | None = None):
-        """After an epoch: the bad-sample check, the weights with the lowest validation loss so far to
-        ckpt_best.pt, whether the run has ended (the last epoch, or --patience epochs without a lower
-        validation loss), and a checkpoint. After a stop mid-epoch (batches() saved the position) it does
-        nothing."""
+        """The bad-sample check, the lowest validation loss's weights to ckpt_best.pt, whether the run has ended
+        (its last epoch, or --patience), a checkpoint. Nothing after a stop mid-epoch (batches() saved it)."""
         if self.stopped:
             return
         print0(self.counter.summary())
-        try:
-            self.counter.check()
-        except UserError:
-            self.pbar.close()
-            raise
+        self.counter.check()
         best = val_loss is not None and val_loss < self.best_val
         if val_loss is not None:
             self.best_val, self.since_best = (val_loss, 0) if best else (self.best_val, self.since_best + 1)
@@ -739,22 +725,15 @@ class Loop:
 # ----------------------------------------------------------------------------------------------------
 # ---- metrics ----
 
-def binary_targets(y: np.ndarray) -> np.ndarray:
-    """Labels -> 1 positive, 0 negative, nan for -1 (uncertain) and blank, which binary metrics leave out."""
-    y = np.asarray(y, dtype=np.float64).copy()
-    y[(y != 0) & (y != 1)] = np.nan
-    return y
-
-
 def auc_per_label(y: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
     """ROC AUC per label over its 0 / 1 rows (None, undefined, with one class only) and their macro mean:
     {"per_label": {name: auc or None}, "macro": mean of the defined ones or None}. By the Mann-Whitney rank sum
     (ties count half, as in roc_auc_score): quick enough for evaluate.py's 1,000 bootstrap resamples."""
     from scipy.stats import rankdata
 
-    y, per = binary_targets(y), {}
+    y, per = np.asarray(y, dtype=np.float64), {}
     for j, n in enumerate(names):
-        m = ~np.isnan(y[:, j])
+        m = (y[:, j] == 0) | (y[:, j] == 1)  # -1 (uncertain) and blank (nan) are left out
         pos = y[m, j] == 1
         n_pos, n_neg = int(pos.sum()), int((~pos).sum())
         r = rankdata(scores[m, j]) if n_pos and n_neg else None
