@@ -342,7 +342,7 @@ class XrayCSV:
 
     def labels(self) -> np.ndarray:
         """[N, L] float32 with 1 / 0 / -1 / nan (blank)."""
-        return np.array([r["_labels"] for r in self.rows], np.float32).reshape(len(self), -1)
+        return np.array([r["_labels"] for r in self.rows], np.float32).reshape(len(self), len(self.label_names))
 
     def texts(self, i: int) -> list[str]:
         """Row i's report sections that are not empty: findings and impression, else the whole report."""
