@@ -297,6 +297,15 @@ def test_train_transform_never_pads_a_non_square_image():
 
 # ---- end to end ----
 
+def test_paper_preset_runs_the_whole_schedule():
+    """Sec. 4.2's "early stopped by validation loss" as the official trainer does it: all 15 epochs, so that the
+    cosine schedule reaches 0, and the epoch of the lowest validation loss kept (ckpt_best.pt); no patience."""
+    cfg = common.parse_config(cxrclip.Config, cxrclip.PRESETS, ["--preset=paper", "--data=x.csv"])
+    assert cfg.epochs == 15 and cfg.patience == 0
+    lr = cxrclip.warmup_cosine(15 * 100, 100)
+    assert lr(0) == pytest.approx(0.01) and lr(99) == 1.0 and lr(15 * 100 - 1) < 1e-5  # warm-up, cosine to 0
+
+
 def _csv_with_a_bad_row(src, dst):
     """The phantom CSV with absolute image paths; one training row loses its report and its labels."""
     rows = list(csv.DictReader(open(src)))
