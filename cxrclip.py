@@ -297,9 +297,9 @@ class StudyDataset(torch.utils.data.Dataset):
             return (sections * 2)[:2]
         bt = {(r.get(c) or "").strip(): (r.get(c + "_bt") or "").strip() for c in ("findings", "impression", "report")}
         a_t = [bt.get(s) or sentence_shuffle(s, rng) for s in sections]  # A_t: text_prep.py's, else a shuffle
-        # 2. findings and impression: t^1, t^2 each a section drawn with replacement, A_t with p = 0.5 (official)
+        # 2. findings and impression in random order (TCL pairs them, Sec. 3.3), each given A_t with p = 0.5 (official)
         if len(sections) == 2:
-            return [a_t[i] if rng.random() < 0.5 else sections[i] for i in rng.integers(2, size=2)]
+            return [a_t[i] if rng.random() < 0.5 else sections[i] for i in rng.permutation(2)]
         return [sections[0], a_t[0]]  # 3. one section: t^2 = A_t(t^1) (Sec. 3.1)
 
     def images(self, rows: list[int], rng, bad: list) -> list[np.ndarray]:  # of distinct views where possible
@@ -353,9 +353,9 @@ def build_text_encoder(cfg: Config, vocab_size: int, bert_config: dict | None = 
     if bert_config is not None:
         bc = BertConfig.from_dict(bert_config)
     elif cfg.text_encoder == "tiny":
-        bc = BertConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_width, num_hidden_layers=2,
-                        intermediate_size=4 * cfg.tiny_width, num_attention_heads=max(1, cfg.tiny_width // 32),
-                        max_position_embeddings=cfg.max_tokens,
+        w = cfg.tiny_width
+        bc = BertConfig(vocab_size=vocab_size, hidden_size=w, num_hidden_layers=2, intermediate_size=4 * w,
+                        num_attention_heads=max(1, w // 32), max_position_embeddings=cfg.max_tokens,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     else:  # --pretrained=false with a named BERT: BERT-base's architecture, random weights, our vocabulary
         bc = BertConfig(vocab_size=vocab_size, max_position_embeddings=max(512, cfg.max_tokens))

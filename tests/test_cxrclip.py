@@ -138,9 +138,10 @@ def _texts(table, train=True, seeds=range(1), bank=None, **cfg):
             for i in range(len(table.studies))]
 
 
-def test_two_sections_drawn_with_replacement_and_back_translated_as_the_official_code(tmp_path):
-    """t^1, t^2 each: findings or impression (with replacement), back-translated with p = 0.5, independently:
-    the 16 (t^1, t^2) pairs of {F, F_bt, I, I_bt} come 1/16 each. One section: t^2 = A_t(t^1)."""
+def test_two_sections_both_used_and_each_back_translated_with_p_half(tmp_path):
+    """t^1, t^2: findings and impression in random order (Sec. 3.1, 3.3), each back-translated with p = 0.5 (the
+    official code): the 8 pairs of one of {F, F_bt} and one of {I, I_bt} come 1/8 each, never one section twice.
+    One section: t^2 = A_t(t^1)."""
     f, i = "Heart is normal. Lungs are clear.", "No acute disease. Stable."
     table = _table(tmp_path, [dict(findings=f, impression=i, findings_bt="FBT.", impression_bt="IBT.")])
     pairs = _texts(table, seeds=range(4000))
@@ -148,7 +149,8 @@ def test_two_sections_drawn_with_replacement_and_back_translated_as_the_official
     counts = np.zeros((4, 4))
     for t1, t2 in pairs:
         counts[kinds[t1], kinds[t2]] += 1
-    assert np.abs(counts / len(pairs) - 1 / 16).max() < 0.02, counts
+    want = np.kron([[0, 1], [1, 0]], np.ones((2, 2))) / 8  # rows t^1, columns t^2: F, F_bt, I, I_bt
+    assert np.abs(counts / len(pairs) - want).max() < 0.02, counts
     # without back-translations the sentence shuffle is A_t; validation: findings, impression, fixed
     table = _table(tmp_path, [dict(findings=f, impression=i), dict(report=f)])
     for (a1, a2), (b1, b2) in zip(*[iter(_texts(table, seeds=range(400)))] * 2):
