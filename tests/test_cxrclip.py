@@ -334,10 +334,10 @@ def test_best_checkpoint_evaluated_and_resume_gives_the_same_metrics(tmp_path, p
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     val, steps = [r for r in log if "val_loss" in r], [r for r in log if "loss" in r]
     assert len(val) == 3 and a["best_epoch"] == int(np.argmin([r["val_loss"] for r in val]))
-    # it learns: over its last epoch L is 3% below that of uniform logits, (1 + lambda_I + lambda_T) ln(batch of 8),
-    # and 5% below its first 5 steps (random embeddings at 1/tau = 14.3 start above that level)
+    # it learns: over its last epoch L is 8% below its first 5 steps and 1% below L of uniform logits, (1 + lambda_I
+    # + lambda_T) ln(batch of 8) (random embeddings at 1/tau = 14.3 start above that; seeds 0-4 end 2.4-4.3% below)
     last = np.mean([r["loss"] for r in steps if r["epoch"] == 2])
-    assert last < 0.97 * 2.5 * np.log(8) and last < 0.95 * np.mean([r["loss"] for r in steps[:5]])
+    assert last < 0.92 * np.mean([r["loss"] for r in steps[:5]]) and last < 0.99 * 2.5 * np.log(8)
     assert a["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in val))
     model, cfg = cxrclip.load(tmp_path / "a" / "ckpt_best.pt")  # the evaluated weights are the best ones
     te = common.XrayCSV(data, "test")
