@@ -120,7 +120,7 @@ def cxrclip(m, cfg) -> dict:
     def step(net=wrap(model, cfg, world)):
         with ctx:
             v1, v2, u1, u2 = (e.float() for e in net(x, t1, t2))
-        optimiser_step(m.cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0],
+        optimiser_step(m.cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0],
                        scaler, opt)
     flops = count_flops(lambda: step(net=model))
     return run(step, 2 * b, device, 10, flops, f"cxrclip {cfg.preset} {cfg.image_encoder} + "

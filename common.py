@@ -206,18 +206,18 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=how)
 
 
-def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, scale=(0.8, 1.1),
-                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """Crop a random box of `scale` x the image's area (> 1 zooms out, padding black), resized to size."""
-    import cv2
-
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, scale=(0.8, 1.1), ratio=(0.75, 4 / 3)):
+    """torchvision's RandomResizedCrop on rng: a box that does not fit is drawn again (10 tries); never padded."""
     h, w = img.shape
-    area = h * w * rng.uniform(*scale)
-    r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    ch, cw = max(1, int(round(math.sqrt(area / r)))), max(1, int(round(math.sqrt(area * r))))
-    y0, x0 = rng.uniform(min(0, h - ch), max(0, h - ch)), rng.uniform(min(0, w - cw), max(0, w - cw))
-    m = np.array([[size / cw, 0, -x0 * size / cw], [0, size / ch, -y0 * size / ch]], dtype=np.float32)
-    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    for _ in range(10):  # a box of scale x the image's area, aspect w / h log-uniform in ratio
+        area, r = h * w * rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y0, x0 = rng.integers(h - ch + 1), rng.integers(w - cw + 1)
+            return resize(img[y0:y0 + ch, x0:x0 + cw], size)
+    r = min(max(w / h, ratio[0]), ratio[1])  # none fitted: the centre crop of the aspect nearest the image's
+    cw, ch = (w, int(round(w / r))) if r >= w / h else (int(round(h * r)), h)
+    return resize(img[(h - ch) // 2:(h + ch) // 2, (w - cw) // 2:(w + cw) // 2], size)
 
 
 def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness=(0.9, 1.1), contrast=(0.8, 1.2)):

@@ -3,27 +3,25 @@ CXR-CLIP: Toward Large Scale Chest X-ray Language-Image Pre-training.
 K. You, J. Gu, J. Ham, B. Park, J. Kim, E. K. Hong, W. Baek, B. Roh. MICCAI 2023.
 doi:10.1007/978-3-031-43895-0_10
 
-Map of the method (Sec. 3, 4.2):
+Map of the method (Sec. 3, 4.2; departures from the paper are stated at their lines and in README.md):
     a study s = {X, T} gives two images x^1, x^2 (two views, else x^2 = A_i(x^1)) and two texts
-        t^1, t^2 (findings and impression, else t^2 = A_t(t^1): sentence shuffle, back-translation)  Sec. 3.1
+        t^1, t^2 (findings and impression, else t^2 = A_t(t^1): back-translation, sentence shuffle)  Sec. 3.1
     image-label studies: T = Concat({p ~ P(y)}_{y in Y}), a prompt sentence per labelled class  Sec. 3.1, 4.1
-    v = f^i(E^i(x)) / ||.||, E^i ResNet-50 | Swin-T, average pooled
-    u = f^t(E^t(t)) / ||.||, E^t BioClinicalBERT at its [EOS] token                              Sec. 3.2
+    v = f^i(E^i(x)) / ||.||, E^i ResNet-50 | Swin-T, average pooled: images V^1, V^2
+    u = f^t(E^t(t)) / ||.||, E^t BioClinicalBERT at its [EOS] token: texts U^1, U^2             Sec. 3.2
     L_CLIP(U, V): symmetric InfoNCE with a learnable temperature tau                            Eq. (1)
-    L_MVS = 1/4 (L_CLIP(U1, V1) + L_CLIP(U2, V1) + L_CLIP(U1, V2) + L_CLIP(U2, V2))             Eq. (2)
+    L_MVS = 1/4 (L_CLIP(V1, U1) + L_CLIP(V2, U1) + L_CLIP(V1, U2) + L_CLIP(V2, U2))             Eq. (2)
     L = L_MVS + lambda_I L_ICL + lambda_T L_TCL, ICL = L_CLIP(V1, V2), TCL = L_CLIP(U1, U2)     Sec. 3.3
-    AdamW, cosine schedule after 1 warm-up epoch, early stop on the validation loss             Sec. 4.2
+    AdamW, cosine schedule after 1 warm-up epoch; the epoch of the lowest validation loss kept  Sec. 4.2
 Equation -> function -> test: Eq. (1) clip_loss (tests/test_cxrclip.py::test_clip_loss_eq1), Eq. (2) mvs_loss,
 icl_loss, tcl_loss, L cxrclip_loss (::test_mvs_icl_*), T label_prompt_text, A_t sentence_shuffle (::test_*).
 
 Run:
     python cxrclip.py                                       # demo: phantoms, tiny CNN + BERT, 2 CPU cores
-    python cxrclip.py --preset=paper --data=data/mimic.csv  # ResNet-50 (ImageNet) + BioClinicalBERT, 224 px
-    torchrun --nproc_per_node=4 cxrclip.py --preset=paper --data=data/mimic.csv   # 4 GPUs x 32 studies
+    python cxrclip.py --preset=paper --data=data/mimic_cxr.csv   # ResNet-50 (ImageNet) + BioClinicalBERT, 224 px
+    torchrun --nproc_per_node=4 cxrclip.py --preset=paper --data=data/mimic_cxr.csv    # 4 GPUs x 32 studies
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        cxrclip.py --preset=paper --data=data/mimic.csv
-
-Departures from the paper are stated at their lines and in README.md ("CXR-CLIP").
+        cxrclip.py --preset=paper --data=data/mimic_cxr.csv
 """
 from __future__ import annotations
 
@@ -72,7 +70,7 @@ class Config:
     weight_decay: float = 1e-4  # AdamW weight decay on weight matrices
     warmup_epochs: float = 1.0  # linear warm-up, then cosine annealing to 0
     grad_clip: float = 0.0  # max gradient norm, 0: off (neither the paper nor the official code clips)
-    patience: int = 0  # stop after this many epochs without a lower validation loss, 0: off
+    patience: int = 0  # stop after this many epochs without a lower validation loss, 0: off (all epochs run)
     # run
     seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cpu | cuda
@@ -94,10 +92,10 @@ PRESETS = {
     # Demo: phantoms at 64 px, a tiny CNN and a 2-layer BERT from scratch (hence lr 2e-3 and clipping); half
     # of the studies play the image-label data (reports withheld), as CheXpert beside MIMIC-CXR does.
     "demo": dict(batch_size=32, epochs=40, lr=2e-3, grad_clip=1.0, label_prompt_frac=0.5, threads=1),
-    # Paper (Sec. 4.2): 128 studies (256 image-text pairs) per global batch, 4 GPUs x 32. The paper early-
-    # stops on the validation loss and gives no patience: ours is 3 epochs, and ckpt_best.pt is evaluated.
+    # Paper (Sec. 4.2): 128 studies (256 image-text pairs) per global batch, 4 GPUs x 32. "Early stopped by
+    # validation loss" as the official trainer does it: all 15 epochs, and the best one (ckpt_best.pt) is kept.
     "paper": dict(data="", image_size=224, image_encoder="resnet50", pretrained=True, embed_dim=512,
-                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, patience=3, num_workers=8),
+                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, num_workers=8),
 }
 PHANTOMS = 3000  # images in the demo's phantom data set
 
@@ -106,8 +104,7 @@ PHANTOMS = 3000  # images in the demo's phantom data set
 
 
 class ImageEncoder(nn.Module):
-    """E^i: the feature map of torchvision's ResNet-50 or Swin-T, or of the demo's small CNN, as tokens
-    [B, N, C], average pooled to [B, C]. Swin-T has no class token (the official code pools "token 0")."""
+    """E^i: torchvision's ResNet-50 or Swin-T, or the demo's CNN, as tokens [B, N, C], average pooled to [B, C]."""
 
     def __init__(self, cfg: Config, pretrained: bool):
         super().__init__()
@@ -128,7 +125,7 @@ class ImageEncoder(nn.Module):
                                      lambda: make(weights="IMAGENET1K_V1")) if pretrained else make()
         if self.kind == "resnet50":  # up to layer4; the pooling and the ImageNet classifier dropped
             self.net, self.out_dim = nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
-        else:
+        else:  # Swin-T: torchvision's weights (the official code loads microsoft/swin-tiny-patch4-window7-224)
             self.net, self.out_dim = nn.Sequential(net.features, net.norm), net.head.in_features
 
     def tokens(self, x):  # [B, 3, H, W] -> [B, N, C] (also for segmentation heads)
@@ -144,8 +141,7 @@ class CXRCLIP(nn.Module):
 
     def __init__(self, cfg: Config, image_encoder, text_encoder, tokenizer):
         super().__init__()
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.cfg, self.tokenizer, self.image_encoder, self.text_encoder = cfg, tokenizer, image_encoder, text_encoder
         self.image_proj = nn.Linear(image_encoder.out_dim, cfg.embed_dim)  # f^i, "a linear layer"
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim)  # f^t
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log(1/tau), tau from 0.07 (CLIP)
@@ -155,16 +151,13 @@ class CXRCLIP(nn.Module):
 
     def encode_text(self, texts):  # u = f^t(E^t(t)) / ||f^t(E^t(t))||: list[str] or tokens -> [B, D]
         if isinstance(texts, (list, tuple)):
-            texts = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
+            texts = tokenize(texts, self.tokenizer, self.cfg.max_tokens, self.logit_scale.device)
         h = self.text_encoder(**texts).last_hidden_state  # [B, S, C]
         eos = texts["attention_mask"].sum(1) - 1  # [EOS] (BERT's [SEP]): the last real token, right padding
         return F.normalize(self.text_proj(h[torch.arange(h.shape[0], device=h.device), eos]), dim=-1)
 
-    def forward(self, images, texts1, texts2):  # [x^1; x^2] [2b, 3, H, W], t^1, t^2 -> v1, v2, u1, u2 [b, D]
+    def forward(self, images, texts1, texts2):  # [x^1; x^2] [2b, 3, H, W], t^1, t^2 -> images v1, v2, texts u1, u2
         return *self.encode_image(images).chunk(2), self.encode_text(texts1), self.encode_text(texts2)
-
-    def tokenize(self, texts) -> dict:
-        return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
 
     def image_tokens(self, images):
         return self.image_encoder.tokens(images)
@@ -174,8 +167,7 @@ class CXRCLIP(nn.Module):
 
     @staticmethod
     def zeroshot_prompts(label: str) -> tuple[list[str], list[str]]:
-        """(positive, negative) zero-shot prompts: the first three of ours per side. The paper uses those of
-        the works it compares with (Sec. 4.3); `evaluate.py --prompts=<file>` scores with those."""
+        """(positive, negative): the first three of ours; `evaluate.py --prompts` takes Sec. 4.3's (others')."""
         return class_prompts(label, "pos")[:3], class_prompts(label, "neg")[:3]
 
 
@@ -183,8 +175,8 @@ class CXRCLIP(nn.Module):
 # ---- losses (Sec. 3.3) ----
 
 
-# Eq. (1), Sec. 3.3. u, v: [b, D] L2-normalised, row i of u paired with row i of v. Each rank scores its b
-# rows against the n = world * b gathered ones (with gradient): the mean over ranks is Eq. (1) over n.
+# Eq. (1), Sec. 3.3. u, v: [b, D] L2-normalised, row i of u paired with row i of v; symmetric in u and v. Each
+# rank scores its b rows against the n = world * b gathered ones (with gradient): the mean over ranks is Eq. (1).
 def clip_loss(u, v, scale):
     u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [n, D]
     target = torch.arange(len(u), device=u.device) + len(u) * common.rank()  # row i's global index
@@ -193,10 +185,11 @@ def clip_loss(u, v, scale):
     return 0.5 * (loss_u + loss_v)
 
 
-# Eq. (2), Sec. 3.3: the four pairings of a study's two images (V^1, V^2) and two texts (U^1, U^2).
-def mvs_loss(u1, u2, v1, v2, scale):
-    return 0.25 * (clip_loss(u1, v1, scale) + clip_loss(u2, v1, scale)
-                   + clip_loss(u1, v2, scale) + clip_loss(u2, v2, scale))
+# Eq. (2), Sec. 3.3: the four pairings of a study's images V^1, V^2 and texts U^1, U^2 (the names of Sec. 3.2 and
+# of ICL / TCL; Sec. 3.3's sentence before Eq. (2) swaps them: L_CLIP is symmetric, so the sum is the same).
+def mvs_loss(v1, v2, u1, u2, scale):
+    return 0.25 * (clip_loss(v1, u1, scale) + clip_loss(v2, u1, scale)
+                   + clip_loss(v1, u2, scale) + clip_loss(v2, u2, scale))
 
 
 # Sec. 3.3: ICL = L_CLIP(V^1, V^2) (the images of a study attract), TCL = L_CLIP(U^1, U^2) (its texts).
@@ -204,8 +197,8 @@ icl_loss = tcl_loss = clip_loss
 
 
 # Sec. 3.3: L = L_MVS + lambda_I ICL + lambda_T TCL.
-def cxrclip_loss(u1, u2, v1, v2, scale, lambda_icl: float, lambda_tcl: float):
-    mvs, icl, tcl = mvs_loss(u1, u2, v1, v2, scale), icl_loss(v1, v2, scale), tcl_loss(u1, u2, scale)
+def cxrclip_loss(v1, v2, u1, u2, scale, lambda_icl: float, lambda_tcl: float):
+    mvs, icl, tcl = mvs_loss(v1, v2, u1, u2, scale), icl_loss(v1, v2, scale), tcl_loss(u1, u2, scale)
     return mvs + lambda_icl * icl + lambda_tcl * tcl, {"mvs": mvs, "icl": icl, "tcl": tcl}
 
 
@@ -214,8 +207,7 @@ def cxrclip_loss(u1, u2, v1, v2, scale, lambda_icl: float, lambda_tcl: float):
 
 
 def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: int, train: bool):
-    """uint8 [H, W] -> float [3, S, S]: for training A_i (Sec. 4.2) as the official configuration has it
-    (CLAHE clip_limit=4.0 half of the time), for evaluation the official Resize + CenterCrop."""
+    """uint8 [H, W] -> float [3, S, S]: for training A_i as the official configuration, else Resize + CenterCrop."""
     side = 2 * size if train else size  # training crops from a smaller copy: the same crop, far less work
     if not train or min(img.shape) > side:  # the shorter side to `side`, as torchvision's Resize(int)
         s = side / min(img.shape)
@@ -224,95 +216,93 @@ def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: 
     if not train:  # CenterCrop
         y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
         return common.to_tensor(img[y:y + size, x:x + size])
-    rng = rng or np.random.default_rng()
     img = common.random_resized_crop(img, size, rng, scale=(0.8, 1.1))
-    if rng.random() < 0.5:  # CLAHE (doi:10.1007/BF03178082) on 8 x 8 tiles
+    if rng.random() < 0.5:  # CLAHE (doi:10.1007/BF03178082), albumentations' CLAHE(clip_limit=4.0), 8 x 8 tiles
         img = cv2.createCLAHE(clipLimit=float(rng.uniform(1.0, 4.0)), tileGridSize=(8, 8)).apply(img)
     return common.to_tensor(common.color_jitter(img, rng, brightness=(0.9, 1.1), contrast=(0.8, 1.2)))
 
 
 def sentence_shuffle(text: str, rng: np.random.Generator) -> str:
-    """A_t (Sec. 4.2): the sentences in a new order (a real permutation: the official code's shuffle result is
-    discarded). Sentences stay whole; one that refers back ("It is unchanged.") loses its referent."""
+    """A_t (Sec. 4.2): whole sentences in a new order (the official shuffle is a no-op); back-references may dangle."""
     sents = common.split_sentences(text)
-    order = rng.permutation(len(sents))
-    if len(sents) > 1 and (order == np.arange(len(sents))).all():
-        order = np.roll(order, 1)
-    return " ".join(sents[i] for i in order) if len(sents) > 1 else text
+    order = rng.permutation(len(sents))  # a new order: the identity is rolled by one
+    return " ".join(sents[i] for i in (np.roll(order, 1) if (order == np.arange(len(sents))).all() else order))
 
 
 # P(y) (Sec. 3.1): sentences per class value, {x} the class as words, {X} capitalised. Our own templates: the
 # paper's radiologists' prompts (the official repository's JSON) are read with --prompt_file.
-PROMPTS = {
-    "pos": ["There is {x}.", "{X} is present.", "{X}.", "{X} is seen.", "{X} is noted.",
-            "Findings consistent with {x}.", "Findings compatible with {x}.", "Evidence of {x}."],
-    "neg": ["There is no {x}.", "No {x}.", "No evidence of {x}.", "No definite {x}.", "{X} is not seen.",
-            "Negative for {x}.", "No radiographic evidence of {x}.", "{X} is absent."],
-    "unc": ["Possible {x}.", "{X} cannot be excluded.", "Questionable {x}.", "Findings may represent {x}.",
-            "Cannot rule out {x}.", "Suspected {x}.", "{X} is not excluded."],
-}
+PROMPTS = {"pos": ["There is {x}.", "{X} is present.", "{X}.", "{X} is seen.", "{X} is noted.",
+                   "Findings consistent with {x}.", "Findings compatible with {x}.", "Evidence of {x}."],
+           "neg": ["There is no {x}.", "No {x}.", "No evidence of {x}.", "No definite {x}.", "{X} is not seen.",
+                   "Negative for {x}.", "No radiographic evidence of {x}.", "{X} is absent."],
+           "unc": ["Possible {x}.", "{X} cannot be excluded.", "Questionable {x}.", "Findings may represent {x}.",
+                   "Cannot rule out {x}.", "Suspected {x}.", "{X} is not excluded."]}
 # "No Finding" is itself a negation: the templates would say "no no finding" (CheXzero's bug).
 NORMAL = {"pos": ["No acute abnormality.", "No acute findings.", "Normal study.", "No abnormal findings.",
                   "The study is within normal limits.", "Nothing abnormal is seen."],
           "neg": ["Abnormal study.", "The study is abnormal.", "There are abnormal findings."],
           "unc": ["The study may be abnormal.", "Possibly abnormal study."]}
+ALIASES = {"effusion": "pleural effusion"}  # ChestX-ray14's name, as the official code reads the prompt file
+SAMPLED_NEGATIVES = {"nih": 3}  # data sets whose 0 means "not found": n negatives stated (Sec. 4.1, num_negs)
 
 
 def read_prompts(path: str) -> dict:
-    """The official train_prompts_all.json layout -> {class as words: {"pos" | "neg" | "unc": sentences}}."""
+    """The official train_prompts_all.json -> {class as words: {"pos" | "neg" | "unc": sentences}}, "" dropped."""
     try:
         with open(path, encoding="utf-8") as f:
-            bank = {common.label_text(c): {v: [s for s in ps if s.strip()] for v, ps in d.items()}
+            return {common.label_text(c): {v: [s for s in ps if s.strip()] for v, ps in d.items()}
                     for c, d in json.load(f).items()}
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise common.UserError(f"prompt file {path}: {e}; expected {{class: {{'pos': [...]}}}}") from None
-    return bank
 
 
 def class_prompts(label: str, value: str, bank: dict | None = None) -> list[str]:
-    """P(y): the sentences for class `label` with value pos / neg / unc (the prompt file's if it has them)."""
-    x = common.label_text(label)
-    if (bank or {}).get(x, {}).get(value):
-        return bank[x][value]
+    """P(y) of class `label`, value pos / neg / unc: the prompt file's if it has them (none: not stated), else ours."""
+    x, bank = common.label_text(label), bank or {}
+    if value in (file := bank.get(x) or bank.get(ALIASES.get(x), {})):
+        return file[value]
     return NORMAL[value] if x in ("no finding", "normal") else [t.format(x=x, X=x[:1].upper() + x[1:])
                                                                for t in PROMPTS[value]]
 
 
-def label_prompt_text(names: list[str], labels, rng: np.random.Generator, n_neg: int = 3, bank=None) -> str:
-    """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): a sampled sentence per labelled class, in random order.
-    CheXpert-style rows state every class labelled 1, 0 or -1; ChestX-ray14-style rows (1 or 0 everywhere: 0
-    is "not found") their positives and n_neg sampled classes labelled 0 (3, Sec. 4.1; n_neg < 0: all)."""
-    pos, neg, unc = ([j for j, y in enumerate(labels) if y == v] for v in (1, 0, -1))
-    if 0 <= n_neg < len(neg) and np.isin(labels, (0, 1)).all():
-        neg = list(rng.choice(neg, n_neg, replace=False))
-    said = [(j, "pos") for j in pos] + [(j, "neg") for j in neg] + [(j, "unc") for j in unc]
-    sents = [str(rng.choice(class_prompts(names[j], v, bank))) for j, v in said]
-    return " ".join(sents[i] for i in rng.permutation(len(sents)))
+def label_prompt_text(names: list[str], labels, rng: np.random.Generator | None, n_neg=-1, bank=None) -> str:
+    """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): a sampled sentence per class labelled 1, 0 or -1, in random
+    order; n_neg >= 0: only n_neg sampled classes labelled 0 (ChestX-ray14, where 0 means "not found": 3, Sec.
+    4.1). rng None (validation), as the official code: the first sentence of each positive, "No Finding" if none."""
+    pos, neg, unc = ([names[j] for j, y in enumerate(labels) if y == v] for v in (1, 0, -1))
+    if rng is None:
+        pos, neg, unc = pos or ["No Finding"], [], []
+    elif 0 <= n_neg < len(neg):
+        neg = [neg[j] for j in rng.choice(len(neg), n_neg, replace=False)]
+    said = [(n, v) for v, ns in (("pos", pos), ("neg", neg), ("unc", unc)) for n in ns]
+    sents = [str(ps[0] if rng is None else rng.choice(ps)) for n, v in said if (ps := class_prompts(n, v, bank))]
+    return " ".join(sents if rng is None else [sents[i] for i in rng.permutation(len(sents))])
 
 
 class StudyDataset(torch.utils.data.Dataset):
-    """(study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1). An unreadable image is replaced
-    by another of the study, or the study by another one, and reported in "bad"."""
+    """(study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1); unreadable images are replaced."""
 
     def __init__(self, table: common.XrayCSV, cfg: Config, train: bool, bank=None):
-        self.t, self.cfg, self.train, self.bank = table, cfg, train, bank
+        self.t, self.cfg, self.train, self.bank, n = table, cfg, train, bank, len(table.studies)
+        k = round(cfg.label_prompt_frac * n) if train else 0  # the studies that play image-label data, drawn once
+        self.label_studies = set(np.random.default_rng(cfg.seed).permutation(n)[:k].tolist())
 
-    def texts(self, idx: int, row: int, rng) -> list[str]:
+    def texts(self, idx: int, row: int, rng) -> list[str]:  # t^1, t^2 of study idx, from its first row (Sec. 3.1)
         r, sections = self.t.rows[row], self.t.texts(row)
-        # a fixed share of the training studies plays the image-label data (the same studies every epoch)
-        label_study = self.train and (idx * 2654435761 % 2**32) / 2**32 < self.cfg.label_prompt_frac
-        if (label_study or not sections) and not np.isnan(r["_labels"]).all():  # two prompts, drawn apart
-            return [label_prompt_text(self.t.label_names, r["_labels"], rng, 3, self.bank) for _ in range(2)]
-        t = sections if len(sections) < 2 or rng.random() < 0.5 else sections[::-1]  # findings, impression
-        if self.train and len(t) < 2:  # A_t: a back-translation where text_prep.py wrote one, else a shuffle
-            bt = [s.strip() for s in (r.get("findings_bt"), r.get("impression_bt")) if (s or "").strip()]
-            return [t[0], bt[0] if bt and rng.random() < 0.5 else sentence_shuffle(t[0], rng)]
-        if self.train and rng.random() < 0.5:
-            t = [t[0], sentence_shuffle(t[1], rng)]
-        return t * 2 if len(t) < 2 else t
+        # 1. an image-label study: two prompt texts drawn apart (validation: the official fixed text)
+        if (idx in self.label_studies or not sections) and not np.isnan(r["_labels"]).all():
+            n_neg, g = SAMPLED_NEGATIVES.get(r.get("dataset", ""), -1), rng if self.train else None
+            return [label_prompt_text(self.t.label_names, r["_labels"], g, n_neg, self.bank) for _ in range(2)]
+        if not self.train:  # validation, the same texts every epoch: findings and impression, or one section twice
+            return (sections * 2)[:2]
+        bt = {(r.get(c) or "").strip(): (r.get(c + "_bt") or "").strip() for c in ("findings", "impression", "report")}
+        a_t = [bt.get(s) or sentence_shuffle(s, rng) for s in sections]  # A_t: text_prep.py's, else a shuffle
+        # 2. findings and impression in random order (TCL pairs them, Sec. 3.3), each given A_t with p = 0.5 (official)
+        if len(sections) == 2:
+            return [a_t[i] if rng.random() < 0.5 else sections[i] for i in rng.permutation(2)]
+        return [sections[0], a_t[0]]  # 3. one section: t^2 = A_t(t^1) (Sec. 3.1)
 
-    def images(self, rows: list[int], rng, bad: list) -> list[np.ndarray]:
-        """Two images of distinct views where the study has them (Sec. 3.1), else one image twice."""
+    def images(self, rows: list[int], rng, bad: list) -> list[np.ndarray]:  # of distinct views where possible
         by_view, imgs = {}, []
         for i in rng.permutation(rows):
             by_view.setdefault(self.t.rows[i].get("view", ""), []).append(int(i))
@@ -338,9 +328,9 @@ class StudyDataset(torch.utils.data.Dataset):
                                f"the image folder next to the CSV? First error: {bad[0][1]}")
 
 
-def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
-    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
-                          return_token_type_ids=False))
+def tokenize(texts, tokenizer, max_tokens: int, device="cpu") -> dict:  # -> input_ids, attention_mask [B, S]
+    return {k: v.to(device) for k, v in tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens,
+                                                  return_tensors="pt", return_token_type_ids=False).items()}
 
 
 def collate(items, tokenizer, max_tokens: int):  # in the DataLoader worker (which gets no model)
@@ -378,8 +368,7 @@ def build_tokenizer(cfg: Config, table: common.XrayCSV, bank=None):
     if cfg.pretrained and cfg.text_encoder != "tiny":
         from transformers import AutoTokenizer
 
-        return common.load_pretrained(cfg.text_encoder, lambda: AutoTokenizer.from_pretrained(
-            cfg.text_encoder))
+        return common.load_pretrained(cfg.text_encoder, lambda: AutoTokenizer.from_pretrained(cfg.text_encoder))
     texts = [t for i in range(len(table)) for t in table.texts(i)]
     texts += [p for n in table.label_names for v in PROMPTS for p in class_prompts(n, v, bank)]
     return common.train_wordpiece(texts, cfg.vocab_size)
@@ -436,7 +425,7 @@ def setup(cfg: Config):
 
 
 def param_groups(model: nn.Module, wd: float):
-    """Weight decay on weight matrices only: not on biases, norms or the temperature."""
+    """Weight decay on weight matrices only, not on biases, norms or tau (the official code decays every parameter)."""
     return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": wd},
             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
 
@@ -466,33 +455,29 @@ def train(cfg: Config) -> dict:
         phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     text = ("findings", "impression", "report", "labels")  # a study needs a report or labels (Sec. 3.1)
-    tr = common.XrayCSV(cfg.data, "train", ("image", "study_id"), text, counter)
-    va = common.XrayCSV(cfg.data, "valid", ("image", "study_id"), text, counter)
+    tr, va = (common.XrayCSV(cfg.data, split, ("image", "study_id"), text, counter) for split in ("train", "valid"))
     te = common.XrayCSV(cfg.data, "test", ("image",), counter=counter)
     bank = read_prompts(cfg.prompt_file) if cfg.prompt_file else {}
 
-    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
-    #    every rank)
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (the same on every rank)
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else build_tokenizer(cfg, tr, bank)
     model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(tr.studies), local_batch, rank, world, cfg.seed)
+    collate_fn = functools.partial(collate, tokenizer=tok, max_tokens=cfg.max_tokens)
     loader = torch.utils.data.DataLoader(StudyDataset(tr, cfg, True, bank), local_batch, sampler=sampler,
-                                         num_workers=cfg.num_workers,
-                                         collate_fn=functools.partial(collate, tokenizer=tok,
-                                                                      max_tokens=cfg.max_tokens),
+                                         num_workers=cfg.num_workers, collate_fn=collate_fn,
                                          pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
     val_loader = None  # L compares within a global batch: validation needs whole ones, the same each epoch
     if len(va.studies) >= cfg.batch_size:
         vs = common.EpochSampler(len(va.studies), local_batch, rank, world, cfg.seed, shuffle=False)
         val_loader = torch.utils.data.DataLoader(StudyDataset(va, cfg, False, bank), local_batch, sampler=vs,
-                                                 num_workers=cfg.num_workers, collate_fn=loader.collate_fn,
+                                                 num_workers=cfg.num_workers, collate_fn=collate_fn,
                                                  persistent_workers=cfg.num_workers > 0)
-    total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, fused=device != "cpu")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
-        cfg.warmup_epochs * sampler.batches_per_epoch))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * sampler.batches_per_epoch, max(
+        1, round(cfg.warmup_epochs * sampler.batches_per_epoch))))
     common.print0(f"cxrclip: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; "
                   f"{len(tr.studies)} training studies, {sampler.batches_per_epoch} steps/epoch; "
                   f"{len(va.studies) * bool(val_loader)} validation studies; {world} process(es) on {device}")
@@ -508,7 +493,7 @@ def train(cfg: Config) -> dict:
         for batch in loop.batches(loader):
             with ctx:
                 v1, v2, u1, u2 = model(*to_device(batch, device))  # each [b, D]
-            loss, parts = cxrclip_loss(u1.float(), u2.float(), v1.float(), v2.float(),
+            loss, parts = cxrclip_loss(v1.float(), v2.float(), u1.float(), u2.float(),
                                        raw_model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)  # Sec. 3.3
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # the true gradients, for clipping and the check
@@ -541,15 +526,13 @@ def validate(model: CXRCLIP, loader, device, ctx, cfg: Config) -> float:
     for batch in loader:
         with ctx:
             v1, v2, u1, u2 = (e.float() for e in model(*to_device(batch, device)))
-        total += float(cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), cfg.lambda_icl,
-                                    cfg.lambda_tcl)[0])
+        total += float(cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0])
     return common.all_reduce_mean(total / max(1, len(loader)))
 
 
 @torch.no_grad()
 def evaluate(model: CXRCLIP, table: common.XrayCSV, device, loop: common.Loop) -> dict:
-    """Zero-shot AUC on the test split with the weights of the lowest validation loss (ckpt_best.pt; the last
-    weights when there was no validation)."""
+    """Zero-shot AUC on the test split with ckpt_best.pt (the lowest validation loss), else the last weights."""
     best = {"best_epoch": None, "best_val_loss": None}
     if loop.best_val < math.inf:
         ck = common.load_checkpoint(loop.out / "ckpt_best.pt", device)
@@ -560,7 +543,6 @@ def evaluate(model: CXRCLIP, table: common.XrayCSV, device, loop: common.Loop) -
 
 
 def main(argv=None):
-
     return train(common.parse_config(Config, PRESETS, argv))
 
 

@@ -52,7 +52,7 @@ def test_benchmark_prints_consistent_figures(paper):
              "attention_mask": torch.ones(8, cfg.max_tokens, dtype=torch.long)}
         def fwd_bwd():
             v1, v2, u1, u2 = model(x, t, t)
-            cxrclip.cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), 1.0, 0.5)[0].backward()
+            cxrclip.cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), 1.0, 0.5)[0].backward()
         flops = benchmark.count_flops(fwd_bwd)
         (gflop,) = [f[4] for label, f in figures.items()]
         assert abs(gflop * 1e9 - flops / 16) < 0.1 * flops / 16, (gflop, flops / 16)

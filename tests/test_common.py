@@ -255,16 +255,63 @@ def test_load_dicom_monochrome_and_window(tmp_path):
         common.load_image(tmp_path / "empty.dcm")
 
 
-def test_augmentations_shapes_and_determinism():
-    img = (np.random.default_rng(0).random((80, 70)) * 255).astype(np.uint8)
+def _crop_box(img_h, img_w, size, seed, scale=(0.8, 1.1), ratio=(3 / 4, 4 / 3)):
+    """The box random_resized_crop took, read back from two float images whose pixels are their x / y (+ 1000:
+    a padded pixel would read 0). Area averaging of a linear ramp is linear: out[j] = x0 + (j + 0.5) cw / size
+    - 0.5, fitted on the columns (rows). -> x0, y0, cw, ch, the lowest output value."""
+    yy, xx = np.mgrid[0:img_h, 0:img_w].astype(np.float32) + 1000
+    box, low = [], np.inf
+    for ramp, axis in ((xx, 0), (yy, 1)):
+        out = common.random_resized_crop(ramp, size, np.random.default_rng(seed), scale, ratio)
+        slope, icpt = np.polyfit(np.arange(size), out.mean(axis), 1)
+        box.append((icpt - 1000 - slope / 2 + 0.5, slope * size))
+        low = min(low, out.min())
+    (x0, cw), (y0, ch) = box
+    return x0, y0, cw, ch, low
+
+
+def test_random_resized_crop_box_inside_the_image_as_torchvision():
+    """torchvision's RandomResizedCrop(scale=(0.8, 1.1)) never pads: on a non-square image every box lies inside
+    it, with area and aspect inside the ranges; the boxes' distribution matches torchvision.get_params'."""
+    from torchvision.transforms import RandomResizedCrop
+
+    h, w, scale, ratio = 300, 420, (0.8, 1.1), (3 / 4, 4 / 3)
+    boxes = np.array([_crop_box(h, w, 40, seed, scale, ratio) for seed in range(100)])
+    x0, y0, cw, ch, low = boxes.T
+    assert (low > 999).all()  # no pixel from outside the image
+    assert (x0 > -1).all() and (y0 > -1).all() and (x0 + cw < w + 1).all() and (y0 + ch < h + 1).all()
+    area = cw * ch / (h * w)
+    assert (area > scale[0] - 0.01).all() and (area < 1 + 0.01).all()  # > 1 never fits: drawn again
+    assert (cw / ch > ratio[0] - 0.01).all() and (cw / ch < ratio[1] + 0.01).all()
+    assert x0.max() > 20 and y0.max() > 10 and area.min() < 0.83  # the boxes really vary
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny torch ops: a thread pool only adds waiting
+    ref = np.array([RandomResizedCrop.get_params(torch.zeros(1, h, w), scale, ratio) for _ in range(1000)])
+    torch.set_num_threads(threads)
+    ref_area, ref_aspect = ref[:, 2] * ref[:, 3] / (h * w), ref[:, 3] / ref[:, 2]
+    assert abs(area.mean() - ref_area.mean()) < 4 * ref_area.std() / np.sqrt(len(area))
+    assert abs(np.log(cw / ch).mean() - np.log(ref_aspect).mean()) < 4 * np.log(ref_aspect).std() / np.sqrt(100)
+    # no box fits a 10 x 400 strip (or 400 x 10): torchvision's fallback, the centre crop of the nearest aspect
+    for shape in ((10, 400), (400, 10)):
+        img = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
+        i, j, bh, bw = RandomResizedCrop.get_params(torch.zeros(1, *shape), scale, ratio)
+        got = common.random_resized_crop(img, 8, np.random.default_rng(0), scale, ratio)
+        assert np.array_equal(got, common.resize(img[i:i + bh, j:j + bw], 8))
     a = common.random_resized_crop(img, 32, np.random.default_rng(1))
-    b = common.random_resized_crop(img, 32, np.random.default_rng(1))
-    assert a.shape == (32, 32) and np.array_equal(a, b)
-    t = common.to_tensor(a)
-    assert t.shape == (3, 32, 32)
-    assert torch.allclose(
-        t[0] * common.IMAGENET_STD[0] + common.IMAGENET_MEAN[0], torch.tensor(a / 255.0).float(), atol=1e-6
-    )
+    assert a.shape == (32, 32) and np.array_equal(a, common.random_resized_crop(img, 32, np.random.default_rng(1)))
+
+
+def test_to_tensor_is_torchvisions_to_tensor_and_normalize():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    img = (np.random.default_rng(0).random((37, 53)) * 255).astype(np.uint8)
+    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])(Image.fromarray(img).convert("RGB"))
+    got = common.to_tensor(img)
+    assert got.shape == ref.shape == (3, 37, 53) and torch.allclose(got, ref, atol=1e-6)  # all three channels
+    assert not torch.allclose(got[0], got[2], atol=0.1)
 
 
 # ---- phantoms ----

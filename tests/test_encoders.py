@@ -54,7 +54,7 @@ def test_cxrclip_paper_preset_resnet50_or_swin_t_and_bert_base(image_encoder):
     ids = torch.randint(5, 1000, (2, 32))
     t = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     v1, v2, u1, u2 = model(torch.randn(4, 3, 224, 224), t, t)  # 2 studies: x^1 then x^2
-    _step(model, cxrclip.cxrclip_loss(u1, u2, v1, v2, model.logit_scale.exp(), 1.0, 0.5)[0])
+    _step(model, cxrclip.cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), 1.0, 0.5)[0])
 
 
 @pytest.mark.slow
