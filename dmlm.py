@@ -13,13 +13,15 @@ Map of the method (Sec. 2.1-2.3, 3.5):
         the Gaussians of the unmasked pair                                                          Eq. (3)
     L_align: 2-Wasserstein distance of the image's and the report's Gaussians                       Eq. (4)
     L = lambda L_D-MLM + (1 - lambda) L_align, lambda = 0.2                                Eq. (5), Sec. 3.6
-Equation -> function -> test (tests/test_dmlm.py): Eq. (1) GaussianHead (::test_gaussian_head_*); Eq. (2)
-DMLM.forward, DMLM.fuse (::test_eq2_*, ::test_vit_*); Eq. (3) gaussian_kl, dmlm_loss (::test_gaussian_kl_*,
-::test_dmlm_loss_*), its targets DMLM.unmasked, DMLM.targets (::test_targets_*); Eq. (4) w2_squared,
-w2_squared_pairwise, align_pairs_loss, align_contrastive_loss (::test_w2_*, ::test_align_*), its Gaussians
-DMLM.pooled_image, DMLM.pooled_text (::test_pooled_*); Eq. (5) total_loss (::test_align_contrastive_*);
-Sec. 2.1 structured_report (::test_structured_report_*); Sec. 2.2 text_token_mask, image_patch_mask,
-region_prior (::test_*_mask_*, ::test_region_map_*).
+Equation -> function -> test (tests/test_dmlm.py::test_...):
+    Eq. (1)   GaussianHead, DMLM.patch_variances, DMLM.token_variances   gaussian_head_*, patch_and_token_*
+    Eq. (2)   DMLM.forward, DMLM.fuse, DMLM.unmasked                     eq2_*, targets_*, vit_*
+    Eq. (3)   gaussian_kl, dmlm_loss, masked_eval                        gaussian_kl_*, dmlm_loss_*, harder_*, sigma2_*
+    Eq. (4)   w2_squared, w2_squared_pairwise, align_contrastive_loss,   w2_*, align_*, pooled_*
+              align_pairs_loss, mean_gaussian, DMLM.pooled_image
+    Eq. (5)   total_loss, masked_eval                                    align_contrastive_*, short_run_*
+    Sec. 2.1  structured_report, zeroshot_prompts                        structured_report_*
+    Sec. 2.2  text_token_mask, image_patch_mask, region_prior            text_mask_*, image_mask_*, region_map_*
 
 Run:
     python dmlm.py                                          # demo: phantoms, small ViT + BERT, 2 CPU cores
@@ -78,6 +80,8 @@ class Config:
     mask_ratio: float = 0.3  # share of the text tokens (Sec. 2.2) and of the image patches (Sec. 3.6) masked
     image_mask: str = "adaptive"  # adaptive: towards the regions the Appearance names (Sec. 2.2) | random
     target: str = "stopgrad"  # Eq. (3) targets: stopgrad (the encoders' unmasked pass) | ema (momentum copy)
+    var_prior: float = 0.1  # Eq. (3): weight of KL(N(0, sigma^2) || N(0, 1/D)) on the targets' sigma^2 (ours)
+    pool: str = "mean"  # Eq. (4)'s image Gaussian: mean of its patches' Eq. (1) Gaussians, as the report's | max
     align: str = "contrastive"  # Eq. (4): contrastive (-W2^2 / 2 as InfoNCE logits) | pairs (literal)
     lam: float = 0.2  # Eq. (5): L = lam L_D-MLM + (1 - lam) L_align (Sec. 3.6)
     # optimisation (Sec. 3.5)
@@ -109,7 +113,8 @@ PRESETS = {
     # Demo: phantoms at 64 px; a 2-layer ViT (8x8 tokens from a conv stem, and a class token), a 2-layer BERT
     # and one fusion layer, width 64, from scratch, so the encoders train at the heads' lr. ~2100 training
     # images / 32 = 66 steps per epoch x 13 epochs (batch 32: twice the updates of 64 in the same time).
-    "demo": dict(epochs=13, batch_size=32, lr=2e-3, encoder_lr=2e-3, stem="conv", num_workers=0),
+    # pool=max: a phantom's finding often fills one of the 64 patches (a fracture line), which a mean dilutes.
+    "demo": dict(epochs=13, batch_size=32, lr=2e-3, encoder_lr=2e-3, stem="conv", num_workers=0, pool="max"),
     # Paper (Sec. 3.5): ViT-B/16 (ImageNet) + ClinicalBERT, 224 px, D = 768, global batch 128 (4 GPUs x 32),
     # AdamW wd 0.05, warm-up to 3e-4 then cosine, encoders at 1e-5, 100 epochs; 30% masking, lambda = 0.2.
     "paper": dict(data="", image_size=224, max_tokens=256, pretrained=True, patch_size=16, vit_width=768,
@@ -197,17 +202,30 @@ class ViT(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """Eq. (1): features [..., C] -> (mu, sigma^2), each [..., D], float32. The paper does not say how sigma^2
-    is made: softplus keeps it positive, the floor 1e-4 keeps the KL's log sigma^2 finite."""
+    """Eq. (1): features [..., C] -> (mu, sigma^2), each [..., D], in float32 even under autocast (in bf16 the
+    KL of a nearly converged prediction is off by percents). The paper does not say how either is made. Ours:
+    mu has unit length (the zero-shot scorer's cosine, and a scale-free error ||mu^ - mu||^2 in [0, 4]);
+    sigma^2 = (softplus + 1e-4) / D, so that the total variance sum_d sigma_d^2 is O(1) like ||mu||^2 and the
+    variance term of W2 (Eq. 4) does not swamp the means; the floor keeps the KL's log sigma^2 finite."""
 
     def __init__(self, c_in: int, dim: int):
         super().__init__()
         self.mu, self.var = nn.Linear(c_in, dim), nn.Linear(c_in, dim)
-        nn.init.normal_(self.var.weight, std=0.01)  # every sigma^2 starts near softplus(0)
+        nn.init.normal_(self.var.weight, std=0.01)  # every sigma^2 starts near softplus(0) / D
         nn.init.zeros_(self.var.bias)
 
     def forward(self, h):
-        return self.mu(h).float(), F.softplus(self.var(h).float()) + 1e-4
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            return F.normalize(self.mu(h), dim=-1), (F.softplus(self.var(h)) + 1e-4) / self.var.out_features
+
+
+def mean_gaussian(mu, var, keep=None):  # [B, S, D] each, keep [B, S] (None: all) -> (mu, sigma^2) [B, D]
+    """The mean of Gaussians over the kept positions: of their mu, L2-normalised (then -W2^2 / 2 holds the
+    cosine that the zero-shot scorer uses), and of their sigma^2."""
+    w = torch.ones_like(mu[..., 0]) if keep is None else keep.to(mu.dtype)  # [B, S]
+    w = (w / w.sum(1, keepdim=True).clamp(min=1))[..., None]
+    return F.normalize((mu * w).sum(1), dim=-1), (var * w).sum(1)
 
 
 class DMLM(nn.Module):
@@ -231,29 +249,40 @@ class DMLM(nn.Module):
         self.pred_image, self.pred_text = GaussianHead(C, D), GaussianHead(C, D)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # 1/tau of --align=contrastive
 
-    def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask):
-        """-> (mu, sigma^2) of the pair (Eq. 4) "image", "text" [B, D]; of its patches and tokens (Eq. 3, no
-        gradient) "target_image" [B, N, D], "target_text" [B, L, D]; Eq. (2)'s "pred_image", "pred_text"."""
+    def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask, teacher=None):
+        """-> Eq. (4)'s Gaussians of the pair, "image" and "text" (mu, sigma^2) [B, D]; Eq. (3)'s targets, the
+        Gaussians of its patches and tokens, "target_image" [B, N, D] and "target_text" [B, L, D] (the means
+        without gradient, from `teacher` with --target=ema); Eq. (2)'s "pred_image", "pred_text". The passes:
+            images -> ViT -> hv;  report -> BERT -> ht       Eq. (1) heads: the targets (Eq. 3), pooled: Eq. (4)
+            images with patch_mask -> ViT -> hv_m -> fusion, context ht (no gradient) -> "pred_image"  Eq. (2)
+            masked_ids -> BERT -> ht_m -> fusion, context hv (no gradient) -> "pred_text"              Eq. (2)"""
         hv, ht = self.unmasked(images, input_ids, attention_mask)  # [B, 1+N, C], [B, L, Ct]
         hv_m = self.visual(images, patch_mask, self.mask_token)  # [B, 1+N, C]
         ht_m = self.text(input_ids=masked_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, Ct]
         # Eq. (2), p(h_i | I, T\i): a masked token is predicted from the rest of its report and the FULL
         # image, a masked patch from the rest of its image and the full report (as MaskVLM): two fusion passes
-        # with the other modality's unmasked pass as context, detached (our choice: that pass then learns from
-        # Eq. (4) alone, as it makes Eq. (3)'s targets; the reconstruction's gradient slows the alignment).
-        hv_d, ht_d = hv.detach(), ht.detach()
-        masked_image, image = (self.fuse_image(h) + self.modality[0] for h in (hv_m, hv_d))  # [B, 1+N, C]
-        masked_text, text = (self.fuse_text(h) + self.modality[1] for h in (ht_m, ht_d))  # [B, L, C]
+        # with the other modality's unmasked pass as context, detached (our choice: the reconstruction's
+        # gradient through the context slows the alignment).
+        masked_image, context_image = (self.fuse_image(h) + self.modality[0] for h in (hv_m, hv.detach()))
+        masked_text, context_text = (self.fuse_text(h) + self.modality[1] for h in (ht_m, ht.detach()))
         ones = attention_mask.new_ones(hv.shape[:2])
-        z_image = self.fuse(masked_image, text, torch.cat([ones, attention_mask], 1))  # [B, 1+N, C]
-        z_text = self.fuse(masked_text, image, torch.cat([attention_mask, ones], 1))  # [B, L, C]
-        with torch.no_grad():
-            target_image, target_text = self.image_gauss(hv_d[:, 1:]), self.text_gauss(ht_d)
-        return {"image": self.pooled_image(hv), "text": self.pooled_text(ht, attention_mask),
-                "target_image": target_image, "target_text": target_text,
+        z_image = self.fuse(masked_image, context_text, torch.cat([ones, attention_mask], 1))  # [B, 1+N, C]
+        z_text = self.fuse(masked_text, context_image, torch.cat([attention_mask, ones], 1))  # [B, L, C]
+        # Eq. (3)'s targets: Eq. (1)'s Gaussians of the unmasked pass. Their means carry no gradient (else
+        # prediction and target meet at a constant); their variances do, which is how sigma^2 learns (dmlm_loss).
+        patches, tokens = self.image_gauss(hv[:, 1:]), self.text_gauss(ht)  # [B, N, D], [B, L, D] each
+        means = patches[0], tokens[0]
+        if teacher is not None:  # --target=ema: the momentum copy's means
+            t = teacher.targets(images, input_ids, attention_mask)
+            means = t["target_image"][0], t["target_text"][0]
+        return {"image": self.pooled_image(hv, patches), "text": mean_gaussian(*tokens, attention_mask),
+                "target_image": (means[0].detach(), patches[1]), "target_text": (means[1].detach(), tokens[1]),
                 "pred_image": self.pred_image(z_image[:, 1:]), "pred_text": self.pred_text(z_text)}
 
-    def unmasked(self, images, input_ids, attention_mask):  # without dropout: it makes Eq. (3)'s targets
+    def unmasked(self, images, input_ids, attention_mask):
+        """Without dropout: this pass makes Eq. (3)'s targets. It also carries Eq. (4)'s gradient, which thus
+        sees no dropout either (a third encoder pass, with dropout, would cost a third more per step; the
+        demo's encoders have none, ClinicalBERT's 0.1 is off here and on in the masked pass)."""
         modes = self.visual.training, self.text.training
         self.visual.eval(), self.text.eval()
         hv, ht = self.visual(images), self.text(input_ids=input_ids, attention_mask=attention_mask)
@@ -266,30 +295,37 @@ class DMLM(nn.Module):
         return self.fusion_ln(z)
 
     # Eq. (4) pairs Gaussians of text tokens and image patches over a set of aligned pairs it does not define.
-    # Ours (a departure): one Gaussian per image and per report, the Eq. (1) heads on the channel-wise max of
-    # the patch features (a finding in one patch marks the image; a mean over the demo's 64 patches dilutes a
-    # finger's fracture line 64-fold) / on the mean of the real-token features; the mean L2-normalised, so
-    # -W2^2 / 2 holds the cosine that the zero-shot scorer uses.
-    def pooled_image(self, hv):  # [B, 1+N, C] -> (mu, sigma^2) [B, D]
-        mu, var = self.image_gauss(hv[:, 1:].amax(1))
-        return F.normalize(mu, dim=-1), var
-
-    def pooled_text(self, ht, attention_mask):  # [B, L, Ct] -> (mu, sigma^2) [B, D]
-        m = attention_mask.to(ht.dtype)[..., None]
-        mu, var = self.text_gauss((ht * m).sum(1) / m.sum(1).clamp(min=1))
-        return F.normalize(mu, dim=-1), var
+    # Ours (a departure): one Gaussian per image and per report. --pool=mean (the paper preset): the mean of
+    # its patches' / real tokens' Eq. (1) Gaussians, the two modalities alike. --pool=max (the demo): the
+    # image's from the Eq. (1) head on the channel-wise max of its patch features (a finding in one patch
+    # marks the image; the mean dilutes a finger's fracture line over the demo's 64 patches).
+    def pooled_image(self, hv, patches=None):  # [B, 1+N, C] (, its patches' Gaussians) -> (mu, sigma^2) [B, D]
+        if self.cfg.pool == "max":
+            return self.image_gauss(hv[:, 1:].amax(1))
+        return mean_gaussian(*(patches or self.image_gauss(hv[:, 1:])), None)
 
     @torch.no_grad()
-    def targets(self, images, input_ids, attention_mask):  # Eq. (3)'s targets alone (on the EMA copy)
+    def targets(self, images, input_ids, attention_mask):  # Eq. (1)'s Gaussians alone (of the EMA copy)
         hv, ht = self.unmasked(images, input_ids, attention_mask)
         return {"target_image": self.image_gauss(hv[:, 1:]), "target_text": self.text_gauss(ht)}
 
-    def encode_image(self, images):  # [B, 3, H, W] -> [B, D]: the global Gaussian's mean, L2-normalised
+    def encode_image(self, images):  # [B, 3, H, W] -> [B, D]: the image Gaussian's mean, L2-normalised
         return self.pooled_image(self.visual(images))[0]
 
-    def encode_text(self, texts: list[str]):  # -> [B, D], L2-normalised
+    def encode_text(self, texts: list[str]):  # -> [B, D]: the report Gaussian's mean, L2-normalised
         t = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
-        return self.pooled_text(self.text(**t).last_hidden_state, t["attention_mask"])[0]
+        return mean_gaussian(*self.text_gauss(self.text(**t).last_hidden_state), t["attention_mask"])[0]
+
+    def patch_variances(self, images):  # [B, 3, H, W] -> [B, N]: each patch's sigma^2 (Eq. 1), mean over D
+        return self.image_gauss(self.visual(images)[:, 1:])[1].mean(-1)
+
+    def token_variances(self, texts: list[str]) -> tuple[list[list[str]], list[np.ndarray]]:
+        """-> each text's word pieces (no padding) and each one's sigma^2 (Eq. 1), mean over D."""
+        t = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
+        var = self.text_gauss(self.text(**t).last_hidden_state)[1].mean(-1).detach().cpu().numpy()  # [B, L]
+        ids, keep = t["input_ids"].cpu().numpy(), t["attention_mask"].bool().cpu().numpy()
+        return [self.tokenizer.convert_ids_to_tokens(i[k].tolist()) for i, k in zip(ids, keep)], \
+            [v[k] for v, k in zip(var, keep)]
 
     def tokenize(self, texts) -> dict:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_tokens,
@@ -325,11 +361,20 @@ def gaussian_kl(mu_p, var_p, mu_q, var_q):  # [..., D] -> [...]
 # Eq. (3), Sec. 2.3: E over pairs of KL(prediction || target) over the masked text tokens and image patches.
 # The paper sums over the positions; we average over them and the D dimensions (a departure), so that
 # lambda = 0.2 weighs it against L_align as Eq. (5) intends: the sum is ~10^4 x larger at D = 768.
-def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask):
+# How sigma^2 learns (ours: the paper names no stop-gradient, EMA or prior). In KL(N(mu^, v^) || N(mu, v)) the
+# prediction's best v^ is v whatever its error, so a frozen target would leave every sigma^2 where it starts.
+# The target's v can take the error up: its best value is v^ + (mu^ - mu)^2. So its gradient reaches v (not
+# mu). Alone that inflates v without bound (the KL -> 0 as v grows); `prior` x KL(N(0, v) || N(0, 1/D)) holds
+# it to the unit-mu scale. Per dimension the optimum is v = v^ = (1 + sqrt(1 + 4 D e / prior)) / (2 D) with
+# e = (mu^ - mu)^2: a position that is harder to predict gets the larger sigma^2, target and prediction alike.
+def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask, prior: float = 0.0):
     """pred_* / target_*: (mu, sigma^2), each [B, L, D] (text) / [B, N, D] (image); *_mask [B, L] / [B, N]."""
-    kl = torch.cat([torch.where(text_mask, gaussian_kl(*pred_text, *target_text), 0.0),
-                    torch.where(patch_mask, gaussian_kl(*pred_image, *target_image), 0.0)], 1)  # [B, L + N]
-    per_pair = kl.sum(1) / (text_mask.sum(1) + patch_mask.sum(1)).clamp(min=1)  # a pair's mean: DDP-exact
+    def kl(pred, target):  # [B, S]: Eq. (3)'s KL and the prior on the target's variance
+        unit = torch.full_like(target[1], 1 / target[1].shape[-1])
+        return gaussian_kl(*pred, *target) + prior * gaussian_kl(0.0, target[1], 0.0, unit)
+    per_position = torch.cat([torch.where(text_mask, kl(pred_text, target_text), 0.0),
+                              torch.where(patch_mask, kl(pred_image, target_image), 0.0)], 1)  # [B, L + N]
+    per_pair = per_position.sum(1) / (text_mask.sum(1) + patch_mask.sum(1)).clamp(min=1)  # DDP-exact
     return per_pair.mean() / pred_text[0].shape[-1]
 
 
@@ -403,20 +448,22 @@ def lookup(know: dict, name: str) -> dict | None:
 def structured_report(names: list[str], labels: np.ndarray, row: dict, know: dict) -> str:
     """Sec. 2.1 for one image: Definition and Appearance of each positive or uncertain finding (of "No
     Finding" when none); Observations: the findings section (M&M's source), else the impression or report;
-    Verdicts: "normal study" / "abnormal study", then the labels (1 "x", -1 "possible x", 0 "no x"). The
-    paper's LLM rewrote each report into M&M's observations and verdicts; ours are its text and labels."""
+    Verdicts: the impression (the radiologist's conclusion) after findings, then "normal study" / "abnormal
+    study" and the labels (1 "x", -1 "possible x", 0 "no x"). The paper's LLM rewrote each report into M&M's
+    observations and verdicts; ours are its sections and labels."""
     said = {common.label_text(n): y for n, y in zip(names, labels) if y in (1, -1, 0)}  # blank: not said
-    normal = [said.pop(x) for x in NORMAL_LABELS if x in said]  # "No Finding" is not a finding
+    no_finding = [said.pop(x) for x in NORMAL_LABELS if x in said]  # "No Finding" is not a finding
     found = [x for x, y in said.items() if y != 0]  # positive or uncertain
-    normal = normal[0] == 1 if normal and normal[0] != -1 else not found
-    verdicts = ["normal study" if normal else "abnormal study"] + [x if said[x] == 1 else "possible " + x
-                                                                    for x in found]
+    is_normal = no_finding[0] == 1 if no_finding and no_finding[0] != -1 else not found
+    verdicts = ["normal study" if is_normal else "abnormal study"] + [x if said[x] == 1 else "possible " + x
+                                                                       for x in found]
     verdicts += ["no " + x for x, y in said.items() if y == 0]
     entries = [e for e in (lookup(know, x) for x in found or ["no finding"]) if e]
-    texts = [(row.get(k) or "").strip() for k in ("findings", "impression", "report")]
+    findings, impression, report = ((row.get(k) or "").strip() for k in ("findings", "impression", "report"))
+    concluded = f"{impression} " if findings and impression else ""
     return (f"Definition: {' '.join(e['definition'].strip() for e in entries)} "
             f"Appearance: {' '.join(e['appearance'].strip() for e in entries)} "
-            f"Observations: {next((t for t in texts if t), '')} Verdicts: {', '.join(verdicts)}.")
+            f"Observations: {findings or impression or report} Verdicts: {concluded}{', '.join(verdicts)}.")
 
 
 def appearance_of(report: str) -> str:  # the Appearance section of a structured report (adaptive masking)
@@ -504,11 +551,12 @@ def image_tensor(img: np.ndarray, size: int, rng: np.random.Generator | None = N
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image, structured report, patch mask, text-mask seed. An unreadable image is
-    replaced by the next readable row and reported in "bad" (counted): the gathered alignment needs b rows."""
+    """Item (row, sample seed) -> image (augmented if `train`), structured report, patch mask, text-mask seed.
+    An unreadable image is replaced by the next readable row and reported in "bad" (counted): the gathered
+    alignment needs b rows."""
 
-    def __init__(self, table: common.XrayCSV, cfg: Config, know: dict):
-        self.t, self.cfg = table, cfg
+    def __init__(self, table: common.XrayCSV, cfg: Config, know: dict, train: bool = True):
+        self.t, self.cfg, self.train = table, cfg, train
         self.reports = [structured_report(table.label_names, r["_labels"], r, know) for r in table.rows]
 
     def __len__(self):
@@ -531,7 +579,8 @@ class PairDataset(torch.utils.data.Dataset):
         pmask = image_patch_mask(appearance_of(self.reports[i]), c.image_size // c.patch_size, c.mask_ratio,
                                  c.image_mask, rng)
         text_seed = int(rng.integers(2**62))  # the report's text mask, drawn in Collate
-        return image_tensor(img, c.image_size, rng), self.reports[i], torch.from_numpy(pmask), text_seed, bad
+        return (image_tensor(img, c.image_size, rng if self.train else None), self.reports[i],
+                torch.from_numpy(pmask), text_seed, bad)
 
 
 def collate(items, tokenize, tokenizer, ratio: float) -> dict:
@@ -585,7 +634,7 @@ def build(cfg: Config, tokenizer, know: dict, bert_config: dict | None = None) -
     """Config -> DMLM. With --pretrained the ViT starts from torchvision's ImageNet ViT-B/16 and E^t from
     ClinicalBERT (Sec. 3.5)."""
     for k, ok in (("stem", ("patch", "conv", "hmlp")), ("image_mask", ("adaptive", "random")),
-                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs"))):
+                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs")), ("pool", ("mean", "max"))):
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: expected {' | '.join(ok)}")
     if cfg.image_size % cfg.patch_size:
@@ -672,8 +721,8 @@ def train(cfg: Config) -> dict:
         raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     # a row needs a text or labels: the structured report is made of both (Sec. 2.1)
-    tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"),
-                        counter=counter)
+    text = ("findings", "impression", "report", "labels")
+    tr, va = (common.XrayCSV(cfg.data, split, require_text=text, counter=counter) for split in ("train", "valid"))
     te = common.XrayCSV(cfg.data, "test", counter=counter)
     know = ck["knowledge"] if ck else load_knowledge(cfg.knowledge)
     if missing := [n for n in tr.label_names if lookup(know, n) is None]:
@@ -695,13 +744,19 @@ def train(cfg: Config) -> dict:
                                          collate_fn=partial(collate, tokenize=raw_model.tokenize,
                                                             tokenizer=tok, ratio=cfg.mask_ratio),
                                          pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
+    # validation and test: Eq. (4) compares within a global batch, so whole ones, with the same masks each time
+    val_loader, test_loader = (torch.utils.data.DataLoader(
+        PairDataset(t, cfg, know, train=False), local_batch, collate_fn=loader.collate_fn,
+        num_workers=cfg.num_workers, sampler=common.EpochSampler(len(t), local_batch, rank, world, shuffle=False))
+        if len(t) >= cfg.batch_size else None for t in (va, te))
     total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.lr, fused=device != "cpu")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
         cfg.warmup_epochs * sampler.batches_per_epoch))))
     common.print0(f"dmlm: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; {len(tr)} "
-                  f"training images, {sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs, {world} "
-                  f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets")
+                  f"training images, {sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                  f"{len(va) * bool(val_loader)} validation images; {world} process(es) on {device}; {cfg.align} "
+                  f"alignment, {cfg.target} targets, {cfg.pool}-pooled images")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text.config.to_dict(), "knowledge": know}  # what load() needs
     loop = common.Loop(cfg, "dmlm", raw_model, opt, sched, scaler, sampler, counter, ck,
@@ -716,10 +771,9 @@ def train(cfg: Config) -> dict:
         for batch in loop.batches(loader):
             x, ids, am, masked_ids, text_mask, patch_mask = (batch[k].to(device) for k in BATCH_KEYS)
             with ctx:
-                out = model(x, ids, am, masked_ids, patch_mask)
-                tgt = ema.targets(x, ids, am) if ema is not None else out  # Eq. (3): the unmasked pair
-            l_dmlm = dmlm_loss(out["pred_text"], tgt["target_text"], text_mask,
-                               out["pred_image"], tgt["target_image"], patch_mask)  # Eq. (3)
+                out = model(x, ids, am, masked_ids, patch_mask, ema)
+            l_dmlm = dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
+                               out["target_image"], patch_mask, cfg.var_prior)  # Eq. (3)
             l_align = align_contrastive_loss(out["image"], out["text"], raw_model.logit_scale) \
                 if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])  # Eq. (4)
             loss = total_loss(l_dmlm, l_align, cfg.lam)  # Eq. (5)
@@ -734,14 +788,54 @@ def train(cfg: Config) -> dict:
             sched.step()
             if ema is not None:
                 ema_update(ema, raw_model)
-            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, var_image=out["image"][1].mean(),
+            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, **sigma2_quantiles(out, text_mask, patch_mask),
                            lr=sched.get_last_lr()[-1])
-        loop.end_epoch()
-    metrics = common.zeroshot_eval(raw_model, te, device) if rank == 0 and not loop.stopped else {}
-    out = loop.close(metrics)
+        val = masked_eval(raw_model, val_loader, device, ctx, cfg)["loss"] if val_loader and not loop.stopped \
+            else None
+        loop.end_epoch(val)  # ckpt_best.pt: the weights of the lowest validation loss (the last ones are evaluated)
+    metrics = {}
+    if not loop.stopped:  # the masked evaluation on every rank (it gathers), the zero-shot one on rank 0
+        test = masked_eval(raw_model, test_loader, device, ctx, cfg) if test_loader else {}
+        if rank == 0:
+            metrics = {**common.zeroshot_eval(raw_model, te, device), **{k: v for k, v in test.items() if k != "loss"},
+                       "best_val_loss": loop.best_val if val_loader else None}
+    result = loop.close(metrics)
     if world > 1:
         dist.destroy_process_group()
-    return out
+    return result
+
+
+def sigma2_quantiles(out: dict, text_mask, patch_mask) -> dict:  # the log's spread of the predicted sigma^2
+    v = torch.cat([out["pred_text"][1].mean(-1)[text_mask], out["pred_image"][1].mean(-1)[patch_mask]]).detach()
+    return dict(zip(("sigma2_p10", "sigma2_p50", "sigma2_p90"), v.quantile(v.new_tensor([0.1, 0.5, 0.9]))))
+
+
+@torch.no_grad()
+def masked_eval(model: DMLM, loader, device, ctx, cfg: Config) -> dict:
+    """A split with fixed masks and the model's own targets: Eq. (5)'s loss, each rank its part of every global
+    batch (gathered as in training); and whether sigma^2 says how uncertain a prediction is: Spearman's rho
+    between each masked token's and patch's predicted sigma^2 (Eq. 2, mean over D) and its error ||mu^ - mu||^2
+    (to Eq. 3's target mean), over this rank's part, both modalities and each."""
+    from scipy.stats import spearmanr
+
+    model.eval()
+    total, var, err = 0.0, {"text": [], "image": []}, {"text": [], "image": []}
+    for batch in loader:
+        x, ids, am, masked_ids, text_mask, patch_mask = (batch[k].to(device) for k in BATCH_KEYS)
+        with ctx:
+            out = model(x, ids, am, masked_ids, patch_mask)
+        l_dmlm = dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
+                           out["target_image"], patch_mask, cfg.var_prior)
+        l_align = align_contrastive_loss(out["image"], out["text"], model.logit_scale) \
+            if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])
+        total += float(total_loss(l_dmlm, l_align, cfg.lam))
+        for k, m in (("text", text_mask), ("image", patch_mask)):
+            (mu_hat, var_hat), mu = out["pred_" + k], out["target_" + k][0]
+            var[k].append(var_hat.mean(-1)[m].cpu()), err[k].append(((mu_hat - mu) ** 2).sum(-1)[m].cpu())
+    var["both"], err["both"] = var["text"] + var["image"], err["text"] + err["image"]
+    rho = {k: float(spearmanr(torch.cat(var[k]), torch.cat(err[k]))[0]) for k in var}
+    return {"loss": common.all_reduce_mean(total / max(1, len(loader))), "sigma2_error_spearman": rho["both"],
+            "sigma2_error_spearman_text": rho["text"], "sigma2_error_spearman_image": rho["image"]}
 
 
 def main(argv=None):
