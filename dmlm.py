@@ -4,22 +4,20 @@ S. N. Gowda, R. Zhang, X. Gu, Y. Weng, L. Yang. arXiv:2507.21794 (2025).
 
 Map of the method (Sec. 2.1-2.3, 3.5):
     report -> Definition / Appearance (per finding, from a knowledge file) / Observations / Verdicts  Sec. 2.1
-    image I -> ViT-B E^i, structured report T -> ClinicalBERT E^t; every patch and token i becomes a
-        diagonal Gaussian h_i = N(mu_i, sigma_i^2)                                                   Eq. (1)
+    image I -> ViT-B E^i, structured report T -> ClinicalBERT E^t; each patch / token h_i = N(mu_i, sigma_i^2) Eq. (1)
     mask 30% of the tokens, and 30% of the patches, drawn towards the regions Appearance names  Sec. 2.2, 3.5
     a fusion transformer predicts N(mu^_i, sigma^_i^2) of each masked token from the full image and the
         rest of the report, p(h_i | I, T\\i), and of each masked patch from the full report          Eq. (2)
-    L_D-MLM: KL(N(mu^, sigma^2) || N(mu, sigma^2)) over the masked tokens and patches; the targets are
-        the Gaussians of the unmasked pair                                                          Eq. (3)
+    L_D-MLM: KL(N(mu^, sigma^2) || N(mu, sigma^2)) over the masked tokens and patches, the targets from the
+        unmasked pair; the targets' variances learn the prediction's error                           Eq. (3)
     L_align: 2-Wasserstein distance of the image's and the report's Gaussians                       Eq. (4)
     L = lambda L_D-MLM + (1 - lambda) L_align, lambda = 0.2                                Eq. (5), Sec. 3.6
 Equation -> function -> test (tests/test_dmlm.py::test_...):
     Eq. (1)   GaussianHead, DMLM.patch_variances, DMLM.token_variances   gaussian_head_*, patch_and_token_*
     Eq. (2)   DMLM.forward, DMLM.fuse, DMLM.unmasked                     eq2_*, targets_*, vit_*
-    Eq. (3)   gaussian_kl, dmlm_loss, masked_eval                        gaussian_kl_*, dmlm_loss_*, harder_*, sigma2_*
-    Eq. (4)   w2_squared, w2_squared_pairwise, align_contrastive_loss,   w2_*, align_*, pooled_*
-              align_pairs_loss, mean_gaussian, DMLM.pooled_image
-    Eq. (5)   total_loss, masked_eval                                    align_contrastive_*, short_run_*
+    Eq. (3)   gaussian_kl, dmlm_loss, evaluate                           gaussian_kl_*, dmlm_loss_*, harder_*, sigma2_*
+    Eq. (4)   w2_squared_pairwise, align_contrastive_loss, mean_gaussian, DMLM.pooled_image   w2_*, align_*, pooled_*
+    Eq. (5)   total_loss                                                 align_contrastive_*, short_run_*
     Sec. 2.1  structured_report, zeroshot_prompts                        structured_report_*
     Sec. 2.2  text_token_mask, image_patch_mask, region_prior            text_mask_*, image_mask_*, region_map_*
 
@@ -99,7 +97,7 @@ class Config:
     compile: bool = False  # torch.compile the model
     num_workers: int = 2  # DataLoader workers per process
     threads: int = 0  # CPU: torch threads per process (0: the cores shared among the processes)
-    out_dir: str = "out/dmlm"  # ckpt.pt, ckpt_best.pt, log.jsonl, metrics.json
+    out_dir: str = "out/dmlm"  # ckpt.pt, log.jsonl, metrics.json
     resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
     overwrite: bool = False  # replace an existing run in out_dir
     max_steps: int = -1  # stop (with a checkpoint) after this many steps; the schedule still spans --epochs
@@ -202,11 +200,9 @@ class ViT(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """Eq. (1): features [..., C] -> (mu, sigma^2), each [..., D], in float32 even under autocast (in bf16 the
-    KL of a nearly converged prediction is off by percents). The paper does not say how either is made. Ours:
-    mu has unit length (the zero-shot scorer's cosine, and a scale-free error ||mu^ - mu||^2 in [0, 4]);
-    sigma^2 = (softplus + 1e-4) / D, so that the total variance sum_d sigma_d^2 is O(1) like ||mu||^2 and the
-    variance term of W2 (Eq. 4) does not swamp the means; the floor keeps the KL's log sigma^2 finite."""
+    """Eq. (1): features [..., C] -> (mu, sigma^2) [..., D], in float32 under autocast too (bf16 puts a nearly
+    converged KL percents off). Ours (not given): unit mu (the zero-shot cosine); sigma^2 = (softplus + 1e-4) / D,
+    so sum_d sigma_d^2 is O(1) like ||mu||^2 and W2's variance term (Eq. 4) does not swamp the means."""
 
     def __init__(self, c_in: int, dim: int):
         super().__init__()
@@ -220,11 +216,8 @@ class GaussianHead(nn.Module):
             return F.normalize(self.mu(h), dim=-1), (F.softplus(self.var(h)) + 1e-4) / self.var.out_features
 
 
-def mean_gaussian(mu, var, keep=None):  # [B, S, D] each, keep [B, S] (None: all) -> (mu, sigma^2) [B, D]
-    """The mean of Gaussians over the kept positions: of their mu, L2-normalised (then -W2^2 / 2 holds the
-    cosine that the zero-shot scorer uses), and of their sigma^2."""
-    w = torch.ones_like(mu[..., 0]) if keep is None else keep.to(mu.dtype)  # [B, S]
-    w = (w / w.sum(1, keepdim=True).clamp(min=1))[..., None]
+def mean_gaussian(mu, var, keep):  # [B, S, D] each, keep [B, S] -> the kept positions' mean (mu L2-normalised)
+    w = (keep / keep.sum(1, keepdim=True).clamp(min=1)).to(mu.dtype)[..., None]  # [B, S, 1]
     return F.normalize((mu * w).sum(1), dim=-1), (var * w).sum(1)
 
 
@@ -250,19 +243,17 @@ class DMLM(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # 1/tau of --align=contrastive
 
     def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask, teacher=None):
-        """-> Eq. (4)'s Gaussians of the pair, "image" and "text" (mu, sigma^2) [B, D]; Eq. (3)'s targets, the
-        Gaussians of its patches and tokens, "target_image" [B, N, D] and "target_text" [B, L, D] (the means
-        without gradient, from `teacher` with --target=ema); Eq. (2)'s "pred_image", "pred_text". The passes:
+        """-> Eq. (4)'s Gaussians (mu, sigma^2) "image", "text" [B, D]; Eq. (3)'s targets "target_image" [B, N,
+        D], "target_text" [B, L, D] (the means from `teacher` with --target=ema); Eq. (2)'s "pred_*". Passes:
             images -> ViT -> hv;  report -> BERT -> ht       Eq. (1) heads: the targets (Eq. 3), pooled: Eq. (4)
             images with patch_mask -> ViT -> hv_m -> fusion, context ht (no gradient) -> "pred_image"  Eq. (2)
             masked_ids -> BERT -> ht_m -> fusion, context hv (no gradient) -> "pred_text"              Eq. (2)"""
         hv, ht = self.unmasked(images, input_ids, attention_mask)  # [B, 1+N, C], [B, L, Ct]
         hv_m = self.visual(images, patch_mask, self.mask_token)  # [B, 1+N, C]
         ht_m = self.text(input_ids=masked_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, Ct]
-        # Eq. (2), p(h_i | I, T\i): a masked token is predicted from the rest of its report and the FULL
-        # image, a masked patch from the rest of its image and the full report (as MaskVLM): two fusion passes
-        # with the other modality's unmasked pass as context, detached (our choice: the reconstruction's
-        # gradient through the context slows the alignment).
+        # Eq. (2), p(h_i | I, T\i): a masked token from the rest of its report and the FULL image, a masked
+        # patch from the rest of its image and the full report (as MaskVLM). The context is detached (ours:
+        # the reconstruction's gradient through it slows the alignment).
         masked_image, context_image = (self.fuse_image(h) + self.modality[0] for h in (hv_m, hv.detach()))
         masked_text, context_text = (self.fuse_text(h) + self.modality[1] for h in (ht_m, ht.detach()))
         ones = attention_mask.new_ones(hv.shape[:2])
@@ -271,18 +262,15 @@ class DMLM(nn.Module):
         # Eq. (3)'s targets: Eq. (1)'s Gaussians of the unmasked pass. Their means carry no gradient (else
         # prediction and target meet at a constant); their variances do, which is how sigma^2 learns (dmlm_loss).
         patches, tokens = self.image_gauss(hv[:, 1:]), self.text_gauss(ht)  # [B, N, D], [B, L, D] each
-        means = patches[0], tokens[0]
-        if teacher is not None:  # --target=ema: the momentum copy's means
-            t = teacher.targets(images, input_ids, attention_mask)
-            means = t["target_image"][0], t["target_text"][0]
+        means = (patches[0], tokens[0]) if teacher is None else [  # --target=ema: the momentum copy's means
+            g[0] for g in teacher.targets(images, input_ids, attention_mask).values()]
         return {"image": self.pooled_image(hv, patches), "text": mean_gaussian(*tokens, attention_mask),
                 "target_image": (means[0].detach(), patches[1]), "target_text": (means[1].detach(), tokens[1]),
                 "pred_image": self.pred_image(z_image[:, 1:]), "pred_text": self.pred_text(z_text)}
 
     def unmasked(self, images, input_ids, attention_mask):
-        """Without dropout: this pass makes Eq. (3)'s targets. It also carries Eq. (4)'s gradient, which thus
-        sees no dropout either (a third encoder pass, with dropout, would cost a third more per step; the
-        demo's encoders have none, ClinicalBERT's 0.1 is off here and on in the masked pass)."""
+        """Without dropout, as it makes Eq. (3)'s targets; so Eq. (4)'s gradient sees none either (ClinicalBERT's
+        0.1 is on in the masked pass only; a third encoder pass would cost a third more per step)."""
         modes = self.visual.training, self.text.training
         self.visual.eval(), self.text.eval()
         hv, ht = self.visual(images), self.text(input_ids=input_ids, attention_mask=attention_mask)
@@ -294,15 +282,13 @@ class DMLM(nn.Module):
             z = blk(z, context, keep.bool())
         return self.fusion_ln(z)
 
-    # Eq. (4) pairs Gaussians of text tokens and image patches over a set of aligned pairs it does not define.
-    # Ours (a departure): one Gaussian per image and per report. --pool=mean (the paper preset): the mean of
-    # its patches' / real tokens' Eq. (1) Gaussians, the two modalities alike. --pool=max (the demo): the
-    # image's from the Eq. (1) head on the channel-wise max of its patch features (a finding in one patch
-    # marks the image; the mean dilutes a finger's fracture line over the demo's 64 patches).
+    # Eq. (4) pairs Gaussians over a set of aligned pairs it does not define. Ours: one Gaussian per image and
+    # per report, the mean of its patches' / real tokens' Eq. (1) Gaussians (--pool=mean, paper preset), or the
+    # image head on the channel-wise max of the patch features (--pool=max, demo: one patch marks the image).
     def pooled_image(self, hv, patches=None):  # [B, 1+N, C] (, its patches' Gaussians) -> (mu, sigma^2) [B, D]
         if self.cfg.pool == "max":
             return self.image_gauss(hv[:, 1:].amax(1))
-        return mean_gaussian(*(patches or self.image_gauss(hv[:, 1:])), None)
+        return mean_gaussian(*(patches or self.image_gauss(hv[:, 1:])), torch.ones_like(hv[:, 1:, 0]))
 
     @torch.no_grad()
     def targets(self, images, input_ids, attention_mask):  # Eq. (1)'s Gaussians alone (of the EMA copy)
@@ -319,8 +305,7 @@ class DMLM(nn.Module):
     def patch_variances(self, images):  # [B, 3, H, W] -> [B, N]: each patch's sigma^2 (Eq. 1), mean over D
         return self.image_gauss(self.visual(images)[:, 1:])[1].mean(-1)
 
-    def token_variances(self, texts: list[str]) -> tuple[list[list[str]], list[np.ndarray]]:
-        """-> each text's word pieces (no padding) and each one's sigma^2 (Eq. 1), mean over D."""
+    def token_variances(self, texts: list[str]):  # -> each text's word pieces (no padding), their sigma^2
         t = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
         var = self.text_gauss(self.text(**t).last_hidden_state)[1].mean(-1).detach().cpu().numpy()  # [B, L]
         ids, keep = t["input_ids"].cpu().numpy(), t["attention_mask"].bool().cpu().numpy()
@@ -341,8 +326,7 @@ class DMLM(nn.Module):
         return zeroshot_prompts(label, self.knowledge)
 
 
-# --target=ema: Eq. (3)'s targets from ema.targets(), ema a momentum copy of the model (BYOL-style); the paper
-# does not say where its "ground truth" comes from.
+# --target=ema: Eq. (3)'s target means from a momentum copy (BYOL-style); the paper does not say where they come from.
 @torch.no_grad()
 def ema_update(ema: DMLM, model: DMLM, decay: float = 0.996):
     for pe, p in zip(ema.parameters(), model.parameters()):
@@ -358,15 +342,12 @@ def gaussian_kl(mu_p, var_p, mu_q, var_q):  # [..., D] -> [...]
     return 0.5 * (torch.log(var_q) - torch.log(var_p) + (var_p + (mu_p - mu_q) ** 2) / var_q - 1.0).sum(-1)
 
 
-# Eq. (3), Sec. 2.3: E over pairs of KL(prediction || target) over the masked text tokens and image patches.
-# The paper sums over the positions; we average over them and the D dimensions (a departure), so that
-# lambda = 0.2 weighs it against L_align as Eq. (5) intends: the sum is ~10^4 x larger at D = 768.
-# How sigma^2 learns (ours: the paper names no stop-gradient, EMA or prior). In KL(N(mu^, v^) || N(mu, v)) the
-# prediction's best v^ is v whatever its error, so a frozen target would leave every sigma^2 where it starts.
-# The target's v can take the error up: its best value is v^ + (mu^ - mu)^2. So its gradient reaches v (not
-# mu). Alone that inflates v without bound (the KL -> 0 as v grows); `prior` x KL(N(0, v) || N(0, 1/D)) holds
-# it to the unit-mu scale. Per dimension the optimum is v = v^ = (1 + sqrt(1 + 4 D e / prior)) / (2 D) with
-# e = (mu^ - mu)^2: a position that is harder to predict gets the larger sigma^2, target and prediction alike.
+# Eq. (3), Sec. 2.3: KL(prediction || target) over the masked tokens and patches, averaged over them and D (not
+# summed: a departure, so that lambda = 0.2 weighs it as Eq. 5 intends). How sigma^2 learns (ours: the paper names
+# no stop-gradient or prior): in KL(N(mu^, v^) || N(mu, v)) the best v^ is v whatever the error, the best v is
+# v^ + (mu^ - mu)^2. So the target's v gets the gradient (its mu does not), and `prior` x KL(N(0, v) || N(0, 1/D))
+# keeps it from growing without bound (KL -> 0). Per dimension the optimum is v = v^ = (1 + sqrt(1 + 4 D e /
+# prior)) / (2 D), e = (mu^ - mu)^2: the harder a position is to predict, the larger its sigma^2.
 def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask, prior: float = 0.0):
     """pred_* / target_*: (mu, sigma^2), each [B, L, D] (text) / [B, N, D] (image); *_mask [B, L] / [B, N]."""
     def kl(pred, target):  # [B, S]: Eq. (3)'s KL and the prior on the target's variance
@@ -385,8 +366,7 @@ def w2_squared(mu1, var1, mu2, var2):  # [..., D] -> [...]
 
 
 # The same for every pair of rows, [n, D] x [m, D] -> [n, m], from differences in float32 (cdist without its
-# matmul). Expanding ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically when the sigmas share a
-# large common part (||sigma||^2 ~ 500 at D = 768 against W2^2 ~ 0.3), worst under TF32 or bf16 matmuls.
+# matmul): ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically when ||a||^2 >> W2^2, worst in TF32 or bf16.
 def w2_squared_pairwise(mu1, var1, mu2, var2):
     a, b = (torch.cat([mu.float(), var.float().sqrt()], -1) for mu, var in ((mu1, var1), (mu2, var2)))
     with torch.autocast(a.device.type, enabled=False):
@@ -446,11 +426,9 @@ def lookup(know: dict, name: str) -> dict | None:
 
 
 def structured_report(names: list[str], labels: np.ndarray, row: dict, know: dict) -> str:
-    """Sec. 2.1 for one image: Definition and Appearance of each positive or uncertain finding (of "No
-    Finding" when none); Observations: the findings section (M&M's source), else the impression or report;
-    Verdicts: the impression (the radiologist's conclusion) after findings, then "normal study" / "abnormal
-    study" and the labels (1 "x", -1 "possible x", 0 "no x"). The paper's LLM rewrote each report into M&M's
-    observations and verdicts; ours are its sections and labels."""
+    """Sec. 2.1: Definition and Appearance of each positive or uncertain finding (of "No Finding" when none);
+    Observations: the findings (M&M's source), else the impression or report; Verdicts: the impression after
+    findings, "normal / abnormal study", the labels (1 "x", -1 "possible x", 0 "no x"); no LLM rewrite."""
     said = {common.label_text(n): y for n, y in zip(names, labels) if y in (1, -1, 0)}  # blank: not said
     no_finding = [said.pop(x) for x in NORMAL_LABELS if x in said]  # "No Finding" is not a finding
     found = [x for x, y in said.items() if y != 0]  # positive or uncertain
@@ -551,9 +529,8 @@ def image_tensor(img: np.ndarray, size: int, rng: np.random.Generator | None = N
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image (augmented if `train`), structured report, patch mask, text-mask seed.
-    An unreadable image is replaced by the next readable row and reported in "bad" (counted): the gathered
-    alignment needs b rows."""
+    """Item (row, sample seed) -> image (augmented if `train`), structured report, patch mask, text-mask seed; an
+    unreadable image is replaced by the next readable row, reported in "bad" (the alignment needs b rows)."""
 
     def __init__(self, table: common.XrayCSV, cfg: Config, know: dict, train: bool = True):
         self.t, self.cfg, self.train = table, cfg, train
@@ -654,7 +631,7 @@ def build(cfg: Config, tokenizer, know: dict, bert_config: dict | None = None) -
 
 
 def load(path, map_location="cpu") -> tuple[DMLM, Config]:
-    """A model from its checkpoint alone (ckpt.pt or ckpt_best.pt: config, BERT config, vocabulary)."""
+    """A model from its checkpoint alone (ckpt.pt: config, BERT config, vocabulary)."""
     ck = common.load_checkpoint(path, map_location)
     cfg = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in fields(Config)}})
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"])
@@ -721,8 +698,8 @@ def train(cfg: Config) -> dict:
         raise common.UserError("--preset=paper needs --data=<csv> (data_prep.py writes it)")
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     # a row needs a text or labels: the structured report is made of both (Sec. 2.1)
-    text = ("findings", "impression", "report", "labels")
-    tr, va = (common.XrayCSV(cfg.data, split, require_text=text, counter=counter) for split in ("train", "valid"))
+    tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"),
+                        counter=counter)
     te = common.XrayCSV(cfg.data, "test", counter=counter)
     know = ck["knowledge"] if ck else load_knowledge(cfg.knowledge)
     if missing := [n for n in tr.label_names if lookup(know, n) is None]:
@@ -732,8 +709,7 @@ def train(cfg: Config) -> dict:
     # -- model: each rank fits the same tokenizer (train_wordpiece is deterministic); a resumed run has one
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else \
         build_tokenizer(cfg, train_ds.reports, tr.label_names, know)
-    model = build(cfg, tok, know, ck["bert_config"] if ck else None).to(device)
-    raw_model = model
+    model = raw_model = build(cfg, tok, know, ck["bert_config"] if ck else None).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.target == "ema" else None
     if ema is not None and ck is not None:
         ema.load_state_dict(ck["ema"])
@@ -744,19 +720,13 @@ def train(cfg: Config) -> dict:
                                          collate_fn=partial(collate, tokenize=raw_model.tokenize,
                                                             tokenizer=tok, ratio=cfg.mask_ratio),
                                          pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
-    # validation and test: Eq. (4) compares within a global batch, so whole ones, with the same masks each time
-    val_loader, test_loader = (torch.utils.data.DataLoader(
-        PairDataset(t, cfg, know, train=False), local_batch, collate_fn=loader.collate_fn,
-        num_workers=cfg.num_workers, sampler=common.EpochSampler(len(t), local_batch, rank, world, shuffle=False))
-        if len(t) >= cfg.batch_size else None for t in (va, te))
     total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.lr, fused=device != "cpu")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
         cfg.warmup_epochs * sampler.batches_per_epoch))))
     common.print0(f"dmlm: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; {len(tr)} "
-                  f"training images, {sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                  f"{len(va) * bool(val_loader)} validation images; {world} process(es) on {device}; {cfg.align} "
-                  f"alignment, {cfg.target} targets, {cfg.pool}-pooled images")
+                  f"training images, {sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs, {world} "
+                  f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets, {cfg.pool}-pooled images")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text.config.to_dict(), "knowledge": know}  # what load() needs
     loop = common.Loop(cfg, "dmlm", raw_model, opt, sched, scaler, sampler, counter, ck,
@@ -788,54 +758,38 @@ def train(cfg: Config) -> dict:
             sched.step()
             if ema is not None:
                 ema_update(ema, raw_model)
-            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, **sigma2_quantiles(out, text_mask, patch_mask),
+            q = torch.cat([out["pred_text"][1].mean(-1)[text_mask], out["pred_image"][1].mean(-1)[patch_mask]])
+            q = q.detach().quantile(q.new_tensor([0.1, 0.5, 0.9]))  # the spread of the predicted sigma^2
+            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, sigma2_p10=q[0], sigma2_p50=q[1], sigma2_p90=q[2],
                            lr=sched.get_last_lr()[-1])
-        val = masked_eval(raw_model, val_loader, device, ctx, cfg)["loss"] if val_loader and not loop.stopped \
-            else None
-        loop.end_epoch(val)  # ckpt_best.pt: the weights of the lowest validation loss (the last ones are evaluated)
-    metrics = {}
-    if not loop.stopped:  # the masked evaluation on every rank (it gathers), the zero-shot one on rank 0
-        test = masked_eval(raw_model, test_loader, device, ctx, cfg) if test_loader else {}
-        if rank == 0:
-            metrics = {**common.zeroshot_eval(raw_model, te, device), **{k: v for k, v in test.items() if k != "loss"},
-                       "best_val_loss": loop.best_val if val_loader else None}
+        loop.end_epoch()  # no model selection (the paper names none): the last weights are evaluated
+    metrics = evaluate(raw_model, te, device) if rank == 0 and not loop.stopped else {}
     result = loop.close(metrics)
     if world > 1:
         dist.destroy_process_group()
     return result
 
 
-def sigma2_quantiles(out: dict, text_mask, patch_mask) -> dict:  # the log's spread of the predicted sigma^2
-    v = torch.cat([out["pred_text"][1].mean(-1)[text_mask], out["pred_image"][1].mean(-1)[patch_mask]]).detach()
-    return dict(zip(("sigma2_p10", "sigma2_p50", "sigma2_p90"), v.quantile(v.new_tensor([0.1, 0.5, 0.9]))))
-
-
 @torch.no_grad()
-def masked_eval(model: DMLM, loader, device, ctx, cfg: Config) -> dict:
-    """A split with fixed masks and the model's own targets: Eq. (5)'s loss, each rank its part of every global
-    batch (gathered as in training); and whether sigma^2 says how uncertain a prediction is: Spearman's rho
-    between each masked token's and patch's predicted sigma^2 (Eq. 2, mean over D) and its error ||mu^ - mu||^2
-    (to Eq. 3's target mean), over this rank's part, both modalities and each."""
+def evaluate(model: DMLM, table: common.XrayCSV, device) -> dict:
+    """Zero-shot AUC; and Spearman's rho between each masked token's / patch's predicted sigma^2 (Eq. 2, mean over
+    D) and its error ||mu^ - mu||^2 (Eq. 3), masks fixed by row, over both modalities and each."""
     from scipy.stats import spearmanr
 
-    model.eval()
-    total, var, err = 0.0, {"text": [], "image": []}, {"text": [], "image": []}
+    c, pairs = model.eval().cfg, {"text": [], "image": []}  # (sigma^2, error) of each masked position
+    collate_fn = partial(collate, tokenize=model.tokenize, tokenizer=model.tokenizer, ratio=c.mask_ratio)
+    loader = torch.utils.data.DataLoader(PairDataset(table, c, model.knowledge, train=False), c.batch_size,
+                                         sampler=[(i, i) for i in range(len(table))], collate_fn=collate_fn)
     for batch in loader:
         x, ids, am, masked_ids, text_mask, patch_mask = (batch[k].to(device) for k in BATCH_KEYS)
-        with ctx:
-            out = model(x, ids, am, masked_ids, patch_mask)
-        l_dmlm = dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
-                           out["target_image"], patch_mask, cfg.var_prior)
-        l_align = align_contrastive_loss(out["image"], out["text"], model.logit_scale) \
-            if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])
-        total += float(total_loss(l_dmlm, l_align, cfg.lam))
+        out = model(x, ids, am, masked_ids, patch_mask)
         for k, m in (("text", text_mask), ("image", patch_mask)):
             (mu_hat, var_hat), mu = out["pred_" + k], out["target_" + k][0]
-            var[k].append(var_hat.mean(-1)[m].cpu()), err[k].append(((mu_hat - mu) ** 2).sum(-1)[m].cpu())
-    var["both"], err["both"] = var["text"] + var["image"], err["text"] + err["image"]
-    rho = {k: float(spearmanr(torch.cat(var[k]), torch.cat(err[k]))[0]) for k in var}
-    return {"loss": common.all_reduce_mean(total / max(1, len(loader))), "sigma2_error_spearman": rho["both"],
-            "sigma2_error_spearman_text": rho["text"], "sigma2_error_spearman_image": rho["image"]}
+            pairs[k].append(torch.stack([var_hat.mean(-1)[m], ((mu_hat - mu) ** 2).sum(-1)[m]], 1).cpu())
+    pairs = {k: torch.cat(v).numpy() for k, v in pairs.items()}
+    rho = {f"sigma2_error_spearman_{k}": float(spearmanr(*p.T)[0]) for k, p in pairs.items()}
+    both = spearmanr(*np.concatenate([pairs["text"], pairs["image"]]).T)[0]
+    return {**common.zeroshot_eval(model, table, device), "sigma2_error_spearman": float(both), **rho}
 
 
 def main(argv=None):
