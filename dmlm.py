@@ -303,7 +303,7 @@ class DMLM(nn.Module):
         return mean_gaussian(*self.text_gauss(self.text(**t).last_hidden_state), t["attention_mask"])[0]
 
     def patch_variances(self, images):  # [B, 3, H, W] -> [B, N]: each patch's sigma^2 (Eq. 1), mean over D
-        return self.image_gauss(self.visual(images)[:, 1:])[1].mean(-1)
+        return self.image_gauss(self.visual(images)[:, 1:])[1].mean(-1).detach()
 
     def token_variances(self, texts: list[str]):  # -> each text's word pieces (no padding), their sigma^2
         t = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
