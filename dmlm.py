@@ -4,22 +4,22 @@ S. N. Gowda, R. Zhang, X. Gu, Y. Weng, L. Yang. arXiv:2507.21794 (2025).
 
 Map of the method (Sec. 2.1-2.3, 3.5):
     report -> Definition / Appearance (per finding, from a knowledge file) / Observations / Verdicts  Sec. 2.1
-    image I -> ViT-B E^i, structured report T -> ClinicalBERT E^t; every patch and token i becomes a
-        diagonal Gaussian h_i = N(mu_i, sigma_i^2)                                                   Eq. (1)
+    image I -> ViT-B E^i, structured report T -> ClinicalBERT E^t; each patch / token h_i = N(mu_i, sigma_i^2) Eq. (1)
     mask 30% of the tokens, and 30% of the patches, drawn towards the regions Appearance names  Sec. 2.2, 3.5
     a fusion transformer predicts N(mu^_i, sigma^_i^2) of each masked token from the full image and the
         rest of the report, p(h_i | I, T\\i), and of each masked patch from the full report          Eq. (2)
-    L_D-MLM: KL(N(mu^, sigma^2) || N(mu, sigma^2)) over the masked tokens and patches; the targets are
-        the Gaussians of the unmasked pair                                                          Eq. (3)
+    L_D-MLM: KL(N(mu^, sigma^2) || N(mu, sigma^2)) over the masked tokens and patches, the targets from the
+        unmasked pair; the targets' variances learn the prediction's error                           Eq. (3)
     L_align: 2-Wasserstein distance of the image's and the report's Gaussians                       Eq. (4)
     L = lambda L_D-MLM + (1 - lambda) L_align, lambda = 0.2                                Eq. (5), Sec. 3.6
-Equation -> function -> test (tests/test_dmlm.py): Eq. (1) GaussianHead (::test_gaussian_head_*); Eq. (2)
-DMLM.forward, DMLM.fuse (::test_eq2_*, ::test_vit_*); Eq. (3) gaussian_kl, dmlm_loss (::test_gaussian_kl_*,
-::test_dmlm_loss_*), its targets DMLM.unmasked, DMLM.targets (::test_targets_*); Eq. (4) w2_squared,
-w2_squared_pairwise, align_pairs_loss, align_contrastive_loss (::test_w2_*, ::test_align_*), its Gaussians
-DMLM.pooled_image, DMLM.pooled_text (::test_pooled_*); Eq. (5) total_loss (::test_align_contrastive_*);
-Sec. 2.1 structured_report (::test_structured_report_*); Sec. 2.2 text_token_mask, image_patch_mask,
-region_prior (::test_*_mask_*, ::test_region_map_*).
+Equation -> function -> test (tests/test_dmlm.py::test_...):
+    Eq. (1)   GaussianHead, DMLM.patch_variances, DMLM.token_variances   gaussian_head_*, patch_and_token_*
+    Eq. (2)   DMLM.forward, DMLM.fuse, DMLM.unmasked                     eq2_*, targets_*, vit_*
+    Eq. (3)   gaussian_kl, dmlm_loss, evaluate                           gaussian_kl_*, dmlm_loss_*, harder_*, sigma2_*
+    Eq. (4)   w2_squared_pairwise, align_contrastive_loss, mean_gaussian, DMLM.pooled_image   w2_*, align_*, pooled_*
+    Eq. (5)   total_loss                                                 align_contrastive_*, short_run_*
+    Sec. 2.1  structured_report, zeroshot_prompts                        structured_report_*
+    Sec. 2.2  text_token_mask, image_patch_mask, region_prior            text_mask_*, image_mask_*, region_map_*
 
 Run:
     python dmlm.py                                          # demo: phantoms, small ViT + BERT, 2 CPU cores
@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 import common
 import phantoms
@@ -79,6 +80,8 @@ class Config:
     mask_ratio: float = 0.3  # share of the text tokens (Sec. 2.2) and of the image patches (Sec. 3.6) masked
     image_mask: str = "adaptive"  # adaptive: towards the regions the Appearance names (Sec. 2.2) | random
     target: str = "stopgrad"  # Eq. (3) targets: stopgrad (the encoders' unmasked pass) | ema (momentum copy)
+    var_prior: float = 0.1  # Eq. (3): weight of KL(N(0, sigma^2) || N(0, 1/D)) on the targets' sigma^2 (ours)
+    pool: str = "mean"  # Eq. (4)'s image Gaussian: mean of its patches' Eq. (1) Gaussians, as the report's | max
     align: str = "contrastive"  # Eq. (4): contrastive (-W2^2 / 2 as InfoNCE logits) | pairs (literal)
     lam: float = 0.2  # Eq. (5): L = lam L_D-MLM + (1 - lam) L_align (Sec. 3.6)
     # optimisation (Sec. 3.5)
@@ -96,7 +99,7 @@ class Config:
     compile: bool = False  # torch.compile the model
     num_workers: int = 2  # DataLoader workers per process
     threads: int = 0  # CPU: torch threads per process (0: the cores shared among the processes)
-    out_dir: str = "out/dmlm"  # ckpt.pt, ckpt_best.pt, log.jsonl, metrics.json
+    out_dir: str = "out/dmlm"  # ckpt.pt, log.jsonl, metrics.json
     resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
     overwrite: bool = False  # replace an existing run in out_dir
     max_steps: int = -1  # stop (with a checkpoint) after this many steps; the schedule still spans --epochs
@@ -107,10 +110,10 @@ class Config:
 
 
 PRESETS = {
-    # Demo: phantoms at 64 px; a 2-layer ViT (8x8 tokens from a conv stem, and a class token), a 2-layer BERT
-    # and one fusion layer, width 64, from scratch, so the encoders train at the heads' lr. ~2100 training
-    # images / 32 = 66 steps per epoch x 13 epochs (batch 32: twice the updates of 64 in the same time).
-    "demo": dict(epochs=13, batch_size=32, lr=2e-3, encoder_lr=2e-3, stem="conv", num_workers=0),
+    # Demo: phantoms at 64 px; a 2-layer ViT (8x8 tokens from a conv stem), a 2-layer BERT and one fusion layer,
+    # width 64, from scratch at the heads' lr; ~2100 images / 32 = 66 steps x 13 epochs (batch 32: twice the
+    # updates of 64 in the same time). pool=max: a phantom's finding may fill 1 of 64 patches, which a mean dilutes.
+    "demo": dict(epochs=13, batch_size=32, lr=2e-3, encoder_lr=2e-3, stem="conv", num_workers=0, pool="max"),
     # Paper (Sec. 3.5): ViT-B/16 (ImageNet) + ClinicalBERT, 224 px, D = 768, global batch 128 (4 GPUs x 32),
     # AdamW wd 0.05, warm-up to 3e-4 then cosine, encoders at 1e-5, 100 epochs; 30% masking, lambda = 0.2.
     "paper": dict(data="", image_size=224, max_tokens=256, pretrained=True, patch_size=16, vit_width=768,
@@ -122,14 +125,12 @@ VOCAB_SIZE = 1500  # the demo's WordPiece vocabulary, fitted on the training rep
 
 # ----------------------------------------------------------------------------------------------------
 # ---- model (Sec. 2.2) ----
-# A ViT whose parameter names are torchvision's (class_token, conv_proj, encoder.pos_embedding,
-# encoder.layers.encoder_layer_{i}.{ln_1, self_attention, ln_2, mlp}, encoder.ln), so that torchvision's
-# ImageNet state dict loads as it is.
+# A ViT with torchvision's parameter names (class_token, conv_proj, encoder.pos_embedding, encoder.layers.
+# encoder_layer_{i}.{ln_1, self_attention, ln_2, mlp}, encoder.ln): its ImageNet state dict loads as it is.
 
 
 class SelfAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (in_proj_weight / bias, out_proj) through one SDPA call. With a
-    context (the fusion's), the queries attend to their own tokens and to the context's."""
+    """nn.MultiheadAttention's parameters through one SDPA call; with a context (fusion), queries see both."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -179,8 +180,8 @@ class ViT(nn.Module):
             self.conv_proj = nn.Conv2d(3, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
             nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * cfg.patch_size ** 2)))
             nn.init.zeros_(self.conv_proj.bias)
-        else:  # demo: strided convs (common.ConvStem). Their 3x3 kernels ("conv") let a visible token see a
-            # few pixels of a masked neighbour; 2x2 ("hmlp") keep a masked patch hidden, and train slower.
+        else:  # demo: strided convs (common.ConvStem); 3x3 ("conv") show a token a masked neighbour's edge pixels,
+            # 2x2 ("hmlp") keep a masked patch hidden and train slower
             self.conv_proj = common.ConvStem(C, cfg.patch_size, overlap=cfg.stem == "conv")
         self.class_token = nn.Parameter(torch.zeros(1, 1, C))
         self.encoder = nn.Module()
@@ -198,17 +199,25 @@ class ViT(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """Eq. (1): features [..., C] -> (mu, sigma^2), each [..., D], float32. The paper does not say how sigma^2
-    is made: softplus keeps it positive, the floor 1e-4 keeps the KL's log sigma^2 finite."""
+    """Eq. (1): features [..., C] -> (mu, sigma^2) [..., D], in float32 under autocast too (bf16 puts a nearly
+    converged KL percents off). Ours (not given): unit mu (the zero-shot cosine); sigma^2 = (softplus + 1e-4) / D,
+    so sum_d sigma_d^2 is O(1) like ||mu||^2 and W2's variance term (Eq. 4) does not swamp the means."""
 
     def __init__(self, c_in: int, dim: int):
         super().__init__()
         self.mu, self.var = nn.Linear(c_in, dim), nn.Linear(c_in, dim)
-        nn.init.normal_(self.var.weight, std=0.01)  # every sigma^2 starts near softplus(0)
+        nn.init.normal_(self.var.weight, std=0.01)  # every sigma^2 starts near softplus(0) / D
         nn.init.zeros_(self.var.bias)
 
     def forward(self, h):
-        return self.mu(h).float(), F.softplus(self.var(h).float()) + 1e-4
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            return F.normalize(self.mu(h), dim=-1), (F.softplus(self.var(h)) + 1e-4) / self.var.out_features
+
+
+def mean_gaussian(mu, var, keep):  # [B, S, D] each, keep [B, S] -> the kept positions' mean (mu L2-normalised)
+    w = (keep / keep.sum(1, keepdim=True).clamp(min=1)).to(mu.dtype)[..., None]  # [B, S, 1]
+    return F.normalize((mu * w).sum(1), dim=-1), (var * w).sum(1)
 
 
 class DMLM(nn.Module):
@@ -222,9 +231,8 @@ class DMLM(nn.Module):
         C, ct, D = cfg.vit_width, text_encoder.config.hidden_size, cfg.embed_dim
         self.image_gauss, self.text_gauss = GaussianHead(C, D), GaussianHead(ct, D)  # Eq. (1): patch, token
         self.mask_token = nn.Parameter(torch.empty(1, 1, C).normal_(std=0.02))  # a masked patch's token
-        # Eq. (2): the paper names no fusion module. Ours: pre-LN transformer layers whose queries are one
-        # modality's tokens and whose keys and values are those and the other modality's (a modality embedding
-        # tells them apart), then a Gaussian head per modality that predicts N(mu^, sigma^2).
+        # Eq. (2): the paper names no fusion module. Ours: pre-LN layers whose queries are one modality's tokens, keys
+        # and values those and the other's (told apart by a modality embedding); a Gaussian head per modality.
         self.fuse_image, self.fuse_text = nn.Linear(C, C), nn.Linear(ct, C)
         self.modality = nn.Parameter(torch.zeros(2, C))
         self.fusion = nn.ModuleList(Block(C, cfg.vit_heads) for _ in range(cfg.fusion_layers))
@@ -232,29 +240,33 @@ class DMLM(nn.Module):
         self.pred_image, self.pred_text = GaussianHead(C, D), GaussianHead(C, D)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # 1/tau of --align=contrastive
 
-    def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask):
-        """-> (mu, sigma^2) of the pair (Eq. 4) "image", "text" [B, D]; of its patches and tokens (Eq. 3, no
-        gradient) "target_image" [B, N, D], "target_text" [B, L, D]; Eq. (2)'s "pred_image", "pred_text"."""
+    def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask, teacher=None):
+        """-> Eq. (4)'s Gaussians (mu, sigma^2) "image", "text" [B, D]; Eq. (3)'s targets "target_image" [B, N,
+        D], "target_text" [B, L, D] (the means from `teacher` with --target=ema); Eq. (2)'s "pred_*". Passes:
+            images -> ViT -> hv;  report -> BERT -> ht       Eq. (1) heads: the targets (Eq. 3), pooled: Eq. (4)
+            images with patch_mask -> ViT -> hv_m -> fusion, context ht (no gradient) -> "pred_image"  Eq. (2)
+            masked_ids -> BERT -> ht_m -> fusion, context hv (no gradient) -> "pred_text"              Eq. (2)"""
         hv, ht = self.unmasked(images, input_ids, attention_mask)  # [B, 1+N, C], [B, L, Ct]
         hv_m = self.visual(images, patch_mask, self.mask_token)  # [B, 1+N, C]
         ht_m = self.text(input_ids=masked_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, Ct]
-        # Eq. (2), p(h_i | I, T\i): a masked token is predicted from the rest of its report and the FULL
-        # image, a masked patch from the rest of its image and the full report (as MaskVLM): two fusion passes
-        # with the other modality's unmasked pass as context, detached (our choice: that pass then learns from
-        # Eq. (4) alone, as it makes Eq. (3)'s targets; the reconstruction's gradient slows the alignment).
-        hv_d, ht_d = hv.detach(), ht.detach()
-        masked_image, image = (self.fuse_image(h) + self.modality[0] for h in (hv_m, hv_d))  # [B, 1+N, C]
-        masked_text, text = (self.fuse_text(h) + self.modality[1] for h in (ht_m, ht_d))  # [B, L, C]
+        # Eq. (2), p(h_i | I, T\i): a masked token from the rest of its report and the FULL image, a masked patch
+        # from the rest of its image and the full report (as MaskVLM); the context detached (ours: faster alignment).
+        masked_image, context_image = (self.fuse_image(h) + self.modality[0] for h in (hv_m, hv.detach()))
+        masked_text, context_text = (self.fuse_text(h) + self.modality[1] for h in (ht_m, ht.detach()))
         ones = attention_mask.new_ones(hv.shape[:2])
-        z_image = self.fuse(masked_image, text, torch.cat([ones, attention_mask], 1))  # [B, 1+N, C]
-        z_text = self.fuse(masked_text, image, torch.cat([attention_mask, ones], 1))  # [B, L, C]
-        with torch.no_grad():
-            target_image, target_text = self.image_gauss(hv_d[:, 1:]), self.text_gauss(ht_d)
-        return {"image": self.pooled_image(hv), "text": self.pooled_text(ht, attention_mask),
-                "target_image": target_image, "target_text": target_text,
+        z_image = self.fuse(masked_image, context_text, torch.cat([ones, attention_mask], 1))  # [B, 1+N, C]
+        z_text = self.fuse(masked_text, context_image, torch.cat([attention_mask, ones], 1))  # [B, L, C]
+        # Eq. (3)'s targets: Eq. (1)'s Gaussians of the unmasked pass. Their means carry no gradient (else
+        # prediction and target meet at a constant); their variances do, which is how sigma^2 learns (dmlm_loss).
+        patches, tokens = self.image_gauss(hv[:, 1:]), self.text_gauss(ht)  # [B, N, D], [B, L, D] each
+        means = (patches[0], tokens[0]) if teacher is None else [  # --target=ema: the momentum copy's means
+            g[0] for g in teacher.targets(images, input_ids, attention_mask).values()]
+        return {"image": self.pooled_image(hv, patches), "text": mean_gaussian(*tokens, attention_mask),
+                "target_image": (means[0].detach(), patches[1]), "target_text": (means[1].detach(), tokens[1]),
                 "pred_image": self.pred_image(z_image[:, 1:]), "pred_text": self.pred_text(z_text)}
 
-    def unmasked(self, images, input_ids, attention_mask):  # without dropout: it makes Eq. (3)'s targets
+    def unmasked(self, images, input_ids, attention_mask):
+        """Without dropout (it makes Eq. 3's targets), so Eq. (4)'s gradient sees none: a third pass would cost 1/3."""
         modes = self.visual.training, self.text.training
         self.visual.eval(), self.text.eval()
         hv, ht = self.visual(images), self.text(input_ids=input_ids, attention_mask=attention_mask)
@@ -266,34 +278,35 @@ class DMLM(nn.Module):
             z = blk(z, context, keep.bool())
         return self.fusion_ln(z)
 
-    # Eq. (4) pairs Gaussians of text tokens and image patches over a set of aligned pairs it does not define.
-    # Ours (a departure): one Gaussian per image and per report, the Eq. (1) heads on the channel-wise max of
-    # the patch features (a finding in one patch marks the image; a mean over the demo's 64 patches dilutes a
-    # finger's fracture line 64-fold) / on the mean of the real-token features; the mean L2-normalised, so
-    # -W2^2 / 2 holds the cosine that the zero-shot scorer uses.
-    def pooled_image(self, hv):  # [B, 1+N, C] -> (mu, sigma^2) [B, D]
-        mu, var = self.image_gauss(hv[:, 1:].amax(1))
-        return F.normalize(mu, dim=-1), var
-
-    def pooled_text(self, ht, attention_mask):  # [B, L, Ct] -> (mu, sigma^2) [B, D]
-        m = attention_mask.to(ht.dtype)[..., None]
-        mu, var = self.text_gauss((ht * m).sum(1) / m.sum(1).clamp(min=1))
-        return F.normalize(mu, dim=-1), var
+    # Eq. (4) pairs Gaussians over a set of aligned pairs it does not define. Ours: one Gaussian per image and
+    # per report, the mean of its patches' / real tokens' Eq. (1) Gaussians (--pool=mean, paper preset), or the
+    # image head on the channel-wise max of the patch features (--pool=max, demo: one patch marks the image).
+    def pooled_image(self, hv, patches=None):  # [B, 1+N, C] (, its patches' Gaussians) -> (mu, sigma^2) [B, D]
+        if self.cfg.pool == "max":
+            return self.image_gauss(hv[:, 1:].amax(1))
+        return mean_gaussian(*(patches or self.image_gauss(hv[:, 1:])), torch.ones_like(hv[:, 1:, 0]))
 
     @torch.no_grad()
-    def targets(self, images, input_ids, attention_mask):  # Eq. (3)'s targets alone (on the EMA copy)
+    def targets(self, images, input_ids, attention_mask):  # Eq. (1)'s Gaussians alone (of the EMA copy)
         hv, ht = self.unmasked(images, input_ids, attention_mask)
         return {"target_image": self.image_gauss(hv[:, 1:]), "target_text": self.text_gauss(ht)}
 
-    def encode_image(self, images):  # [B, 3, H, W] -> [B, D]: the global Gaussian's mean, L2-normalised
+    def encode_image(self, images):  # [B, 3, H, W] -> [B, D]: the image Gaussian's mean, L2-normalised
         return self.pooled_image(self.visual(images))[0]
 
-    def encode_text(self, texts: list[str]):  # -> [B, D], L2-normalised
-        t = {k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()}
-        return self.pooled_text(self.text(**t).last_hidden_state, t["attention_mask"])[0]
+    def encode_text(self, texts: list[str]):  # -> [B, D]: the report Gaussian's mean, L2-normalised
+        t = {k: v.to(self.logit_scale.device) for k, v in tokenize(texts, self.tokenizer, self.cfg.max_tokens).items()}
+        return mean_gaussian(*self.text_gauss(self.text(**t).last_hidden_state), t["attention_mask"])[0]
 
-    def tokenize(self, texts) -> dict:
-        return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
+    def patch_variances(self, images):  # [B, 3, H, W] -> [B, N]: each patch's sigma^2 (Eq. 1), mean over D
+        return self.image_gauss(self.visual(images)[:, 1:])[1].mean(-1).detach()
+
+    def token_variances(self, texts: list[str]):  # -> each text's word pieces (no padding), their sigma^2
+        t = {k: v.to(self.logit_scale.device) for k, v in tokenize(texts, self.tokenizer, self.cfg.max_tokens).items()}
+        var = self.text_gauss(self.text(**t).last_hidden_state)[1].mean(-1).detach().cpu().numpy()  # [B, L]
+        ids, keep = t["input_ids"].cpu().numpy(), t["attention_mask"].bool().cpu().numpy()
+        return [self.tokenizer.convert_ids_to_tokens(i[k].tolist()) for i, k in zip(ids, keep)], \
+            [v[k] for v, k in zip(var, keep)]
 
     def image_tokens(self, images):  # [B, N, C] patch tokens after the last LayerNorm (segmentation heads)
         return self.visual(images)[:, 1:]
@@ -305,8 +318,7 @@ class DMLM(nn.Module):
         return zeroshot_prompts(label, self.knowledge)
 
 
-# --target=ema: Eq. (3)'s targets from ema.targets(), ema a momentum copy of the model (BYOL-style); the paper
-# does not say where its "ground truth" comes from.
+# --target=ema: Eq. (3)'s target means from a momentum copy (BYOL-style); the paper does not say where they come from.
 @torch.no_grad()
 def ema_update(ema: DMLM, model: DMLM, decay: float = 0.996):
     for pe, p in zip(ema.parameters(), model.parameters()):
@@ -322,14 +334,20 @@ def gaussian_kl(mu_p, var_p, mu_q, var_q):  # [..., D] -> [...]
     return 0.5 * (torch.log(var_q) - torch.log(var_p) + (var_p + (mu_p - mu_q) ** 2) / var_q - 1.0).sum(-1)
 
 
-# Eq. (3), Sec. 2.3: E over pairs of KL(prediction || target) over the masked text tokens and image patches.
-# The paper sums over the positions; we average over them and the D dimensions (a departure), so that
-# lambda = 0.2 weighs it against L_align as Eq. (5) intends: the sum is ~10^4 x larger at D = 768.
-def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask):
+# Eq. (3), Sec. 2.3: KL(prediction || target) over the masked tokens and patches, averaged over them and D (not
+# summed: a departure, so that lambda = 0.2 weighs it as Eq. 5 intends). How sigma^2 learns (ours: the paper names
+# no stop-gradient or prior): in KL(N(mu^, v^) || N(mu, v)) the best v^ is v whatever the error, the best v is
+# v^ + (mu^ - mu)^2. So the target's v gets the gradient (its mu does not), and `prior` x KL(N(0, v) || N(0, 1/D))
+# keeps it from growing without bound (KL -> 0). Per dimension the optimum is v = v^ = (1 + sqrt(1 + 4 D e /
+# prior)) / (2 D), e = (mu^ - mu)^2: the harder a position is to predict, the larger its sigma^2.
+def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask, prior: float = 0.0):
     """pred_* / target_*: (mu, sigma^2), each [B, L, D] (text) / [B, N, D] (image); *_mask [B, L] / [B, N]."""
-    kl = torch.cat([torch.where(text_mask, gaussian_kl(*pred_text, *target_text), 0.0),
-                    torch.where(patch_mask, gaussian_kl(*pred_image, *target_image), 0.0)], 1)  # [B, L + N]
-    per_pair = kl.sum(1) / (text_mask.sum(1) + patch_mask.sum(1)).clamp(min=1)  # a pair's mean: DDP-exact
+    def kl(pred, target):  # [B, S]: Eq. (3)'s KL and the prior on the target's variance
+        unit = torch.full_like(target[1], 1 / target[1].shape[-1])
+        return gaussian_kl(*pred, *target) + prior * gaussian_kl(0.0, target[1], 0.0, unit)
+    per_position = torch.cat([torch.where(text_mask, kl(pred_text, target_text), 0.0),
+                              torch.where(patch_mask, kl(pred_image, target_image), 0.0)], 1)  # [B, L + N]
+    per_pair = per_position.sum(1) / (text_mask.sum(1) + patch_mask.sum(1)).clamp(min=1)  # DDP-exact
     return per_pair.mean() / pred_text[0].shape[-1]
 
 
@@ -340,8 +358,7 @@ def w2_squared(mu1, var1, mu2, var2):  # [..., D] -> [...]
 
 
 # The same for every pair of rows, [n, D] x [m, D] -> [n, m], from differences in float32 (cdist without its
-# matmul). Expanding ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically when the sigmas share a
-# large common part (||sigma||^2 ~ 500 at D = 768 against W2^2 ~ 0.3), worst under TF32 or bf16 matmuls.
+# matmul): ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically when ||a||^2 >> W2^2, worst in TF32 or bf16.
 def w2_squared_pairwise(mu1, var1, mu2, var2):
     a, b = (torch.cat([mu.float(), var.float().sqrt()], -1) for mu, var in ((mu1, var1), (mu2, var2)))
     with torch.autocast(a.device.type, enabled=False):
@@ -353,11 +370,10 @@ def align_pairs_loss(image, text):  # (mu, sigma^2) [b, D] each
     return w2_squared(*text, *image).mean()
 
 
-# Eq. (4) with negatives (--align=contrastive). Minimised alone, Eq. (4) has a trivial optimum: every image
-# and report at one point (W2 = 0; zero-shot impossible). The paper does not say what prevents it, and with
-# lambda = 0.2 alignment is 80% of the loss. So -W2^2 / 2 is the similarity of a symmetric InfoNCE over the
-# global batch: matched pairs pulled together, the other reports pushed away. With unit means, -W2^2 / 2 =
-# cos(mu1, mu2) - 1 - ||sigma1 - sigma2||^2 / 2: CLIP's logit plus a variance term, so CLIP's 1/tau applies.
+# Eq. (4) with negatives (--align=contrastive). Minimised alone, Eq. (4) has a trivial optimum: every image and
+# report at one point (W2 = 0; zero-shot impossible), and with lambda = 0.2 it is 80% of the loss; the paper does
+# not say what prevents it. So -W2^2 / 2 is the similarity of a symmetric InfoNCE over the global batch. With unit
+# means -W2^2 / 2 = cos(mu1, mu2) - 1 - ||sigma1 - sigma2||^2 / 2: CLIP's logit plus a variance term (CLIP's 1/tau).
 def align_contrastive_loss(image, text, scale):
     """image, text: (mu, sigma^2) [b, D] on this rank; each row is scored against the M = world * b gathered
     rows of the other modality, the positive of local row i being global row rank * b + i."""
@@ -398,22 +414,22 @@ def lookup(know: dict, name: str) -> dict | None:
 
 
 def structured_report(names: list[str], labels: np.ndarray, row: dict, know: dict) -> str:
-    """Sec. 2.1 for one image: Definition and Appearance of each positive or uncertain finding (of "No
-    Finding" when none); Observations: the findings section (M&M's source), else the impression or report;
-    Verdicts: "normal study" / "abnormal study", then the labels (1 "x", -1 "possible x", 0 "no x"). The
-    paper's LLM rewrote each report into M&M's observations and verdicts; ours are its text and labels."""
+    """Sec. 2.1: Definition and Appearance of each positive or uncertain finding (of "No Finding" when none);
+    Observations: the findings (M&M's source), else the impression or report; Verdicts: the impression after
+    findings, "normal / abnormal study", the labels (1 "x", -1 "possible x", 0 "no x"); no LLM rewrite."""
     said = {common.label_text(n): y for n, y in zip(names, labels) if y in (1, -1, 0)}  # blank: not said
-    normal = [said.pop(x) for x in NORMAL_LABELS if x in said]  # "No Finding" is not a finding
+    no_finding = [said.pop(x) for x in NORMAL_LABELS if x in said]  # "No Finding" is not a finding
     found = [x for x, y in said.items() if y != 0]  # positive or uncertain
-    normal = normal[0] == 1 if normal and normal[0] != -1 else not found
-    verdicts = ["normal study" if normal else "abnormal study"] + [x if said[x] == 1 else "possible " + x
-                                                                    for x in found]
+    is_normal = no_finding[0] == 1 if no_finding and no_finding[0] != -1 else not found
+    verdicts = ["normal study" if is_normal else "abnormal study"] + [x if said[x] == 1 else "possible " + x
+                                                                       for x in found]
     verdicts += ["no " + x for x, y in said.items() if y == 0]
     entries = [e for e in (lookup(know, x) for x in found or ["no finding"]) if e]
-    texts = [(row.get(k) or "").strip() for k in ("findings", "impression", "report")]
+    findings, impression, report = ((row.get(k) or "").strip() for k in ("findings", "impression", "report"))
+    concluded = f"{impression} " if findings and impression else ""
     return (f"Definition: {' '.join(e['definition'].strip() for e in entries)} "
             f"Appearance: {' '.join(e['appearance'].strip() for e in entries)} "
-            f"Observations: {next((t for t in texts if t), '')} Verdicts: {', '.join(verdicts)}.")
+            f"Observations: {findings or impression or report} Verdicts: {concluded}{', '.join(verdicts)}.")
 
 
 def appearance_of(report: str) -> str:  # the Appearance section of a structured report (adaptive masking)
@@ -422,8 +438,7 @@ def appearance_of(report: str) -> str:  # the Appearance section of a structured
 
 
 def zeroshot_prompts(label: str, know: dict) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompts for one label, structured reports as in training: of the finding (its
-    Definition and Appearance; Verdicts: abnormal) against a normal study that denies it."""
+    """(positive, negative) prompts structured as in training: the finding's report against a normal one denying it."""
     x = common.label_text(label)
     d, n = (f"Definition: {e['definition']} Appearance: {e['appearance']} " if e else ""
             for e in (lookup(know, label), lookup(know, "No Finding")))
@@ -436,10 +451,10 @@ def zeroshot_prompts(label: str, know: dict) -> tuple[list[str], list[str]]:
         [n + f"Observations: there is no {x}. Verdicts: normal study, no {x}."]
 
 
-# Sec. 2.2 / 3.5: image masking "focused on diagnostically relevant regions identified from the Appearance
-# section", "an adaptive ratio for images based on the paired text"; Sec. 3.6: "a fixed masking ratio of 0.3".
-# Our reading: --mask_ratio of the patches, those of the regions the Appearance names 1 + REGION_BOOST times
-# as likely (uniform when it names none). Boxes (top, bottom, left, right) on a FRONTAL film, as fractions.
+# Sec. 2.2 / 3.5: masking "focused on diagnostically relevant regions identified from the Appearance section", "an
+# adaptive ratio for images based on the paired text"; Sec. 3.6: "a fixed masking ratio of 0.3". Ours: --mask_ratio
+# of the patches, those of the regions the Appearance names 1 + REGION_BOOST times as likely (uniform when it
+# names none). Boxes (top, bottom, left, right) on a FRONTAL film, as fractions.
 REGION_BOOST = 4.0
 REGION_MAP = [
     (r"costophrenic|lung base|lower hemithorax|basal|bases", [(0.58, 0.86, 0.12, 0.88)]),
@@ -501,11 +516,11 @@ def image_tensor(img: np.ndarray, size: int, rng: np.random.Generator | None = N
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image, structured report, patch mask, text-mask seed. An unreadable image is
-    replaced by the next readable row and reported in "bad" (counted): the gathered alignment needs b rows."""
+    """Item (row, sample seed) -> image (augmented if `train`), structured report, patch mask, text-mask seed; an
+    unreadable image is replaced by the next readable row, reported in "bad" (the alignment needs b rows)."""
 
-    def __init__(self, table: common.XrayCSV, cfg: Config, know: dict):
-        self.t, self.cfg = table, cfg
+    def __init__(self, table: common.XrayCSV, cfg: Config, know: dict, train: bool = True):
+        self.t, self.cfg, self.train = table, cfg, train
         self.reports = [structured_report(table.label_names, r["_labels"], r, know) for r in table.rows]
 
     def __len__(self):
@@ -528,7 +543,8 @@ class PairDataset(torch.utils.data.Dataset):
         pmask = image_patch_mask(appearance_of(self.reports[i]), c.image_size // c.patch_size, c.mask_ratio,
                                  c.image_mask, rng)
         text_seed = int(rng.integers(2**62))  # the report's text mask, drawn in Collate
-        return image_tensor(img, c.image_size, rng), self.reports[i], torch.from_numpy(pmask), text_seed, bad
+        return (image_tensor(img, c.image_size, rng if self.train else None), self.reports[i],
+                torch.from_numpy(pmask), text_seed, bad)
 
 
 def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
@@ -537,8 +553,7 @@ def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attent
 
 
 def collate(items, tokenizer, max_tokens: int, ratio: float) -> dict:
-    """Stacks images and patch masks, tokenises the reports and draws their text masks (in the DataLoader
-    worker, which gets no model)."""
+    """Stacks images and patch masks, tokenises the reports, draws their text masks (in the loader's worker)."""
     images, reports, pmasks, seeds, bad = zip(*items)
     t = tokenize(reports, tokenizer, max_tokens)
     special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
@@ -602,7 +617,7 @@ def build(cfg: Config, tokenizer, know: dict, bert_config: dict | None = None) -
 
 
 def load(path, map_location="cpu") -> tuple[DMLM, Config]:
-    """A model from its checkpoint alone (ckpt.pt or ckpt_best.pt: config, BERT config, vocabulary)."""
+    """A model from its checkpoint alone (ckpt.pt: config, BERT config, vocabulary)."""
     ck = common.load_checkpoint(path, map_location)
     cfg = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in fields(Config)}})
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"])
@@ -663,7 +678,7 @@ def warmup_cosine(total: int, warmup: int):
 def check(cfg: Config):
     """Flag values that cannot work, before anything runs."""
     for k, ok in (("stem", ("patch", "conv", "hmlp")), ("image_mask", ("adaptive", "random")),
-                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs"))):
+                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs")), ("pool", ("mean", "max"))):
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: expected {' | '.join(ok)}")
     if cfg.image_size % cfg.patch_size:
@@ -680,16 +695,14 @@ def train(cfg: Config) -> dict:
         phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     # a row needs a text or labels: the structured report is made of both (Sec. 2.1)
-    tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"),
-                        counter=counter)
+    tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"), counter=counter)
     te = common.XrayCSV(cfg.data, "test", counter=counter)
     know = ck["knowledge"] if ck else load_knowledge(cfg.knowledge)
     if missing := [n for n in tr.label_names if lookup(know, n) is None]:
         common.print0(f"warning: {cfg.knowledge} has no definition / appearance (Sec. 2.1) for {missing}")
     train_ds = PairDataset(tr, cfg, know)
 
-    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
-    #    every rank)
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (the same on every rank)
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else \
         build_tokenizer(cfg, train_ds.reports, tr.label_names, know)
     model = raw_model = build(cfg, tok, know, ck["bert_config"] if ck else None).to(device)
@@ -709,7 +722,7 @@ def train(cfg: Config) -> dict:
         cfg.warmup_epochs * sampler.batches_per_epoch))))
     common.print0(f"dmlm: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; {len(tr)} "
                   f"training images, {sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs, {world} "
-                  f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets")
+                  f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets, {cfg.pool}-pooled images")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text.config.to_dict(), "knowledge": know}  # what load() needs
     loop = common.Loop(cfg, name="dmlm", model=raw_model, opt=opt, sched=sched, scaler=scaler,
@@ -725,10 +738,9 @@ def train(cfg: Config) -> dict:
         for batch in loop.batches(loader):
             x, ids, am, masked_ids, text_mask, patch_mask = (batch[k].to(device) for k in BATCH_KEYS)
             with ctx:
-                out = model(x, ids, am, masked_ids, patch_mask)
-                tgt = ema.targets(x, ids, am) if ema is not None else out  # Eq. (3): the unmasked pair
-            l_dmlm = dmlm_loss(out["pred_text"], tgt["target_text"], text_mask,
-                               out["pred_image"], tgt["target_image"], patch_mask)  # Eq. (3)
+                out = model(x, ids, am, masked_ids, patch_mask, ema)
+            l_dmlm = dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
+                               out["target_image"], patch_mask, cfg.var_prior)  # Eq. (3)
             l_align = align_contrastive_loss(out["image"], out["text"], raw_model.logit_scale.exp()) \
                 if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])  # Eq. (4)
             loss = total_loss(l_dmlm, l_align, cfg.lam)  # Eq. (5)
@@ -747,9 +759,11 @@ def train(cfg: Config) -> dict:
                 raw_model.logit_scale.clamp_(0, math.log(100))
             if ema is not None:
                 ema_update(ema, raw_model)
-            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, var_image=out["image"][1].mean(),
+            q = torch.cat([out["pred_text"][1].mean(-1)[text_mask], out["pred_image"][1].mean(-1)[patch_mask]])
+            q = q.detach().quantile(q.new_tensor([0.1, 0.5, 0.9]))  # the spread of the predicted sigma^2
+            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, sigma2_p10=q[0], sigma2_p50=q[1], sigma2_p90=q[2],
                            lr=opt.param_groups[0]["lr"])
-        loop.end_epoch()
+        loop.end_epoch()  # no model selection (the paper names none): the last weights are evaluated
     metrics = evaluate(raw_model, te, device) if rank == 0 and not loop.stopped else {}
     result = loop.close(metrics)
     if world > 1:
@@ -759,8 +773,23 @@ def train(cfg: Config) -> dict:
 
 @torch.no_grad()
 def evaluate(model: DMLM, table: common.XrayCSV, device) -> dict:
-    """Zero-shot AUC on the test split (common.zeroshot_eval)."""
-    return common.zeroshot_eval(model, table, device)
+    """Zero-shot AUC; and Spearman's rho between each masked token's / patch's predicted sigma^2 (Eq. 2, mean over
+    D) and its error ||mu^ - mu||^2 (Eq. 3), masks fixed by row, over both modalities and each."""
+    c, pairs = model.eval().cfg, {"text": [], "image": []}  # (sigma^2, error) of each masked position
+    loader = torch.utils.data.DataLoader(PairDataset(table, c, model.knowledge, train=False), c.batch_size,
+                                         sampler=[(i, i) for i in range(len(table))],  # sample seed = row
+                                         collate_fn=functools.partial(collate, tokenizer=model.tokenizer,
+                                                                      max_tokens=c.max_tokens, ratio=c.mask_ratio))
+    for batch in loader:
+        x, ids, am, masked_ids, text_mask, patch_mask = (batch[k].to(device) for k in BATCH_KEYS)
+        out = model(x, ids, am, masked_ids, patch_mask)
+        for k, m in (("text", text_mask), ("image", patch_mask)):
+            (mu_hat, var_hat), mu = out["pred_" + k], out["target_" + k][0]
+            pairs[k].append(torch.stack([var_hat.mean(-1)[m], ((mu_hat - mu) ** 2).sum(-1)[m]], 1).cpu())
+    pairs = {k: torch.cat(v).numpy() for k, v in pairs.items()}
+    rho = {f"sigma2_error_spearman_{k}": float(spearmanr(*p.T)[0]) for k, p in pairs.items()}
+    both = spearmanr(*np.concatenate([pairs["text"], pairs["image"]]).T)[0]
+    return {**common.zeroshot_eval(model, table, device), "sigma2_error_spearman": float(both), **rho}
 
 
 def main(argv=None):

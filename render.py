@@ -203,8 +203,6 @@ def paper_figure(ev, path: Path) -> str:
         gate_figure(path, counts, names, list(m.body_parts), list(m.moe_layers))
         return f"![PedCLIP's gate: body part -> expert]({path.name})"
     if ev.paper == "dmlm":
-        if not (hasattr(m, "patch_variances") and hasattr(m, "token_variances")):
-            return "sigma^2 figure skipped: this dmlm model has no patch_variances / token_variances"
         text = {id(r): " ".join(((r.get("findings") or "").strip() or (r.get("impression") or "").strip()
                                  or (r.get("report") or "").strip()).split()) for r in rows}
         r = next((r for r in rows if text[id(r)]), None)

@@ -1,11 +1,17 @@
 """Tests for dmlm.py, each against an independent reference: the Gaussian KL (Eq. 3) against
-torch.distributions, W2 (Eq. 4) against the general Gaussian formula with matrix square roots (scipy) and
-against float64, Eq. (2)'s conditioning, noise-free targets, masking, structured reports, torchvision's ViT
-and nn.MultiheadAttention; then short runs (the loss falls, the checkpoint rebuilds the model, exact resume
-with the EMA teacher, 2 processes = 1 process)."""
+torch.distributions, its variance optimum against the closed form worked out by hand, W2 (Eq. 4) against the
+general Gaussian formula with matrix square roots (scipy) and against float64, the heads and pooling against
+numpy, the Spearman against numpy ranks, Eq. (2)'s conditioning, noise-free targets, masking, structured
+reports, torchvision's ViT and nn.MultiheadAttention; then short runs (the loss falls by a fifth, held-out
+pairs match above chance, the checkpoint rebuilds the model, exact resume with the EMA teacher, 2 processes =
+1 process)."""
+import contextlib
 import copy
+import fnmatch
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +21,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch.distributions import Independent, Normal, kl_divergence
 
 import common
@@ -64,18 +71,44 @@ def tiny_batch(b=3, n=16, L=12, seed=0):
 
 # ---- Eq. (1): Gaussian heads ----
 
-def test_gaussian_head_variance_is_softplus_with_floor():
+def test_gaussian_head_unit_mean_and_softplus_variance_over_d():
     torch.manual_seed(0)
     head = dmlm.GaussianHead(8, 6)
+    h = torch.randn(4, 5, 8)
+    mu, var = head(h)
+    assert mu.shape == var.shape == (4, 5, 6) and mu.dtype == var.dtype == torch.float32
+    w, b, wv, bv = (p.detach().double().numpy() for p in (head.mu.weight, head.mu.bias, head.var.weight,
+                                                           head.var.bias))
+    m = h.double().numpy() @ w.T + b
+    np.testing.assert_allclose(mu.detach().numpy(), m / np.linalg.norm(m, axis=-1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(var.detach().numpy(), (np.log1p(np.exp(h.double().numpy() @ wv.T + bv)) + 1e-4) / 6,
+                               rtol=1e-5)
     with torch.no_grad():
         head.var.bias.fill_(-60.0)  # far negative: sigma^2 stops at the floor
-    mu, var = head(torch.randn(4, 5, 8))
-    assert mu.shape == var.shape == (4, 5, 6) and mu.dtype == var.dtype == torch.float32
-    assert torch.allclose(var, torch.full_like(var, 1e-4), rtol=1e-6)
-    with torch.no_grad():
-        head.var.weight.zero_()
-        head.var.bias.fill_(0.0)
-    assert torch.allclose(head(torch.randn(2, 8))[1], torch.full((2, 6), np.log(2) + 1e-4))
+    assert torch.allclose(head(h)[1], torch.full((4, 5, 6), 1e-4 / 6), rtol=1e-5)
+
+
+def test_gaussian_heads_compute_in_float32_under_bf16_autocast():
+    """A nearly converged prediction (the target's head, its weights moved by 1e-3): under CPU bf16 autocast
+    the Eq. (3) KL keeps 1e-3 relative precision against float64; the same heads in bf16 miss it by > 3%."""
+    torch.manual_seed(0)
+    pred, target = dmlm.GaussianHead(64, 32).requires_grad_(False), dmlm.GaussianHead(64, 32).requires_grad_(False)
+    for p, q in zip(pred.parameters(), target.parameters()):
+        p.copy_(q + 1e-3 * torch.randn_like(q))
+    h = torch.randn(256, 64)
+
+    def f64(m):  # the head in float64
+        mu, v = F.linear(h.double(), m.mu.weight.double(), m.mu.bias.double()), \
+            F.linear(h.double(), m.var.weight.double(), m.var.bias.double())
+        return F.normalize(mu, dim=-1), (F.softplus(v) + 1e-4) / 32
+    ref = dmlm.gaussian_kl(*f64(pred), *f64(target)).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = dmlm.gaussian_kl(*pred(h), *target(h)).mean()
+        lo = [(F.normalize(m.mu(h).float(), dim=-1), (F.softplus(m.var(h)).float() + 1e-4) / 32)
+              for m in (pred, target)]  # what the heads give without their float32 block
+    assert pred(h)[0].dtype == torch.float32
+    assert abs(float(ours) / float(ref) - 1) < 1e-3
+    assert abs(float(dmlm.gaussian_kl(*lo[0], *lo[1]).mean()) / float(ref) - 1) > 0.03
 
 
 # ---- Eq. (3): KL of diagonal Gaussians and the D-MLM loss ----
@@ -101,6 +134,75 @@ def test_dmlm_loss_averages_kl_over_masked_positions_only():
     pt[0][0, 0] += 5.0  # an unmasked prediction does not count
     pt[1][0, 2] = float("inf")
     assert float(dmlm.dmlm_loss(pt, tt, tmask, pi, ti, pmask)) == pytest.approx(ref, rel=1e-10)
+    # the prior on the targets' variance: + 0.3 KL(N(0, sigma^2) || N(0, 1/D)) at the same positions
+    def prior(t, b, i):
+        zero, unit = torch.zeros(D, dtype=torch.float64), torch.full((D,), 1 / D, dtype=torch.float64)
+        return float(kl_divergence(diag_normal(zero, t[1][b, i]), diag_normal(zero, unit)))
+    pairs = [[kl(p, t, b, i) + 0.3 * prior(t, b, i) for p, t, m in sides for i in m[b].nonzero().flatten()]
+             for b in range(B)]
+    ref = np.mean([np.mean(kls) for kls in pairs]) / D
+    assert float(dmlm.dmlm_loss(pt, tt, tmask, pi, ti, pmask, prior=0.3)) == pytest.approx(ref, rel=1e-10)
+
+
+def test_dmlm_loss_variance_optimum_is_the_closed_form_and_needs_the_prior():
+    """Free variances of prediction and target, fixed means with errors e per dimension: minimising Eq. (3)
+    with the prior gives v^ = v = (1 + sqrt(1 + 4 D e / prior)) / (2 D) (worked out by hand: d/dv of
+    e / 2v + prior / 2 (D v - 1 - log D v) = 0); larger error, larger sigma^2. Without the prior the
+    target's variance grows as long as the steps go on (the KL -> 0)."""
+    D, prior = 4, 0.1
+    e = torch.tensor([[0.0, 0.001, 0.01, 0.1], [0.2, 0.05, 0.003, 0.0]], dtype=torch.float64)  # [2 positions, D]
+    mu_t = torch.zeros(1, 2, D, dtype=torch.float64)
+    mu_p = mu_t + e.sqrt()[None]
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    none = (torch.zeros(1, 0, D, dtype=torch.float64),) * 2
+
+    def fit(prior, steps):
+        log_vp, log_vt = (torch.full((1, 2, D), -1.0, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        opt = torch.optim.Adam([log_vp, log_vt], lr=0.1)
+        for _ in range(steps):
+            loss = dmlm.dmlm_loss((mu_p, log_vp.exp()), (mu_t, log_vt.exp()), mask, none, none,
+                                  torch.zeros(1, 0, dtype=torch.bool), prior)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return log_vp.exp().detach()[0], log_vt.exp().detach()[0]
+    vp, vt = fit(prior, 400)
+    best = (1 + torch.sqrt(1 + 4 * D * e / prior)) / (2 * D)
+    assert torch.allclose(vt, best, rtol=1e-4) and torch.allclose(vp, best, rtol=1e-4)
+    grow = [fit(0.0, n)[1].mean() for n in (100, 200, 400)]
+    assert grow[0] * 1.3 < grow[1] and grow[1] * 1.3 < grow[2]
+
+
+def test_harder_positions_get_the_larger_sigma2():
+    """A toy of Eq. (2)-(3) with the model's heads: a position's context says whether it is hard; its token is
+    one direction plus noise (std 0.02 easy, 0.5 hard). The prediction head sees the context, the target head
+    the token; the target's mean is the token (no gradient), its variance learns. After 200 steps of
+    dmlm_loss the hard positions' sigma^2, predicted and target, are > 2x the easy ones' (the optimum: ~3x),
+    and the prior keeps D sigma^2 near 1 (no inflation)."""
+    torch.manual_seed(0)
+    D = 8
+    direction = F.normalize(torch.randn(D), dim=0)
+    pred, target = dmlm.GaussianHead(2, D), dmlm.GaussianHead(D + 2, D)
+    opt = torch.optim.Adam([*pred.parameters(), *target.parameters()], lr=5e-2)
+    mask, none = torch.ones(1, 256, dtype=torch.bool), (torch.zeros(1, 0, D),) * 2
+
+    def batch():
+        hard = torch.rand(256) < 0.5
+        context = torch.stack([hard.float(), 1 - hard.float()], -1)
+        token = F.normalize(direction + torch.randn(256, D) * torch.where(hard, 0.5, 0.02)[:, None], dim=-1)
+        return hard, context, token, target(torch.cat([token, context], -1))[1]
+    for _ in range(200):
+        hard, context, token, var = batch()
+        loss = dmlm.dmlm_loss(tuple(t[None] for t in pred(context)), (token[None], var[None]), mask, none, none,
+                              mask[:, :0], prior=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hard, context, token, var = batch()
+        for v in (pred(context)[1].mean(-1), var.mean(-1)):
+            assert v[hard].mean() > 2 * v[~hard].mean()
+            assert 0.8 < D * v.mean() < 5
 
 
 # ---- Eq. (4): 2-Wasserstein distance and alignment ----
@@ -181,29 +283,85 @@ def test_align_pairs_collapses_contrastive_separates():
     assert m_pair < 0.05 and m_con < 0.5 * u_con and u_con > 1.0
 
 
-def test_pooled_gaussians_max_over_patches_mean_over_real_tokens():
-    """Eq. (4)'s inputs: the image's Gaussian from the channel-wise max of its patch features (not the class
-    token), the report's from the mean of its real tokens, each mean L2-normalised (numpy reference)."""
-    model = tiny_model()
+def test_pooled_gaussians_mean_of_eq1_gaussians_or_max_over_patch_features():
+    """Eq. (4)'s inputs (numpy reference): --pool=mean (the paper preset), the mean of the patches' / real
+    tokens' Eq. (1) Gaussians, mu re-normalised; --pool=max (the demo), the image head on the channel-wise max
+    of its patch features (not the class token). The report's Gaussian is the same in both."""
+    presets = {p: common.parse_config(dmlm.Config, dmlm.PRESETS, [f"--preset={p}"]).pool for p in ("paper", "demo")}
+    assert presets == {"paper": "mean", "demo": "max"}
     hv, ht = torch.randn(3, 17, 32), torch.randn(3, 12, 32)
     am = torch.ones(3, 12, dtype=torch.long)
     am[0, -3:] = 0
-    heads = {k: (getattr(model, k).mu, getattr(model, k).var) for k in ("image_gauss", "text_gauss")}
 
-    def ref(feat, head):  # feat float64 [B, C] -> (unit mu, softplus sigma^2 + 1e-4)
-        (mu, var), f = head, torch.from_numpy(feat).float()
-        m, v = mu(f).detach().double().numpy(), F.softplus(var(f)).detach().double().numpy()
-        return m / np.linalg.norm(m, axis=1, keepdims=True), v + 1e-4
+    def head(m, feat):  # float64 [..., C] -> (unit mu, (softplus + 1e-4) / D)
+        w, b, wv, bv = (p.detach().double().numpy() for p in (m.mu.weight, m.mu.bias, m.var.weight, m.var.bias))
+        mu = feat @ w.T + b
+        return mu / np.linalg.norm(mu, axis=-1, keepdims=True), (np.log1p(np.exp(feat @ wv.T + bv)) + 1e-4) / 16
 
-    img_feat = np.max(hv[:, 1:].double().numpy(), axis=1)
-    txt_feat = np.stack([ht[b, :int(am[b].sum())].double().numpy().mean(0) for b in range(3)])
-    for got, want in ((model.pooled_image(hv), ref(img_feat, heads["image_gauss"])),
-                      (model.pooled_text(ht, am), ref(txt_feat, heads["text_gauss"]))):
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g.detach().numpy(), w, rtol=1e-4, atol=1e-5)
-    hv2 = hv.clone()
-    hv2[:, 0] += 10.0  # the class token is not pooled
-    assert torch.equal(model.pooled_image(hv2)[0], model.pooled_image(hv)[0])
+    def mean(mu, var):
+        return mu.mean(0) / np.linalg.norm(mu.mean(0)), var.mean(0)
+    for pool in ("mean", "max"):
+        model = tiny_model(pool=pool)
+        hvn, htn = hv.double().numpy(), ht.double().numpy()
+        want_image = [head(model.image_gauss, hvn[b, 1:].max(0)) if pool == "max" else
+                      mean(*head(model.image_gauss, hvn[b, 1:])) for b in range(3)]
+        want_text = [mean(*head(model.text_gauss, htn[b, :int(am[b].sum())])) for b in range(3)]
+        got_image = model.pooled_image(hv)
+        got_text = dmlm.mean_gaussian(*model.text_gauss(ht), am)
+        for got, want in ((got_image, want_image), (got_text, want_text)):
+            for k in (0, 1):
+                np.testing.assert_allclose(got[k].detach().numpy(), np.stack([w[k] for w in want]), rtol=1e-4,
+                                           atol=1e-6)
+        hv2 = hv.clone()
+        hv2[:, 0] += 10.0  # the class token is not pooled
+        assert torch.equal(model.pooled_image(hv2)[0], model.pooled_image(hv)[0])
+
+
+def head_variance(m, feat):  # numpy: an Eq. (1) head's sigma^2, mean over D, of features [..., C]
+    w, b = m.var.weight.detach().double().numpy(), m.var.bias.detach().double().numpy()
+    return ((np.log1p(np.exp(feat.detach().double().numpy() @ w.T + b)) + 1e-4) / w.shape[0]).mean(-1)
+
+
+def test_patch_and_token_variances_for_the_sigma2_figure():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    pv = model.patch_variances(x)
+    assert pv.shape == (2, 16) and pv.dtype == torch.float32
+    np.testing.assert_allclose(pv.detach().numpy(), head_variance(model.image_gauss, model.image_tokens(x)),
+                               rtol=1e-5)
+    tokens, var = model.token_variances(["12 13 14", "15"])
+    assert tokens == [["[CLS]", "12", "13", "14", "[SEP]"], ["[CLS]", "15", "[SEP]"]]
+    assert [v.shape for v in var] == [(5,), (3,)]
+    ids = torch.tensor([[2, 17, 18, 19, 3]])  # the first text's ids, by the vocabulary of tiny_model
+    hidden = model.text(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+    np.testing.assert_allclose(var[0], head_variance(model.text_gauss, hidden), rtol=1e-5)
+    np.testing.assert_allclose(var[1], model.token_variances(["15"])[1][0], rtol=1e-5)  # padding left out
+
+
+def test_sigma2_error_spearman_over_the_masked_positions(phantom_csv):
+    """evaluate() against ranks computed with numpy (Spearman's rho = Pearson's r of the ranks) over the masked
+    tokens and patches of the test split, drawn again here from the same row seeds; and per modality."""
+    model = tiny_model(max_tokens=48)
+    table = common.XrayCSV(phantom_csv, "test")
+    got = dmlm.evaluate(model, table, "cpu")
+    ds = dmlm.PairDataset(table, model.cfg, model.knowledge, train=False)
+    batch = dmlm.collate([ds[i, i] for i in range(len(table))], model.tokenizer, model.cfg.max_tokens, 0.3)
+    var, err = {"text": [], "image": []}, {"text": [], "image": []}
+    with torch.no_grad():
+        out = model(*(batch[k] for k in ("image", "input_ids", "attention_mask", "masked_ids", "patch_mask")))
+    for k, m in (("text", batch["text_mask"]), ("image", batch["patch_mask"])):
+        for b, i in m.nonzero().tolist():
+            var[k].append(float(out["pred_" + k][1][b, i].mean()))
+            err[k].append(float(((out["pred_" + k][0][b, i] - out["target_" + k][0][b, i]) ** 2).sum()))
+
+    def rho(a, b):
+        ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
+        return np.corrcoef(ra, rb)[0, 1]
+    for k in ("text", "image"):
+        assert got["sigma2_error_spearman_" + k] == pytest.approx(rho(var[k], err[k]), abs=1e-6)
+    assert got["sigma2_error_spearman"] == pytest.approx(rho(var["text"] + var["image"], err["text"] + err["image"]),
+                                                         abs=1e-6)
+    assert got["zeroshot_auc_macro"] == common.zeroshot_eval(model, table, "cpu")["zeroshot_auc_macro"]
 
 
 # ---- Eq. (2), the targets, and the ViT ----
@@ -240,6 +398,15 @@ def test_targets_are_made_without_dropout():
     ta, tb = teacher.targets(*batch[:3]), teacher.targets(*batch[:3])
     assert all(torch.equal(u, v) for k in ta for u, v in zip(ta[k], tb[k]))
     assert torch.allclose(ta["target_text"][0], a["target_text"][0], atol=1e-5)  # a fresh copy: the same
+    with torch.no_grad():
+        teacher.text_gauss.mu.bias.add_(0.5)
+        teacher.image_gauss.mu.bias.add_(0.5)
+    c = model(*batch[:4], batch[5], teacher)  # --target=ema: the teacher's means, the model's own variances
+    for k in ("target_text", "target_image"):
+        assert torch.equal(c[k][0], teacher.targets(*batch[:3])[k][0]) and not torch.equal(c[k][0], a[k][0])
+        assert torch.equal(c[k][1], a[k][1])
+        # the targets' means carry no gradient, their variances do (that is how sigma^2 learns, dmlm_loss)
+        assert not a[k][0].requires_grad and not c[k][0].requires_grad and c[k][1].requires_grad
     with torch.no_grad():
         old = teacher.text_gauss.mu.weight.clone()
         model.text_gauss.mu.weight.add_(1.0)
@@ -354,7 +521,7 @@ def test_structured_report_sections_and_no_double_negative():
         sorted(rep.index(s) for s in ("Definition:", "Appearance:", "Observations:", "Verdicts:"))
     assert KNOW["Cardiomegaly"]["definition"] in rep and KNOW["Edema"]["appearance"] in rep
     assert KNOW["Nodule"]["definition"] not in rep
-    assert rep.endswith("Verdicts: abnormal study, cardiomegaly, possible edema, no nodule.")
+    assert rep.endswith("Verdicts: Cardiomegaly. abnormal study, cardiomegaly, possible edema, no nodule.")
     normal = dmlm.structured_report(names, np.array([0, 0, 0, 1], np.float32), {"impression": "Clear."}, KNOW)
     assert KNOW["No Finding"]["definition"] in normal and "Observations: Clear. Verdicts" in normal
     assert "Observations: The heart is enlarged. Verdicts" in rep
@@ -364,6 +531,37 @@ def test_structured_report_sections_and_no_double_negative():
     assert not any("no no finding" in p.lower() for p in pos + neg)
     assert set(phantoms.PHANTOM_LABELS) <= set(KNOW)
     assert all(v["definition"].strip() and v["appearance"].strip() for v in KNOW.values())
+
+
+# ---- the file as documentation ----
+
+def test_equation_map_names_functions_and_tests_that_exist():
+    """The docstring's map, one line per equation: every function it names is in dmlm.py and every test
+    pattern matches a test here (a renamed function or test makes the map stale)."""
+    doc = dmlm.__doc__
+    lines = doc[doc.index("Equation -> function -> test"):doc.index("\nRun:")].splitlines()[1:]
+    tests, seen = [n for n in globals() if n.startswith("test_")], []
+    for line in lines:
+        label, rest = re.match(r"\s+((?:Eq\. \(\d\)|Sec\. [\d.]+)\s+)?(.*)", line).groups()
+        seen += [label.strip()] if label else []
+        for name in filter(None, (t.strip(",") for t in rest.split())):
+            if name.endswith("*"):
+                assert any(fnmatch.fnmatch(t, "test_" + name) for t in tests), name
+            else:
+                assert functools.reduce(getattr, name.split("."), dmlm), name
+    assert seen == ["Eq. (1)", "Eq. (2)", "Eq. (3)", "Eq. (4)", "Eq. (5)", "Sec. 2.1", "Sec. 2.2"]
+
+
+def test_readme_departures_name_code_that_exists():
+    """README's D-MLM departures table: each `name` in its "where" column is in dmlm.py."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("| departure", readme.index("### D-MLM")):]
+    rows = table[:table.index("\n\n")].splitlines()[2:]
+    assert len(rows) >= 10
+    for row in rows:
+        for name in re.findall(r"`([^`]+)`", row.split(" | ")[1]):
+            if not name.startswith("--"):
+                assert functools.reduce(getattr, re.sub(r"\[.*", "", name).split("."), dmlm), name
 
 
 # ---- end to end ----
@@ -380,13 +578,26 @@ def _log(path):
 def test_short_run_learns_loads_and_resumes_exactly_with_the_ema_teacher(phantom_csv, tmp_path):
     flags = [f"--data={phantom_csv}", "--epochs=2", "--target=ema", "--lr=3e-3", "--encoder_lr=3e-3", *TINY]
     full = dmlm.main(flags + [f"--out_dir={tmp_path / 'a'}"])
-    rows = [r for r in _log(tmp_path / "a" / "log.jsonl") if "loss" in r]
-    assert full["step"] == 20
-    assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
+    log = _log(tmp_path / "a" / "log.jsonl")
+    rows = [r for r in log if "loss" in r]
+    first, last = (np.mean([r["loss"] for r in rs]) for rs in (rows[:3], rows[-3:]))
+    assert full["step"] == 20 and last < 0.8 * first  # the loss falls by a fifth in 20 steps
+    assert all(r["sigma2_p10"] <= r["sigma2_p50"] <= r["sigma2_p90"] for r in rows)
+    assert -1 <= full["sigma2_error_spearman"] <= 1
+    # the run writes what --out_dir promises, and no ckpt_best.pt (no model selection: the last weights)
+    promised = re.search(r"out_dir: str = .*#(.*)", open(dmlm.__file__).read()).group(1)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(re.findall(r"[\w.]+\.(?:pt|jsonl|json)", promised))
     model, cfg = dmlm.load(tmp_path / "a" / "ckpt.pt")
     assert cfg.target == "ema" and cfg.vit_width == 32
     again = common.zeroshot_eval(model, common.XrayCSV(phantom_csv, "test"), "cpu")
     assert again["zeroshot_auc_macro"] == pytest.approx(full["zeroshot_auc_macro"], abs=1e-6)
+    # held-out images against their structured reports: matched pairs score above the others (AUC, sklearn)
+    te = common.XrayCSV(phantom_csv, "test")
+    reports = [dmlm.structured_report(te.label_names, r["_labels"], r, model.knowledge) for r in te.rows]
+    with torch.no_grad():
+        sim = common.embed_images(model, te, "cpu")[0] @ model.encode_text(reports).numpy().T
+    other = ~np.array([[a == b for b in reports] for a in reports])
+    assert roc_auc_score(np.r_[np.ones(len(sim)), np.zeros(other.sum())], np.r_[np.diag(sim), sim[other]]) > 0.6
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model.encode_image(x).norm(dim=-1), torch.ones(2))
     assert model.image_tokens(x).shape == (2, 16, 32)
