@@ -66,7 +66,6 @@ class Config:
     vit_heads: int = 2  # attention heads (12)
     vit_mlp_dim: int = 128  # hidden size of the MLP and of every expert B_e (3072)
     moe_layers: str = "-1"  # layers whose MLP is MoBE (Sec. 3.3: best late; <0 from the end; none)
-    moe_topk: int = 0  # 0: Eq. (2), the dense mixture; K > 0: only the K best-scored experts run
     # text encoder phi_t and the shared space (Sec. 2.2, 3.1)
     text_encoder: str = "tiny"  # tiny (2 layers, from scratch) | a BERT name or folder
     vocab_size: int = 1000  # WordPiece vocabulary fitted on the training reports (tiny encoder)
@@ -119,22 +118,21 @@ PHANTOMS = 3000  # images in the demo's phantom data set
 
 
 class MoBE(nn.Module):
-    """Mixture of Body-part Experts (Sec. 2.2): E MLP experts B_e(V) = g(V W1_e + b1_e) W2_e + b2_e and a gate
-    W_G that reads the [IMG] token. It takes the place of torchvision's MLP block, called as mlp(ln_2(x)) with
-    x [B, S, C]: the teacher-forced expert choice comes in, and the gate logits [B, E] go out, as attributes
-    (`expert_index`, `gate_logits`), set and read by PedCLIP.encode.
+    """Mixture of Body-part Experts (Sec. 2.2), in place of a ViT layer's MLP: E MLP experts
+    B_e(V) = g(V W1_e + b1_e) W2_e + b2_e and a gate W_G that reads the [IMG] token.
+    forward(x [B, S, C], expert_index [B] or None) -> (MoBE(V) [B, S, C], gate logits v_[IMG] . W_G [B, E]).
 
     The experts' weights are stacked as w1 [C, E, H], b1 [E, H], w2 [E, H, C], b2 [E, C], so that
-      * the soft mixture of Eq. (2) is two dense matmuls, whatever E:
+      * the soft mixture of Eq. (2) is two dense matmuls, whatever E (`mixture`; `mixture_loop` is Eq. 2 as
+        written, one expert after the other, and gives the same numbers):
             sum_e s_e B_e(V) = [s_1 g(V W1_1 + b1_1) | ... | s_E g(V W1_E + b1_E)] [W2_1; ...; W2_E] + s . b2,
         with [W1_1 | ... | W1_E] = w1.view(C, E*H) and [W2_1; ...; W2_E] = w2.view(E*H, C) (views, no copy);
-      * routing (teacher forcing, top-k) sorts the images by expert, gathers the used experts' weights once
-        and runs each on its group: the plain MLP's cost, and one weight gradient of the stacked size.
+      * teacher forcing sorts the images by expert, gathers the used experts' weights once and runs each on
+        its group of images (`routed`): the plain MLP's cost.
     """
 
-    def __init__(self, dim: int, hidden: int, n_experts: int, topk: int = 0):
+    def __init__(self, dim: int, hidden: int, n_experts: int):
         super().__init__()
-        self.topk, self.n_experts, self.expert_index, self.gate_logits = topk, n_experts, None, None
         self.gate = nn.Linear(dim, n_experts, bias=False)  # W_G of Eq. (1), stored transposed as [E, C]
         nn.init.normal_(self.gate.weight, std=0.02)
         experts = [MLPBlock(dim, hidden, 0.0) for _ in range(n_experts)]  # each its own draw of MLP's init
@@ -143,15 +141,12 @@ class MoBE(nn.Module):
         self.w2 = nn.Parameter(torch.stack([m[3].weight.t() for m in experts]).detach())  # [E, H, C]
         self.b2 = nn.Parameter(torch.stack([m[3].bias for m in experts]).detach())  # [E, C]
 
-    def forward(self, x):
-        self.gate_logits = self.gate(x[:, 0])  # Eq. (1) before the softmax: v_[IMG] . W_G, [B, E]
-        if self.expert_index is not None:  # teacher forcing (Sec. 3.1): the body-part label x_b decides
-            return self.routed(x, self.expert_index.view(-1, 1), None)
-        s = self.gate_logits.float().softmax(-1).to(x.dtype)  # Eq. (1): the expert assignment scores [B, E]
-        if 0 < self.topk < self.n_experts:  # not Eq. (2), for speed: the K best experts, renormalised
-            w, idx = s.topk(self.topk, dim=-1)
-            return self.routed(x, idx, w / w.sum(-1, keepdim=True))
-        return self.mixture(x, s)
+    def forward(self, x, expert_index=None):
+        gate_logits = self.gate(x[:, 0])  # Eq. (1) before the softmax: v_[IMG] . W_G, [B, E]
+        if expert_index is not None:  # teacher forcing (Sec. 3.1): the body-part label x_b picks the expert
+            return self.routed(x, expert_index), gate_logits
+        s = gate_logits.float().softmax(-1).to(x.dtype)  # Eq. (1): the expert assignment scores s [B, E]
+        return self.mixture(x, s), gate_logits
 
     # Eq. (2), Sec. 2.2: MoBE(V) = sum_e s_e B_e(V), every expert on every token of the image.
     def mixture(self, x, s):  # x [B, S, C], s [B, E]
@@ -161,19 +156,17 @@ class MoBE(nn.Module):
         h = (h.view(B, S, E, H) * s[:, None, :, None]).view(B, S, E * H)  # block e scaled by s_e
         return h @ self.w2.view(E * H, C) + (s @ self.b2)[:, None, :]  # [B, S, C]
 
-    def routed(self, x, idx, w):
-        """Image b through experts idx[b, :] [B, K], weighted by w[b, :] (None: 1), each used expert once."""
-        B, K = idx.shape
-        flat = idx.reshape(-1)  # [B*K] the expert of each (image, slot)
-        order = torch.argsort(flat, stable=True)  # (image, slot) pairs grouped by expert
-        rows = order // K  # the image of each pair, in that order
-        used, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        experts = zip(self.w1.transpose(0, 1)[used], self.b1[used], self.w2[used], self.b2[used])  # 1 gather
-        groups = x[rows].split(counts.tolist())
-        y = torch.cat([F.gelu(g @ w1 + b1) @ w2 + b2 for g, (w1, b1, w2, b2) in zip(groups, experts)])
-        if w is not None:
-            y = y * w.reshape(-1)[order].view(-1, 1, 1).to(y.dtype)
-        return torch.zeros_like(x, dtype=y.dtype).index_add_(0, rows, y)
+    def mixture_loop(self, x, s):  # Eq. (2) as written, expert after expert: what `mixture` computes
+        return sum(s_e[:, None, None] * (F.gelu(x @ w1 + b1) @ w2 + b2)  # s_e B_e(V)
+                   for s_e, w1, b1, w2, b2 in zip(s.unbind(1), self.w1.unbind(1), self.b1, self.w2, self.b2))
+
+    def routed(self, x, idx):  # x [B, S, C], idx [B] -> B_{idx[b]}(x[b]) [B, S, C]
+        order = torch.argsort(idx, stable=True)  # the images grouped by expert
+        used, counts = torch.unique_consecutive(idx[order], return_counts=True)
+        experts = zip(self.w1[:, used].unbind(1), self.b1[used], self.w2[used], self.b2[used])  # one gather
+        y = torch.cat([F.gelu(g @ w1 + b1) @ w2 + b2 for g, (w1, b1, w2, b2) in
+                       zip(x[order].split(counts.tolist()), experts)])  # [B, S, C], images in `order`
+        return y[torch.argsort(order)]  # back in batch order
 
 
 def parse_moe_layers(spec: str, depth: int) -> list[int]:
@@ -201,8 +194,7 @@ class PedCLIP(nn.Module):
         if cfg.stem == "conv":  # demo: strided convs make the tokens (common.ConvStem says why)
             self.visual.conv_proj = common.ConvStem(cfg.vit_width, cfg.patch_size)
         self.moe_layers = parse_moe_layers(cfg.moe_layers, cfg.vit_depth)
-        self.mobe = [MoBE(cfg.vit_width, cfg.vit_mlp_dim, len(body_parts), cfg.moe_topk) for _ in
-                     self.moe_layers]
+        self.mobe = [MoBE(cfg.vit_width, cfg.vit_mlp_dim, len(body_parts)) for _ in self.moe_layers]
         for i, m in zip(self.moe_layers, self.mobe):  # the gate reads [IMG] as the MLP would: after ln_2
             self.visual.encoder.layers[i].mlp = m
         self.text = text_encoder
@@ -212,12 +204,22 @@ class PedCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode(self, images, expert_index=None):
-        """phi_v -> tokens [B, 1+N, C] ([IMG] first) after the last LayerNorm, gate logits [B, E] per MoBE."""
-        for m in self.mobe:
-            m.expert_index = expert_index
-        x = self.visual.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C]
-        x = self.visual.encoder(torch.cat([self.visual.class_token.expand(len(x), -1, -1), x], 1))
-        return x, [m.gate_logits for m in self.mobe]
+        """phi_v: images [B, 3, H, W] -> tokens V [B, 1+N, C] ([IMG] first) after the last LayerNorm, and the
+        gate logits [B, E] of each MoBE layer. torchvision's encoder, layer by layer: a MoBE layer is written
+        out (pre-LN attention, then MoBE in the MLP's place) because MoBE takes x_b and returns the gate."""
+        vit = self.visual
+        x = vit.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C] patch tokens
+        x = torch.cat([vit.class_token.expand(len(x), -1, -1), x], 1) + vit.encoder.pos_embedding
+        gate_logits = []
+        for layer in vit.encoder.layers:  # torchvision's EncoderBlock (its dropouts are 0)
+            if not isinstance(layer.mlp, MoBE):
+                x = layer(x)
+                continue
+            h = layer.ln_1(x)
+            x = x + layer.self_attention(h, h, h, need_weights=False)[0]
+            y, g = layer.mlp(layer.ln_2(x), expert_index)  # Eq. (1)-(2): the gate reads [IMG] after ln_2
+            x, gate_logits = x + y, gate_logits + [g]
+        return vit.encoder.ln(x), gate_logits
 
     def forward(self, images, input_ids, attention_mask, expert_index=None):
         """-> image [B, D], text [B, D] (their dot product is sim of Eq. 3-4), gate logits per MoBE layer."""
@@ -470,7 +472,7 @@ def vit_state_from_torchvision(tv_state: dict, model: PedCLIP) -> dict:
     choice) keep the ImageNet features, and the gate keeps its random init."""
     out = interpolate_embeddings(model.cfg.image_size, model.cfg.patch_size, tv_state, reset_heads=True)
     for i, m in zip(model.moe_layers, model.mobe):
-        p, E = f"encoder.layers.encoder_layer_{i}.mlp.", m.n_experts
+        p, E = f"encoder.layers.encoder_layer_{i}.mlp.", m.b1.shape[0]
         w0, b0, w3, b3 = (out.pop(p + n) for n in ("0.weight", "0.bias", "3.weight", "3.bias"))
         out.update({p + "w1": w0.t().unsqueeze(1).repeat(1, E, 1), p + "b1": b0.repeat(E, 1),
                     p + "w2": w3.t().repeat(E, 1, 1), p + "b2": b3.repeat(E, 1),

@@ -3,6 +3,7 @@ path, InfoNCE (Eq. 3-4) and l_G against independent computations, the lambda sch
 torchvision's, the data rules (excerpt column, body parts, empty texts), short end-to-end runs. CPU, tiny."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -30,20 +31,14 @@ def expert_module(m: MoBE, e: int) -> nn.Sequential:
     return seq
 
 
-def random_mobe(C=16, H=24, E=5, seed=0, topk=0):
+def random_mobe(C=16, H=24, E=5, seed=0):
     torch.manual_seed(seed)
-    m = MoBE(C, H, E, topk=topk)
+    m = MoBE(C, H, E)
     with torch.no_grad():  # make the experts and the gate clearly different from each other
         for p in (m.b1, m.b2):
             p.normal_(std=0.5)
         m.gate.weight.normal_(std=0.2)
     return m
-
-
-def run(m: MoBE, x, expert_index=None):
-    """MoBE inside torchvision's layer: the expert choice goes in, the gate logits come out, as attributes."""
-    m.expert_index = expert_index
-    return m(x), m.gate_logits
 
 
 def tiny_cfg(**kw):
@@ -70,7 +65,7 @@ def tiny_cfg(**kw):
 def test_mobe_soft_output_is_gate_weighted_sum_of_experts():
     m = random_mobe()
     x = torch.randn(4, 7, 16)
-    out, logits = run(m, x)
+    out, logits = m(x)
     # Eq. (1) in float64: s = exp(v W_G) / sum exp(v W_G), v the [IMG] token (index 0); Eq. (2) by expert
     v = x[:, 0].double()
     a = v @ m.gate.weight.t().double()
@@ -85,7 +80,7 @@ def test_mobe_teacher_forced_output_is_the_chosen_expert():
     m = random_mobe()
     x = torch.randn(6, 5, 16)
     idx = torch.tensor([3, 0, 3, 4, 1, 3])
-    out, logits = run(m, x, idx)
+    out, logits = m(x, idx)
     ref = torch.stack([expert_module(m, int(e))(x[b].double()) for b, e in enumerate(idx)])
     assert torch.allclose(out.double(), ref, atol=1e-5)
     assert logits.shape == (6, 5)  # the gate is still computed (l_G trains it)
@@ -93,15 +88,30 @@ def test_mobe_teacher_forced_output_is_the_chosen_expert():
     assert not torch.allclose(out.double(), other, atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["soft", "teacher", "top2"])
+def test_mobe_stacked_mixture_equals_eq2_as_written_loop():
+    """`mixture` (two matmuls over the stacked weights) equals `mixture_loop` (Eq. 2 expert after expert), in
+    the output and in every gradient, for a soft s that weighs all experts."""
+    m = random_mobe(32, 48, 6, seed=2)
+    x = torch.randn(5, 9, 32)
+    s = F.softmax(2 * torch.randn(5, 6), -1)
+    g = torch.randn(5, 9, 32)
+    got = [m.mixture(x, s)]
+    got += torch.autograd.grad((got[0] * g).sum(), [m.w1, m.b1, m.w2, m.b2])
+    ref = [m.mixture_loop(x, s)]
+    ref += torch.autograd.grad((ref[0] * g).sum(), [m.w1, m.b1, m.w2, m.b2])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, ref))
+    assert all(p.abs().sum() > 0 for p in ref[1:])  # every expert's weights are used
+
+
+@pytest.mark.parametrize("mode", ["soft", "teacher"])
 def test_mobe_stacked_experts_match_a_loop_over_modules_with_gradients(mode):
     """The stacked-weight mixture and the grouped routing equal a loop over E separate modules, in the output
     and in the gradient of every weight (teacher forcing: no gradient reaches the gate from the output)."""
     E, C, H = 6, 32, 48
-    m = random_mobe(C, H, E, seed=1, topk=2 if mode == "top2" else 0)
+    m = random_mobe(C, H, E, seed=1)
     x = torch.randn(8, 11, C, requires_grad=True)
-    idx = torch.randint(0, E, (8,))
-    out, _ = run(m, x, idx if mode == "teacher" else None)
+    idx = torch.tensor([4, 1, 4, 0, 5, 1, 4, 2])  # expert 3 unused, 4 thrice, out of order
+    out, _ = m(x, idx if mode == "teacher" else None)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
@@ -110,13 +120,7 @@ def test_mobe_stacked_experts_match_a_loop_over_modules_with_gradients(mode):
     mods = [expert_module(m, e).float() for e in range(E)]
     W_G = m.gate.weight.detach().clone().requires_grad_(True)
     s = F.softmax(x2[:, 0] @ W_G.t(), -1)
-    if mode == "soft":
-        w = s
-    elif mode == "teacher":
-        w = F.one_hot(idx, E).float()
-    else:
-        top = s.topk(2, -1)
-        w = torch.zeros_like(s).scatter(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    w = s if mode == "soft" else F.one_hot(idx, E).float()
     ref = sum(w[:, e, None, None] * mods[e](x2) for e in range(E))
     (ref * g).sum().backward()
     assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(x.grad, x2.grad, atol=1e-5)
@@ -126,7 +130,7 @@ def test_mobe_stacked_experts_match_a_loop_over_modules_with_gradients(mode):
         assert torch.allclose(got["w2"][e], mods[e][2].weight.grad.t(), atol=1e-5), e
         assert torch.allclose(got["b2"][e], mods[e][2].bias.grad, atol=1e-5), e
     if mode == "teacher":
-        assert "gate.weight" not in got
+        assert "gate.weight" not in got and got["w1"][:, 3].abs().sum() == 0
     else:
         assert torch.allclose(got["gate.weight"], W_G.grad, atol=1e-5)
 
@@ -134,26 +138,37 @@ def test_mobe_stacked_experts_match_a_loop_over_modules_with_gradients(mode):
 # ---- the ViT: torchvision's, with the pretrained MLP copied into the experts ----
 
 
-def test_pretrained_mlp_goes_into_every_expert_and_gives_torchvisions_features():
-    """With torchvision's ViT weights loaded, every expert starts as its layer's MLP, so any gate mixture and
-    any teacher-forced expert give torchvision's own features; the gate keeps its init."""
-    from torchvision.models.vision_transformer import VisionTransformer
+@pytest.mark.slow
+def test_imagenet_vit_b16_loads_by_name_and_every_expert_gives_torchvisions_features(monkeypatch):
+    """The paper preset's build() with torchvision's ViT-B/16 (random weights standing in for ImageNet's): the
+    state dict loads by name, each MoBE layer's MLP goes into every expert, the gate keeps its init, and
+    encode (the layers walked one by one) gives torchvision's own features for any gate or forced expert."""
+    import torchvision
 
     torch.manual_seed(0)
-    tv = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=48)
-    x = torch.randn(2, 3, 32, 32)
-    ref = tv.eval().encoder(torch.cat([tv.class_token.expand(2, -1, -1), tv._process_input(x)], 1))
-    model = pedclip.build(tiny_cfg(), common.train_wordpiece(["no effusion."], 40)).eval()
-    gate = model.mobe[1].gate.weight.detach().clone()
-    model.visual.load_state_dict(pedclip.vit_state_from_torchvision(tv.state_dict(), model))
-    mobe, mlp = model.visual.encoder.layers.encoder_layer_2.mlp, tv.encoder.layers.encoder_layer_2.mlp
-    assert all(
-        torch.equal(mobe.w1[:, e], mlp[0].weight.t()) and torch.equal(mobe.b2[e], mlp[3].bias)
-        for e in range(6)
-    ) and torch.equal(mobe.gate.weight, gate)
-    soft, gates = model.encode(x)
-    forced, _ = model.encode(x, torch.tensor([3, 1]))
-    assert len(gates) == 2 and torch.allclose(soft, ref, atol=1e-5) and torch.allclose(forced, ref, atol=1e-5)
+    tv = torchvision.models.vit_b_16().eval()
+    monkeypatch.setattr(torchvision.models, "vit_b_16", lambda weights: tv)
+    cfg = common.parse_config(pedclip.Config, pedclip.PRESETS, ["--preset=paper"])
+    cfg = dataclasses.replace(cfg, body_parts="chest,knee,hand", moe_layers="9,11", text_encoder="tiny")
+    gates, to_visual = [], pedclip.vit_state_from_torchvision
+
+    def spy(state, model):  # the gates' init, just before the ImageNet weights load
+        gates.extend(m.gate.weight.detach().clone() for m in model.mobe)
+        return to_visual(state, model)
+
+    monkeypatch.setattr(pedclip, "vit_state_from_torchvision", spy)
+    model = pedclip.build(cfg, common.train_wordpiece(["no effusion."], 40)).eval()
+    mobe, mlp = model.visual.encoder.layers.encoder_layer_11.mlp, tv.encoder.layers.encoder_layer_11.mlp
+    assert all(torch.equal(mobe.w1[:, e], mlp[0].weight.t()) and torch.equal(mobe.b2[e], mlp[3].bias)
+               for e in range(3))
+    assert len(gates) == 2 and all(torch.equal(m.gate.weight, g) for m, g in zip(model.mobe, gates))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = tv.encoder(torch.cat([tv.class_token.expand(2, -1, -1), tv._process_input(x)], 1))
+        soft, logits = model.encode(x)
+        forced, _ = model.encode(x, torch.tensor([2, 0]))
+    assert len(logits) == 2 and logits[0].shape == (2, 3)
+    assert torch.allclose(soft, ref, atol=1e-4) and torch.allclose(forced, ref, atol=1e-4)
 
 
 def test_moe_layers_flag():
