@@ -30,6 +30,7 @@ Departures from the paper are stated at their lines and in README.md ("PedCLIP")
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -345,17 +346,34 @@ def body_part_list(cfg: Config) -> list[str]:
 
 
 def body_part_labels(table: common.XrayCSV, parts: list[str]) -> np.ndarray:
-    """CSV body_part -> expert index x_b per row; a value that is no expert is a UserError naming it."""
-    out = []
-    for r in table.rows:
-        v = (r.get("body_part") or "").strip().lower().replace(" ", "_").replace("-", "_")
-        v = v if v in parts else BODY_PART_SYNONYMS.get(v, v)
+    """CSV body_part -> expert index x_b per row; values that are no expert: one UserError naming each and
+    its rows."""
+    names = [(r.get("body_part") or "").strip().lower().replace(" ", "_").replace("-", "_") for r in table.rows]
+    names = [v if v in parts else BODY_PART_SYNONYMS.get(v, v) for v in names]
+    unknown = {}  # the CSV's value -> its rows
+    for r, v in zip(table.rows, names):
         if v not in parts:
-            raise common.UserError(f"{table.path} row {r['_row']}: body part {r.get('body_part')!r} is "
-                                   f"none of the experts {parts} (other spellings mapped onto them: "
-                                   f"{sorted(BODY_PART_SYNONYMS)}); --body_parts=a,b,c chooses the experts")
-        out.append(parts.index(v))
-    return np.array(out, dtype=np.int64)
+            unknown.setdefault(r.get("body_part"), []).append(r["_row"])
+    if unknown:
+        where = "; ".join(f"{v!r} in row(s) {', '.join(map(str, rows[:5]))}" + (
+            f" and {len(rows) - 5} more" if len(rows) > 5 else "") for v, rows in unknown.items())
+        raise common.UserError(f"{table.path}: body part {where}: none of the experts {parts} (other spellings "
+                               f"mapped onto them: {sorted(BODY_PART_SYNONYMS)}); --body_parts=a,b,c chooses the "
+                               f"experts")
+    return np.array([parts.index(v) for v in names], dtype=np.int64)
+
+
+def excerpt_sources(cfg: Config, table: common.XrayCSV):
+    """Prints where the training excerpts came from (text_prep.py's column excerpt_source: llm, the language
+    model of Sec. 2.1 / rules, its fallback / empty), and says so when the paper preset trains on rule-made
+    ones."""
+    if "excerpt_source" not in table.columns:
+        return
+    n = collections.Counter((r["excerpt_source"] or "").strip() or "empty" for r in table.rows)
+    common.print0("excerpt_source of the training rows: " + ", ".join(f"{k} {c}" for k, c in sorted(n.items())))
+    if cfg.preset == "paper" and n["rules"]:
+        common.print0(f"note: {n['rules']} of {len(table)} training excerpts are rule-made, not the language "
+                      f"model's of Sec. 2.1")
 
 
 class TripletDataset(torch.utils.data.Dataset):
@@ -559,6 +577,8 @@ def train(cfg: Config) -> dict:
     te = common.XrayCSV(cfg.data, "test", ("image", "body_part"), counter=counter)
     parts = body_part_list(cfg)
     train_ds = TripletDataset(tr, parts, cfg)
+    body_part_labels(te, parts)  # the test split's body parts are checked now, not after the last epoch
+    excerpt_sources(cfg, tr)
 
     # -- model: the demo's tokenizer is fitted by rank 0 and sent to the others; a resumed run has its own
     if ck is not None:

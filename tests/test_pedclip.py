@@ -303,10 +303,52 @@ def test_body_parts_spellings_and_an_unknown_part_named_with_its_row(tmp_path):
     write_csv(
         p,
         ["image", "split", "body_part", "report"],
-        [["a.png", "train", "knee", "x"], ["a.png", "train", "Spleen", "x"]],
+        [["a.png", "train", "knee", "x"], ["a.png", "train", "Spleen", "x"], ["a.png", "train", "Spleen", "x"]],
     )
-    with pytest.raises(common.UserError, match=r"row 3: body part 'Spleen'"):
+    with pytest.raises(common.UserError, match=r"body part 'Spleen' in row\(s\) 3, 4: none of the experts"):
         pedclip.body_part_labels(common.XrayCSV(p, "train"), parts)
+
+
+def rewrite(phantom_csv, path, edit):
+    """The phantom CSV with absolute image paths, each row passed through edit(row, i), written to path."""
+    rows = list(csv.DictReader(open(phantom_csv)))
+    for i, r in enumerate(rows):
+        r["image"] = os.path.join(os.path.dirname(phantom_csv), r["image"])
+        edit(r, i)
+    common.write_csv_atomic(path, rows, list(rows[0]))
+    return rows
+
+
+def test_an_unknown_body_part_in_the_test_split_stops_the_run_before_training(tmp_path, phantom_csv):
+    def edit(r, i):
+        if r["split"] == "test" and i % 5 == 0:
+            r["body_part"] = "Spleen"
+
+    rows = rewrite(phantom_csv, tmp_path / "d.csv", edit)
+    bad = [i + 2 for i, r in enumerate(rows) if r["body_part"] == "Spleen"]  # CSV rows: the header is row 1
+    assert len(bad) > 5
+    with pytest.raises(common.UserError, match=rf"'Spleen' in row\(s\) {', '.join(map(str, bad[:5]))} and "
+                       rf"{len(bad) - 5} more: none of the experts"):
+        pedclip.main([f"--data={tmp_path / 'd.csv'}", f"--out_dir={tmp_path / 'o'}", *TINY])
+    assert not (tmp_path / "o" / "log.jsonl").exists()  # not a step was trained
+
+
+def test_excerpt_sources_are_counted_and_the_paper_preset_names_rule_made_ones(tmp_path, phantom_csv, capsys):
+    def edit(r, i):
+        r["excerpt"], r["excerpt_source"] = r["report"], ["llm", "rules", "llm", ""][i % 4]
+
+    rows = rewrite(phantom_csv, tmp_path / "d.csv", edit)
+    train = [r for r in rows if r["split"] == "train"]
+    n = {k: sum((r["excerpt_source"] or "empty") == k for r in train) for k in ("empty", "llm", "rules")}
+    assert min(n.values()) > 0
+    with pytest.raises(common.UserError, match="cannot load emilyalsentzer/Bio_ClinicalBERT"):  # offline
+        pedclip.main(["--preset=paper", f"--data={tmp_path / 'd.csv'}", f"--out_dir={tmp_path / 'o'}"])
+    out = capsys.readouterr().out
+    assert f"excerpt_source of the training rows: empty {n['empty']}, llm {n['llm']}, rules {n['rules']}" in out
+    assert f"note: {n['rules']} of {len(train)} training excerpts are rule-made" in out
+    pedclip.excerpt_sources(pedclip.Config(), common.XrayCSV(tmp_path / "d.csv", "train"))  # demo: no note
+    out = capsys.readouterr().out
+    assert "excerpt_source of the training rows" in out and "rule-made" not in out
 
 
 def test_paper_preset_needs_the_excerpt_column_and_names_the_step_that_writes_it(
@@ -314,13 +356,13 @@ def test_paper_preset_needs_the_excerpt_column_and_names_the_step_that_writes_it
 ):
     with pytest.raises(common.UserError, match="data_prep.py extract_bodyparts"):
         pedclip.main(["--preset=paper", f"--data={phantom_csv}", f"--out_dir={tmp_path}"])
-    with pytest.raises(
-        common.UserError
-    ):  # whole reports are an explicit choice; it then fails on the weights
+    # whole reports are an explicit choice; offline, it then fails on the weights
+    with pytest.raises(common.UserError, match="cannot load emilyalsentzer/Bio_ClinicalBERT"):
         pedclip.main(
             ["--preset=paper", f"--data={phantom_csv}", "--text_column=report", f"--out_dir={tmp_path}"]
         )
-    assert "not the paper's body-part excerpt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not the paper's body-part excerpt" in out and "excerpt_source" not in out
 
 
 def test_empty_texts_are_counted_and_stop_the_run(tmp_path, phantom_csv):
