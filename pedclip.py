@@ -253,11 +253,13 @@ class PedCLIP(nn.Module):
     @staticmethod
     def zeroshot_prompts(label: str):
         """(positive prompts, negative prompts) for zero-shot classification. "No Finding" is itself a
-        negation and gets its own pair (the generic template would say "no no finding", CheXzero's bug)."""
+        negation (the generic template would say "no no finding", CheXzero's bug): it is scored by normal-study
+        phrases alone, with no negative, as CXR-CLIP's official prompts do. Reports seldom say "abnormal
+        study", and a text encoder learns such a phrase only from them: one trained on reports from scratch
+        put "Abnormal study." beside "Normal study." (cosine 0.98), so the difference cancelled the signal."""
         x = common.label_text(label)
         if x in ("no finding", "normal"):
-            return (["No acute abnormality.", "No acute findings.", "Normal study."],
-                    ["Abnormal study.", "There are abnormal findings.", "Acute abnormality is present."])
+            return ["No acute abnormality.", "No acute findings.", "Normal study."], []
         return [f"There is {x}.", f"{x.capitalize()} is present.", f"{x.capitalize()}."], \
             [f"There is no {x}.", f"No {x}.", f"No evidence of {x}."]
 

@@ -260,8 +260,6 @@ def test_model_interface_and_param_groups(tiny_model):
     z = m.encode_image(x)
     assert z.shape == (3, 16) and torch.allclose(z.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert m.encode_text(["no effusion."]).shape == (1, 16) and m.image_tokens(x).shape == (3, 16, 32)
-    pos, neg = m.zeroshot_prompts("No_Finding")
-    assert not any("no no" in p.lower() for p in pos + neg)
     assert m.zeroshot_prompts("Pleural_Thickening")[0][0] == "There is pleural thickening."
     decay, rest = pedclip.param_groups(m, 0.1)
     ids = {id(p) for p in decay["params"]}
@@ -273,6 +271,23 @@ def test_model_interface_and_param_groups(tiny_model):
     assert rest["weight_decay"] == 0 and len(decay["params"]) + len(rest["params"]) == len(
         list(m.parameters())
     )
+
+
+def test_no_finding_is_scored_by_normal_study_prompts_alone(tiny_model):
+    """No Finding has no negative prompt (CXR-CLIP's official prompts do the same): its zero-shot score is the
+    cosine with the normalised mean of its positive prompts' embeddings (numpy), where a finding's score is
+    the positive cosine minus the negative one."""
+    m = tiny_model.eval()
+    pos, neg = m.zeroshot_prompts("No_Finding")
+    assert neg == [] and pos and not any("no no" in p.lower() for p in pos)
+    emb = F.normalize(torch.randn(5, 16, dtype=torch.float64), dim=-1).numpy()
+    with torch.no_grad():
+        t = {k: m.encode_text(v).double().numpy() for k, v in zip(("pos", "fpos", "fneg"), (
+            pos, *m.zeroshot_prompts("Fracture")))}
+    unit = {k: v.mean(0) / np.linalg.norm(v.mean(0)) for k, v in t.items()}
+    got = common.zeroshot_scores(m, emb, ["No Finding", "Fracture"])
+    np.testing.assert_allclose(got[:, 0], emb @ unit["pos"], atol=1e-6)
+    np.testing.assert_allclose(got[:, 1], emb @ unit["fpos"] - emb @ unit["fneg"], atol=1e-6)
 
 
 # ---- data: body parts, the excerpt column, empty texts, section sampling ----
