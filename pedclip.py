@@ -199,6 +199,8 @@ class PedCLIP(nn.Module):
         for i, m in zip(self.moe_layers, self.mobe):  # the gate reads [IMG] as the MLP would: after ln_2
             self.visual.encoder.layers[i].mlp = m
         self.text = text_encoder
+        # The paper's sim is the cosine of v_[IMG] and t_[CLS] themselves (Sec. 2.3); ours (a departure) first maps
+        # each by a linear projection to a shared space, as CLIP does: the two encoders' widths need not agree.
         self.image_proj = nn.Linear(cfg.vit_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim, bias=False)
         # 1/tau of Eq. (3)-(4), learnable as in CLIP (the paper gives no value): tau starts at 0.07
@@ -286,7 +288,8 @@ def infonce_losses(img, txt, logit_scale):
 
 
 # Sec. 2.3, expert assignment: l_G = CE(s, x_b). The paper has one MoBE block; with several (an option) l_G is
-# their mean, so that lambda keeps the paper's weight.
+# their mean, so that lambda keeps the paper's weight. The paper says l_G learns W_G; v_[IMG] is not detached,
+# so here l_G trains the ViT layers below the gate as well (our reading).
 def gate_loss(gate_logits: list, body_part):
     """gate_logits: one [b, E] per MoBE layer; body_part [b], the expert index x_b -> scalar."""
     if not gate_logits:
@@ -415,7 +418,9 @@ class TripletDataset(torch.utils.data.Dataset):
 
 
 def image_tensor(img: np.ndarray, rng=None, *, size: int) -> torch.Tensor:
-    """uint8 [H, W] -> [3, S, S], ImageNet-normalised. The paper names no image augmentation: none is done."""
+    """uint8 [H, W] -> [3, S, S], ImageNet-normalised. The paper names no image augmentation: none is done. It
+    gives only the size, 224 x 224: every film is squashed to it (a long spine or leg film narrows; the aspect
+    ratio is not kept, our choice)."""
     return common.to_tensor(common.resize(img, size))
 
 
@@ -479,6 +484,7 @@ def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> PedCLIP:
                                    "--vit_width=768 --vit_depth=12 --vit_heads=12 --vit_mlp_dim=3072")
         import torchvision
 
+        # "ViT-B/16 pretrained on ImageNet" (Sec. 3.1) does not say which weights: torchvision's IMAGENET1K_V1
         tv = common.load_pretrained("torchvision's ViT-B/16 ImageNet weights",
                                     lambda: torchvision.models.vit_b_16(weights="IMAGENET1K_V1"))
         model.visual.load_state_dict(vit_state_from_torchvision(tv.state_dict(), model))

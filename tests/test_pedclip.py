@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -288,6 +289,28 @@ def test_no_finding_is_scored_by_normal_study_prompts_alone(tiny_model):
     got = common.zeroshot_scores(m, emb, ["No Finding", "Fracture"])
     np.testing.assert_allclose(got[:, 0], emb @ unit["pos"], atol=1e-6)
     np.testing.assert_allclose(got[:, 1], emb @ unit["fpos"] - emb @ unit["fneg"], atol=1e-6)
+
+
+def test_readme_departures_table_names_what_exists_and_the_papers_open_points(tiny_model):
+    """Every `name` in the README's PedCLIP departures table exists in pedclip.py (a function, a preset, a
+    Config field or a model attribute), and the rows the paper leaves open are there."""
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    rows = [line.split(" | ") for line in text[text.index("### PedCLIP"):text.index("### CXR-CLIP")].splitlines()
+            if line.startswith("| ") and not line.startswith(("| departure", "| ---"))]
+    assert len(rows) >= 10
+    for name in (n for r in rows for n in re.findall(r"`([^`]+)`", r[1])):
+        path = re.sub(r'\["(\w+)"\]', r".\1", name).split(".")  # PRESETS["paper"] -> PRESETS.paper
+        if path[0] == "PedCLIP" or hasattr(tiny_model, path[0]):  # a model attribute set in __init__
+            obj, path = tiny_model, path[path[0] == "PedCLIP":]
+        else:
+            obj, path = getattr(pedclip, path[0]), path[1:]
+        for a in path:
+            obj = obj[a] if isinstance(obj, dict) else getattr(obj, a)
+    said = " ".join(r[0] for r in rows)
+    for point in ("IMAGENET1K_V1", "projected", "squashed", "l_G trains the ViT", "No Finding", "AdamW"):
+        assert point in said, point
 
 
 # ---- data: body parts, the excerpt column, empty texts, section sampling ----
