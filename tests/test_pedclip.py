@@ -180,6 +180,21 @@ def test_moe_layers_flag():
     assert pedclip.PRESETS["paper"].get("moe_layers", pedclip.Config.moe_layers) == "-1"  # one block, late
 
 
+@pytest.mark.slow
+def test_benchmark_times_the_vit_step_alone_and_teacher_forcing_costs_the_dense_flops(capsys):
+    """benchmark.py pedclip --vit_only: phi_v's forward and backward, dense and with teacher-forced MoBE, whose
+    FLOPs are the dense ViT's (each image through one expert: the plain MLP's cost) plus the gate's."""
+    import benchmark
+
+    out = benchmark.main(["pedclip", "--vit_only", "--image_size=32", "--batch_size=4", "--vit_width=32",
+                          "--vit_mlp_dim=64", "--vit_depth=2", "--device=cpu", "--threads=1"])
+    dense, teacher = out["vit_dense"]["gflops_per_sample"], out["vit_teacher"]["gflops_per_sample"]
+    gate = 3 * 2 * 32 * 6 / 1e9  # the gate's [IMG] x W_G, forward and backward, per sample (6 phantom parts)
+    assert teacher == pytest.approx(dense + gate, rel=1e-6)
+    assert out["vit_teacher_vs_dense_time"] == out["vit_teacher"]["step_ms"] / out["vit_dense"]["step_ms"]
+    assert "ViT step alone, teacher-forced / dense time" in capsys.readouterr().out
+
+
 # ---- losses, Eq. (3)-(4), l_G, l ----
 
 
