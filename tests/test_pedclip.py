@@ -468,20 +468,32 @@ TINY = [
 
 @pytest.mark.slow
 def test_short_run_learns_and_its_checkpoint_gives_the_same_zero_shot_auc(tmp_path, phantom_csv):
+    """12 epochs (60 steps) on the 240 phantoms: InfoNCE falls by more than 10% (about 20% here), the held-out
+    images match their own reports above chance (AUC over all image-report pairs, with scikit-learn), the gate
+    beats the majority body part, lambda and teacher forcing follow Sec. 3.1, and the checkpoint reproduces
+    the run's zero-shot AUC. (Zero-shot AUC itself is at chance after so few steps: the demo's 960 learn it.)"""
+    from sklearn.metrics import roc_auc_score
+
     out = tmp_path / "run"
     metrics = pedclip.main(
-        [f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=6", "--teacher_epochs=2", *TINY]
+        [f"--data={phantom_csv}", f"--out_dir={out}", "--epochs=12", "--teacher_epochs=2", *TINY, "--lr=3e-3"]
     )
     rows = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    steps = len(rows) // 6
-    assert steps >= 3 and len(rows) == 6 * steps
-    first, last = rows[:steps], rows[-steps:]
-    assert np.mean([r["loss"] for r in last]) < np.mean([r["loss"] for r in first]) - 0.3
-    assert [r["teacher_forcing"] for r in rows[::steps]] == [1, 1, 0, 0, 0, 0]
-    np.testing.assert_allclose([r["lam"] for r in rows[::steps]], [1, 1, 1, 2 / 3, 1 / 3, 0], atol=1e-9)
+    steps = len(rows) // 12
+    assert steps >= 3 and len(rows) == 12 * steps
+    nce = [np.mean([(r["v2t"] + r["t2v"]) / 2 for r in rs]) for rs in (rows[:steps], rows[-steps:])]
+    assert nce[1] < 0.9 * nce[0] and nce[1] < math.log(32) - 0.2  # below chance for a batch of 32
+    assert [r["teacher_forcing"] for r in rows[::steps]] == [1, 1] + [0] * 10
+    np.testing.assert_allclose([r["lam"] for r in rows[::steps]], [1, 1, *np.linspace(1, 0, 10)], atol=1e-9)
     test = common.XrayCSV(phantom_csv, split="test")
-    assert 0 <= json.loads((out / "metrics.json").read_text())["gate_accuracy"] <= 1
     model, cfg = pedclip.load(out / "ckpt.pt")
+    emb, _ = common.embed_images(model, test, "cpu")
+    with torch.no_grad():
+        txt = model.encode_text([r["report"] for r in test.rows]).numpy()
+    same = np.array([[a["study_id"] == b["study_id"] for b in test.rows] for a in test.rows])
+    assert roc_auc_score(same.ravel(), (emb @ txt.T).ravel()) > 0.62  # about 0.7; 0.5 is chance
+    majority = max(np.bincount(pedclip.body_part_labels(test, pedclip.PHANTOM_BODY_PARTS))) / len(test)
+    assert json.loads((out / "metrics.json").read_text())["gate_accuracy"] > majority + 0.15
     again = common.zeroshot_eval(model, test, "cpu")
     assert cfg.vit_width == 32 and abs(again["zeroshot_auc_macro"] - metrics["zeroshot_auc_macro"]) < 1e-9
 
