@@ -4,6 +4,7 @@ benchmark.py: the speed of each paper's training step, measured from outside the
     python benchmark.py cxrclip --preset=paper                      # samples/s, step time, memory, FLOPs, MFU
     python benchmark.py dmlm --preset=paper --batch_size=4 --device=cpu
     torchrun --nproc_per_node=8 benchmark.py pedclip --preset=paper  # --batch_size is global, as in training
+    python benchmark.py pedclip --preset=paper --vit_only           # PedCLIP's ViT step alone, dense vs MoBE
 
 The paper's model from random weights (nothing is downloaded) at the preset's per-process batch, on random
 tensors: no data, no data loading. Every flag is the paper file's own (its Config and presets). A step is
@@ -77,19 +78,33 @@ def wrap(model, cfg, world: int):  # as train() wraps it
     return nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
 
-def pedclip(m, cfg) -> dict:
-    """The plain ViT, MoBE teacher-forced and MoBE soft (Eq. 2 runs every expert), and their ratios."""
+def pedclip(m, cfg, vit_only: bool = False) -> dict:
+    """The plain ViT, MoBE teacher-forced and MoBE soft (Eq. 2 runs every expert), and their ratios: the whole
+    step, the ViT step alone (phi_v's forward and backward: no BERT, no optimiser) and AdamW's step alone.
+    vit_only (--vit_only): the ViT step alone, dense and teacher-forced."""
     rank, world, device, ctx, scaler = m.setup(cfg)
     b, out = cfg.batch_size // world, {}
     tok = common.tokenizer_from_vocab(SPECIALS + [str(i) for i in range(995)])
     x = torch.randn(b, 3, cfg.image_size, cfg.image_size, device=device)
     ids = torch.randint(5, 1000, (b, cfg.max_tokens), device=device)
     xb = torch.randint(0, len(m.body_part_list(cfg)), (b,), device=device)
-    for phase, moe_layers, teacher in (("dense", "none", False), ("teacher", cfg.moe_layers, True),
-                                       ("soft", cfg.moe_layers, False)):
+    phases = (("dense", "none", False), ("teacher", cfg.moe_layers, True), ("soft", cfg.moe_layers, False))
+    for phase, moe_layers, teacher in phases[:2] if vit_only else phases:
         torch.manual_seed(0)
         model = m.build(dataclasses.replace(cfg, moe_layers=moe_layers, pretrained=False), tok).to(device)
         opt = torch.optim.AdamW(m.param_groups(model, 0.1), lr=1e-5, fused=device != "cpu")
+
+        def vit_step(model=model, teacher=teacher):  # phi_v alone: [IMG] and the gate's l_G, backward
+            with ctx:
+                tokens, gl = model.encode(x, xb if teacher else None)
+            (tokens[:, 0].float().square().mean() + m.gate_loss(gl, xb)).backward()
+            model.zero_grad(set_to_none=True)
+
+        if phase != "soft":
+            flops = count_flops(vit_step)
+            out[f"vit_{phase}"] = run(vit_step, b, device, 10, flops, f"pedclip {cfg.preset} ViT step {phase}")
+        if vit_only:
+            continue
 
         def step(net=wrap(model, cfg, world), model=model, opt=opt, teacher=teacher):
             with ctx:
@@ -98,10 +113,23 @@ def pedclip(m, cfg) -> dict:
             optimiser_step(m.total_loss(l_v2t, l_t2v, m.gate_loss(gl, xb), 1.0), scaler, opt)
         flops = count_flops(lambda: step(net=model))  # on the eager model, this process's share
         out[phase] = run(step, b, device, 10, flops, f"pedclip {cfg.preset} {phase}")
-    out["teacher_vs_dense_time"] = out["teacher"]["step_ms"] / out["dense"]["step_ms"]
-    out["soft_vs_dense_flop_rate"] = out["soft"]["tflops_per_s"] / out["dense"]["tflops_per_s"]
-    common.print0(f"teacher-forced / dense step time {out['teacher_vs_dense_time']:.2f}; soft / dense "
-                  f"achieved FLOP/s {out['soft_vs_dense_flop_rate']:.2f}")
+        if phase != "soft":  # AdamW alone, over every parameter (the gradients of one more step stay in place)
+            with ctx:
+                v, t, gl = model(x, ids, torch.ones_like(ids), expert_index=xb if teacher else None)
+            m.total_loss(*m.infonce_losses(v.float(), t.float(), model.logit_scale), m.gate_loss(gl, xb), 1.0) \
+                .backward()
+            n = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+            out[f"adamw_{phase}"] = run(opt.step, b, device, 10, 0, f"pedclip {cfg.preset} AdamW {phase} ({n})")
+    out["vit_teacher_vs_dense_time"] = out["vit_teacher"]["step_ms"] / out["vit_dense"]["step_ms"]
+    common.print0(f"ViT step alone, teacher-forced / dense time {out['vit_teacher_vs_dense_time']:.2f}")
+    if not vit_only:
+        out["teacher_vs_dense_time"] = out["teacher"]["step_ms"] / out["dense"]["step_ms"]
+        out["soft_vs_dense_flop_rate"] = out["soft"]["tflops_per_s"] / out["dense"]["tflops_per_s"]
+        extra = {k: out[f"{k}teacher"]["step_ms"] - out[f"{k}dense"]["step_ms"] for k in ("", "vit_", "adamw_")}
+        common.print0(f"whole step, teacher-forced / dense time {out['teacher_vs_dense_time']:.2f}; soft / dense "
+                      f"achieved FLOP/s {out['soft_vs_dense_flop_rate']:.2f}; of the {extra['']:.0f} ms that "
+                      f"MoBE adds to the step, {extra['vit_']:.0f} ms are the ViT's and {extra['adamw_']:.0f} ms "
+                      f"AdamW's")
     return out
 
 
@@ -207,8 +235,11 @@ def main(argv=None):
     if not argv or argv[0] not in PAPERS:
         raise common.UserError(f"usage: benchmark.py {{{' | '.join(PAPERS)}}} [--key=value ...] (the paper "
                                f"file's flags; got {' '.join(argv[:1]) or 'no paper'})")
-    m = importlib.import_module(argv[0])
-    out = PAPERS[argv[0]](m, common.parse_config(m.Config, m.PRESETS, argv[1:]))
+    m, vit_only = importlib.import_module(argv[0]), "--vit_only" in argv
+    if vit_only and argv[0] != "pedclip":
+        raise common.UserError("--vit_only times PedCLIP's ViT step alone: benchmark.py pedclip --vit_only")
+    cfg = common.parse_config(m.Config, m.PRESETS, [a for a in argv[1:] if a != "--vit_only"])
+    out = pedclip(m, cfg, vit_only) if vit_only else PAPERS[argv[0]](m, cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
     return out

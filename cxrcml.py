@@ -603,8 +603,7 @@ def train(cfg: Config) -> dict:
     transform = functools.partial(pixels, size=cfg.image_size, chexzero=cfg.clip == "ViT-B/32")
     train_ds, val_ds = MetaLabelDataset(tr, train_rows, transform), MetaLabelDataset(va, val_rows, transform)
 
-    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
-    #    every rank)
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (the same on every rank)
     tok = tokenizer_from_files(ck["tokenizer"]) if ck else build_tokenizer(cfg, train_ds, names)
     model = raw_model = build(cfg, tok, ck["clip_config"] if ck else None, names).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers

@@ -30,6 +30,7 @@ Departures from the paper are stated at their lines and in README.md ("PedCLIP")
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -67,7 +68,6 @@ class Config:
     vit_heads: int = 2  # attention heads (12)
     vit_mlp_dim: int = 128  # hidden size of the MLP and of every expert B_e (3072)
     moe_layers: str = "-1"  # layers whose MLP is MoBE (Sec. 3.3: best late; <0 from the end; none)
-    moe_topk: int = 0  # 0: Eq. (2), the dense mixture; K > 0: only the K best-scored experts run
     # text encoder phi_t and the shared space (Sec. 2.2, 3.1)
     text_encoder: str = "tiny"  # tiny (2 layers, from scratch) | a BERT name or folder
     vocab_size: int = 1000  # WordPiece vocabulary fitted on the training reports (tiny encoder)
@@ -120,22 +120,21 @@ PHANTOMS = 3000  # images in the demo's phantom data set
 
 
 class MoBE(nn.Module):
-    """Mixture of Body-part Experts (Sec. 2.2): E MLP experts B_e(V) = g(V W1_e + b1_e) W2_e + b2_e and a gate
-    W_G that reads the [IMG] token. It takes the place of torchvision's MLP block, called as mlp(ln_2(x)) with
-    x [B, S, C]: the teacher-forced expert choice comes in, and the gate logits [B, E] go out, as attributes
-    (`expert_index`, `gate_logits`), set and read by PedCLIP.encode.
+    """Mixture of Body-part Experts (Sec. 2.2), in place of a ViT layer's MLP: E MLP experts
+    B_e(V) = g(V W1_e + b1_e) W2_e + b2_e and a gate W_G that reads the [IMG] token.
+    forward(x [B, S, C], expert_index [B] or None) -> (MoBE(V) [B, S, C], gate logits v_[IMG] . W_G [B, E]).
 
     The experts' weights are stacked as w1 [C, E, H], b1 [E, H], w2 [E, H, C], b2 [E, C], so that
-      * the soft mixture of Eq. (2) is two dense matmuls, whatever E:
+      * the soft mixture of Eq. (2) is two dense matmuls, whatever E (`mixture`; `mixture_loop` is Eq. 2 as
+        written, one expert after the other, and gives the same numbers):
             sum_e s_e B_e(V) = [s_1 g(V W1_1 + b1_1) | ... | s_E g(V W1_E + b1_E)] [W2_1; ...; W2_E] + s . b2,
         with [W1_1 | ... | W1_E] = w1.view(C, E*H) and [W2_1; ...; W2_E] = w2.view(E*H, C) (views, no copy);
-      * routing (teacher forcing, top-k) sorts the images by expert, gathers the used experts' weights once
-        and runs each on its group: the plain MLP's cost, and one weight gradient of the stacked size.
+      * teacher forcing sorts the images by expert, gathers the used experts' weights once and runs each on
+        its group of images (`routed`): the plain MLP's cost.
     """
 
-    def __init__(self, dim: int, hidden: int, n_experts: int, topk: int = 0):
+    def __init__(self, dim: int, hidden: int, n_experts: int):
         super().__init__()
-        self.topk, self.n_experts, self.expert_index, self.gate_logits = topk, n_experts, None, None
         self.gate = nn.Linear(dim, n_experts, bias=False)  # W_G of Eq. (1), stored transposed as [E, C]
         nn.init.normal_(self.gate.weight, std=0.02)
         experts = [MLPBlock(dim, hidden, 0.0) for _ in range(n_experts)]  # each its own draw of MLP's init
@@ -144,15 +143,12 @@ class MoBE(nn.Module):
         self.w2 = nn.Parameter(torch.stack([m[3].weight.t() for m in experts]).detach())  # [E, H, C]
         self.b2 = nn.Parameter(torch.stack([m[3].bias for m in experts]).detach())  # [E, C]
 
-    def forward(self, x):
-        self.gate_logits = self.gate(x[:, 0])  # Eq. (1) before the softmax: v_[IMG] . W_G, [B, E]
-        if self.expert_index is not None:  # teacher forcing (Sec. 3.1): the body-part label x_b decides
-            return self.routed(x, self.expert_index.view(-1, 1), None)
-        s = self.gate_logits.float().softmax(-1).to(x.dtype)  # Eq. (1): the expert assignment scores [B, E]
-        if 0 < self.topk < self.n_experts:  # not Eq. (2), for speed: the K best experts, renormalised
-            w, idx = s.topk(self.topk, dim=-1)
-            return self.routed(x, idx, w / w.sum(-1, keepdim=True))
-        return self.mixture(x, s)
+    def forward(self, x, expert_index=None):
+        gate_logits = self.gate(x[:, 0])  # Eq. (1) before the softmax: v_[IMG] . W_G, [B, E]
+        if expert_index is not None:  # teacher forcing (Sec. 3.1): the body-part label x_b picks the expert
+            return self.routed(x, expert_index), gate_logits
+        s = gate_logits.float().softmax(-1).to(x.dtype)  # Eq. (1): the expert assignment scores s [B, E]
+        return self.mixture(x, s), gate_logits
 
     # Eq. (2), Sec. 2.2: MoBE(V) = sum_e s_e B_e(V), every expert on every token of the image.
     def mixture(self, x, s):  # x [B, S, C], s [B, E]
@@ -162,19 +158,17 @@ class MoBE(nn.Module):
         h = (h.view(B, S, E, H) * s[:, None, :, None]).view(B, S, E * H)  # block e scaled by s_e
         return h @ self.w2.view(E * H, C) + (s @ self.b2)[:, None, :]  # [B, S, C]
 
-    def routed(self, x, idx, w):
-        """Image b through experts idx[b, :] [B, K], weighted by w[b, :] (None: 1), each used expert once."""
-        B, K = idx.shape
-        flat = idx.reshape(-1)  # [B*K] the expert of each (image, slot)
-        order = torch.argsort(flat, stable=True)  # (image, slot) pairs grouped by expert
-        rows = order // K  # the image of each pair, in that order
-        used, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        experts = zip(self.w1.transpose(0, 1)[used], self.b1[used], self.w2[used], self.b2[used])  # 1 gather
-        groups = x[rows].split(counts.tolist())
-        y = torch.cat([F.gelu(g @ w1 + b1) @ w2 + b2 for g, (w1, b1, w2, b2) in zip(groups, experts)])
-        if w is not None:
-            y = y * w.reshape(-1)[order].view(-1, 1, 1).to(y.dtype)
-        return torch.zeros_like(x, dtype=y.dtype).index_add_(0, rows, y)
+    def mixture_loop(self, x, s):  # Eq. (2) as written, expert after expert: what `mixture` computes
+        return sum(s_e[:, None, None] * (F.gelu(x @ w1 + b1) @ w2 + b2)  # s_e B_e(V)
+                   for s_e, w1, b1, w2, b2 in zip(s.unbind(1), self.w1.unbind(1), self.b1, self.w2, self.b2))
+
+    def routed(self, x, idx):  # x [B, S, C], idx [B] -> B_{idx[b]}(x[b]) [B, S, C]
+        order = torch.argsort(idx, stable=True)  # the images grouped by expert
+        used, counts = torch.unique_consecutive(idx[order], return_counts=True)
+        experts = zip(self.w1[:, used].unbind(1), self.b1[used], self.w2[used], self.b2[used])  # one gather
+        y = torch.cat([F.gelu(g @ w1 + b1) @ w2 + b2 for g, (w1, b1, w2, b2) in
+                       zip(x[order].split(counts.tolist()), experts)])  # [B, S, C], images in `order`
+        return y[torch.argsort(order)]  # back in batch order
 
 
 def parse_moe_layers(spec: str, depth: int) -> list[int]:
@@ -204,23 +198,34 @@ class PedCLIP(nn.Module):
         if cfg.stem == "conv":  # demo: strided convs make the tokens (common.ConvStem says why)
             self.visual.conv_proj = common.ConvStem(cfg.vit_width, cfg.patch_size)
         self.moe_layers = parse_moe_layers(cfg.moe_layers, cfg.vit_depth)
-        self.mobe = [MoBE(cfg.vit_width, cfg.vit_mlp_dim, len(body_parts), cfg.moe_topk) for _ in
-                     self.moe_layers]
+        self.mobe = [MoBE(cfg.vit_width, cfg.vit_mlp_dim, len(body_parts)) for _ in self.moe_layers]
         for i, m in zip(self.moe_layers, self.mobe):  # the gate reads [IMG] as the MLP would: after ln_2
             self.visual.encoder.layers[i].mlp = m
         self.text = text_encoder
+        # The paper's sim is the cosine of v_[IMG] and t_[CLS] themselves (Sec. 2.3); ours (a departure) first maps
+        # each by a linear projection to a shared space, as CLIP does: the two encoders' widths need not agree.
         self.image_proj = nn.Linear(cfg.vit_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim, bias=False)
         # 1/tau of Eq. (3)-(4), learnable as in CLIP (the paper gives no value): tau starts at 0.07
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode(self, images, expert_index=None):
-        """phi_v -> tokens [B, 1+N, C] ([IMG] first) after the last LayerNorm, gate logits [B, E] per MoBE."""
-        for m in self.mobe:
-            m.expert_index = expert_index
-        x = self.visual.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C]
-        x = self.visual.encoder(torch.cat([self.visual.class_token.expand(len(x), -1, -1), x], 1))
-        return x, [m.gate_logits for m in self.mobe]
+        """phi_v: images [B, 3, H, W] -> tokens V [B, 1+N, C] ([IMG] first) after the last LayerNorm, and the
+        gate logits [B, E] of each MoBE layer. torchvision's encoder, layer by layer: a MoBE layer is written
+        out (pre-LN attention, then MoBE in the MLP's place) because MoBE takes x_b and returns the gate."""
+        vit = self.visual
+        x = vit.conv_proj(images).flatten(2).transpose(1, 2)  # [B, N, C] patch tokens
+        x = torch.cat([vit.class_token.expand(len(x), -1, -1), x], 1) + vit.encoder.pos_embedding
+        gate_logits = []
+        for layer in vit.encoder.layers:  # torchvision's EncoderBlock (its dropouts are 0)
+            if not isinstance(layer.mlp, MoBE):
+                x = layer(x)
+                continue
+            h = layer.ln_1(x)
+            x = x + layer.self_attention(h, h, h, need_weights=False)[0]
+            y, g = layer.mlp(layer.ln_2(x), expert_index)  # Eq. (1)-(2): the gate reads [IMG] after ln_2
+            x, gate_logits = x + y, gate_logits + [g]
+        return vit.encoder.ln(x), gate_logits
 
     def forward(self, images, input_ids, attention_mask, expert_index=None):
         """-> image [B, D], text [B, D] (their dot product is sim of Eq. 3-4), gate logits per MoBE layer."""
@@ -235,10 +240,8 @@ class PedCLIP(nn.Module):
         h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
-    def encode_text(self, texts: list[str]):
-        t = self.tokenize(texts)
-        return self.encode_tokens(t["input_ids"].to(self.logit_scale.device),
-                                  t["attention_mask"].to(self.logit_scale.device))
+    def encode_text(self, texts: list[str]):  # -> [B, D]
+        return self.encode_tokens(**{k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()})
 
     def tokenize(self, texts) -> dict:
         return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
@@ -252,11 +255,13 @@ class PedCLIP(nn.Module):
     @staticmethod
     def zeroshot_prompts(label: str):
         """(positive prompts, negative prompts) for zero-shot classification. "No Finding" is itself a
-        negation and gets its own pair (the generic template would say "no no finding", CheXzero's bug)."""
+        negation (the generic template would say "no no finding", CheXzero's bug): it is scored by normal-study
+        phrases alone, with no negative, as CXR-CLIP's official prompts do. Reports seldom say "abnormal
+        study", and a text encoder learns such a phrase only from them: one trained on reports from scratch
+        put "Abnormal study." beside "Normal study." (cosine 0.98), so the difference cancelled the signal."""
         x = common.label_text(label)
         if x in ("no finding", "normal"):
-            return (["No acute abnormality.", "No acute findings.", "Normal study."],
-                    ["Abnormal study.", "There are abnormal findings.", "Acute abnormality is present."])
+            return ["No acute abnormality.", "No acute findings.", "Normal study."], []
         return [f"There is {x}.", f"{x.capitalize()} is present.", f"{x.capitalize()}."], \
             [f"There is no {x}.", f"No {x}.", f"No evidence of {x}."]
 
@@ -267,12 +272,9 @@ class PedCLIP(nn.Module):
 
 # Eq. (3) and (4): InfoNCE over the global batch, image -> text and text -> image.
 def infonce_losses(img, txt, scale):
-    """img, txt [b, D] L2-normalised on this rank, scale = 1/tau -> (l_v2t, l_t2v), each the mean over the b
-    local pairs.
-
-    Each local image is scored against all M = world * b texts (gathered with gradient) and vice versa; the
-    positive of local row i is global column rank * b + i. DDP's gradient averaging gives the global mean.
-    """
+    """img, txt [b, D] L2-normalised on this rank, scale = 1/tau -> (l_v2t, l_t2v), each the mean over the b local
+    pairs. Each local image is scored against all M = world * b texts (gathered with gradient) and vice versa; the
+    positive of local row i is global column rank * b + i. DDP's gradient averaging gives the global mean."""
     all_img, all_txt = common.all_gather_with_grad(img), common.all_gather_with_grad(txt)  # [M, D]
     target = torch.arange(len(img), device=img.device) + len(img) * common.rank()  # row i's global index
     l_v2t = F.cross_entropy(scale * img @ all_txt.t(), target)  # Eq. (3): sim(x_v^i, x_t^j) / tau
@@ -281,7 +283,8 @@ def infonce_losses(img, txt, scale):
 
 
 # Sec. 2.3, expert assignment: l_G = CE(s, x_b). The paper has one MoBE block; with several (an option) l_G is
-# their mean, so that lambda keeps the paper's weight.
+# their mean, so that lambda keeps the paper's weight. The paper says l_G learns W_G; v_[IMG] is not detached,
+# so here l_G trains the ViT layers below the gate as well (our reading).
 def gate_loss(gate_logits: list, body_part):
     """gate_logits: one [b, E] per MoBE layer; body_part [b], the expert index x_b -> scalar."""
     if not gate_logits:
@@ -376,23 +379,37 @@ def body_part_list(cfg: Config) -> list[str]:
 
 
 def body_part_labels(table: common.XrayCSV, parts: list[str]) -> np.ndarray:
-    """CSV body_part -> expert index x_b per row; a value that is no expert is a UserError naming it."""
-    out = []
-    for r in table.rows:
-        v = (r.get("body_part") or "").strip().lower().replace(" ", "_").replace("-", "_")
-        v = v if v in parts else BODY_PART_SYNONYMS.get(v, v)
+    """CSV body_part -> expert index x_b per row; values that are no expert: one UserError naming each and its rows."""
+    names = [(r.get("body_part") or "").strip().lower().replace(" ", "_").replace("-", "_") for r in table.rows]
+    names = [v if v in parts else BODY_PART_SYNONYMS.get(v, v) for v in names]
+    unknown = {}  # the CSV's value -> its rows
+    for r, v in zip(table.rows, names):
         if v not in parts:
-            raise common.UserError(f"{table.path} row {r['_row']}: body part {r.get('body_part')!r} is "
-                                   f"none of the experts {parts} (other spellings mapped onto them: "
-                                   f"{sorted(BODY_PART_SYNONYMS)}); --body_parts=a,b,c chooses the experts")
-        out.append(parts.index(v))
-    return np.array(out, dtype=np.int64)
+            unknown.setdefault(r.get("body_part"), []).append(r["_row"])
+    if unknown:
+        where = "; ".join(f"{v!r} in row(s) {', '.join(map(str, rows[:5]))}" + (
+            f" and {len(rows) - 5} more" if len(rows) > 5 else "") for v, rows in unknown.items())
+        raise common.UserError(f"{table.path}: body part {where}: none of the experts {parts} (other spellings "
+                               f"mapped onto them: {sorted(BODY_PART_SYNONYMS)}); --body_parts=a,b,c chooses the "
+                               f"experts")
+    return np.array([parts.index(v) for v in names], dtype=np.int64)
+
+
+def excerpt_sources(cfg: Config, table: common.XrayCSV):
+    """Prints where the training excerpts came from (text_prep.py's excerpt_source: llm, Sec. 2.1's language
+    model / rules, its fallback / empty), and a note when the paper preset trains on rule-made ones."""
+    if "excerpt_source" not in table.columns:
+        return
+    n = collections.Counter((r["excerpt_source"] or "").strip() or "empty" for r in table.rows)
+    common.print0("excerpt_source of the training rows: " + ", ".join(f"{k} {c}" for k, c in sorted(n.items())))
+    if cfg.preset == "paper" and n["rules"]:
+        common.print0(f"note: {n['rules']} of {len(table)} training excerpts are rule-made, not the language "
+                      f"model's of Sec. 2.1")
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image x_v, text x_t, body-part index x_b. An unreadable image is replaced by
-    the next readable row and reported in "bad" (the loop counts it): every rank keeps its batch size, which
-    the all-gathered InfoNCE needs."""
+    """Item (row, sample seed) -> image x_v, text x_t, body-part index x_b. An unreadable image is replaced by the
+    next readable row, reported in "bad" (counted): every rank keeps its batch size, as the gathered InfoNCE needs."""
 
     def __init__(self, table: common.XrayCSV, parts: list[str], cfg: Config):
         self.t, self.cfg, self.body_part = table, cfg, body_part_labels(table, parts)
@@ -426,7 +443,9 @@ class TripletDataset(torch.utils.data.Dataset):
 
 
 def image_tensor(img: np.ndarray, rng=None, *, size: int) -> torch.Tensor:
-    """uint8 [H, W] -> [3, S, S], ImageNet-normalised. The paper names no image augmentation: none is done."""
+    """uint8 [H, W] -> [3, S, S], ImageNet-normalised. The paper names no image augmentation: none is done. It
+    gives only the size, 224 x 224: every film is squashed to it (a long spine or leg film narrows; the aspect
+    ratio is not kept, our choice)."""
     return common.to_tensor(common.resize(img, size))
 
 
@@ -466,8 +485,7 @@ def build_text_encoder(cfg: Config, vocab_size: int, bert_config: dict | None = 
 
 
 def build_tokenizer(cfg: Config, table: common.XrayCSV):
-    """BioClinicalBERT's tokenizer (paper), or a WordPiece vocabulary fitted on the training texts and the
-    zero-shot prompts (demo)."""
+    """BioClinicalBERT's tokenizer (paper), or WordPiece fitted on the training texts and the prompts (demo)."""
     if cfg.pretrained and cfg.text_encoder != "tiny":
         from transformers import AutoTokenizer
 
@@ -489,6 +507,7 @@ def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> PedCLIP:
                                    "--vit_width=768 --vit_depth=12 --vit_heads=12 --vit_mlp_dim=3072")
         import torchvision
 
+        # "ViT-B/16 pretrained on ImageNet" (Sec. 3.1) does not say which weights: torchvision's IMAGENET1K_V1
         tv = common.load_pretrained("torchvision's ViT-B/16 ImageNet weights",
                                     lambda: torchvision.models.vit_b_16(weights="IMAGENET1K_V1"))
         model.visual.load_state_dict(vit_state_from_torchvision(tv.state_dict(), model))
@@ -497,12 +516,11 @@ def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> PedCLIP:
 
 def vit_state_from_torchvision(tv_state: dict, model: PedCLIP) -> dict:
     """torchvision's ImageNet ViT state dict -> model.visual's: no classifier, position embeddings resized to
-    --image_size (torchvision's interpolate_embeddings), and each MoBE layer's pretrained MLP copied into all
-    its experts. The paper does not say how the experts start: copies of the layer's pretrained MLP (our
-    choice) keep the ImageNet features, and the gate keeps its random init."""
+    --image_size (torchvision's interpolate_embeddings), each MoBE layer's pretrained MLP copied into all its
+    experts (the paper does not say how they start; ours keeps the ImageNet features), the gate's random init."""
     out = interpolate_embeddings(model.cfg.image_size, model.cfg.patch_size, tv_state, reset_heads=True)
     for i, m in zip(model.moe_layers, model.mobe):
-        p, E = f"encoder.layers.encoder_layer_{i}.mlp.", m.n_experts
+        p, E = f"encoder.layers.encoder_layer_{i}.mlp.", m.b1.shape[0]
         w0, b0, w3, b3 = (out.pop(p + n) for n in ("0.weight", "0.bias", "3.weight", "3.bias"))
         out.update({p + "w1": w0.t().unsqueeze(1).repeat(1, E, 1), p + "b1": b0.repeat(E, 1),
                     p + "w2": w3.t().repeat(E, 1, 1), p + "b2": b3.repeat(E, 1),
@@ -511,7 +529,7 @@ def vit_state_from_torchvision(tv_state: dict, model: PedCLIP) -> dict:
 
 
 def load(path, map_location="cpu") -> tuple[PedCLIP, Config]:
-    """A model from its checkpoint alone (ckpt.pt or ckpt_best.pt: config, BERT config, vocabulary)."""
+    """A model from its checkpoint alone (ckpt.pt: config, BERT config, vocabulary)."""
     ck = common.load_checkpoint(path, map_location)
     cfg = Config(**{k: v for k, v in ck["config"].items() if k in Config.__dataclass_fields__})
     model = build(cfg, common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]), ck["bert_config"])
@@ -582,8 +600,7 @@ def train(cfg: Config) -> dict:
         phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     try:  # Sec. 2.1: x_t is the excerpt of the image's body part, which data_prep writes to `excerpt`
-        tr = common.XrayCSV(cfg.data, "train", ("image", "body_part", cfg.text_column), (cfg.text_column,),
-                            counter)
+        tr = common.XrayCSV(cfg.data, "train", ("image", "body_part", cfg.text_column), (cfg.text_column,), counter)
     except common.UserError as e:
         if f"no column {cfg.text_column!r}" in str(e) and cfg.text_column == "excerpt":
             e = common.UserError(f"{e}. The paper pairs each image with the report excerpt of its body "
@@ -595,9 +612,10 @@ def train(cfg: Config) -> dict:
     te = common.XrayCSV(cfg.data, "test", ("image", "body_part"), counter=counter)
     parts = body_part_list(cfg)
     train_ds = TripletDataset(tr, parts, cfg)
+    body_part_labels(te, parts)  # the test split's body parts are checked now, not after the last epoch
+    excerpt_sources(cfg, tr)
 
-    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (deterministic: the same on
-    #    every rank)
+    # -- model: the checkpoint's tokenizer, or one fitted on the training texts (the same on every rank)
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else build_tokenizer(cfg, tr)
     model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers

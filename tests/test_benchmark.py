@@ -29,18 +29,20 @@ def _figures(paper):
 @pytest.mark.slow
 @pytest.mark.parametrize("paper", PAPERS)
 def test_benchmark_prints_consistent_figures(paper):
-    """Every figure finite and > 0; samples/s x step time = the samples of one step; for CXR-CLIP, GFLOP per
+    """Every figure finite and > 0 (no FLOPs in AdamW's step); samples/s x step time = the samples of one step; for CXR-CLIP, GFLOP per
     sample within 10% of a forward + backward counted here on the model the paper file builds."""
     figures = _figures(paper)
     for label, (sps, ms, p90, mem, gflop, tflops) in figures.items():
-        assert all(math.isfinite(v) and v > 0 for v in (sps, ms, p90, mem, gflop, tflops)), label
+        assert all(math.isfinite(v) and v > 0 for v in (sps, ms, p90, mem)), label
+        # FLOPs count matmuls and convolutions: AdamW's step alone (PedCLIP's rows) has none
+        assert (gflop == tflops == 0) if "AdamW" in label else (gflop > 0 and tflops > 0), label
         samples = 16 if paper == "cxrclip" else 8  # 2 image-text pairs a study; the mixture fits the bank:
         if "mixture fit" in label:
             import cxrcml
 
             samples = common.parse_config(cxrcml.Config, cxrcml.PRESETS, ARGS).bank_size
         assert abs(sps * ms / 1e3 - samples) < 0.02 * samples, (label, sps, ms)
-        assert abs(tflops * 1e12 - gflop * 1e9 * sps) < 0.02 * tflops * 1e12, label
+        assert abs(tflops * 1e12 - gflop * 1e9 * sps) <= 0.02 * tflops * 1e12, label
     if paper == "cxrclip":
         import cxrclip
 
