@@ -24,11 +24,11 @@ Equation -> function -> test (tests/test_dmlm.py::test_...):
 Run:
     python dmlm.py                                          # demo: phantoms, small ViT + BERT, 2 CPU cores
     torchrun --nproc_per_node=2 dmlm.py                     # the same demo in 2 processes
-    python text_prep.py knowledge --findings=data/mimic.csv --model=<LLM folder> --out=data/knowledge.json
-    python dmlm.py --preset=paper --data=data/mimic.csv --knowledge=data/knowledge.json
-    torchrun --nproc_per_node=4 dmlm.py --preset=paper --data=data/mimic.csv --knowledge=data/knowledge.json
+    python text_prep.py knowledge --findings=data/mimic_cxr.csv --model=<LLM folder> --out=data/knowledge.json
+    python dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
+    torchrun --nproc_per_node=4 dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        dmlm.py --preset=paper --data=data/mimic.csv --knowledge=data/knowledge.json
+        dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
     python dmlm.py --align=pairs --target=ema --image_mask=random   # the other readings (Eq. 3-4, Sec. 2.2)
 
 Departures from the paper are stated at their lines and in README.md ("D-MLM").
