@@ -116,7 +116,7 @@ def pedclip(m, cfg, vit_only: bool = False) -> dict:
         if phase != "soft":  # AdamW alone, over every parameter (the gradients of one more step stay in place)
             with ctx:
                 v, t, gl = model(x, ids, torch.ones_like(ids), expert_index=xb if teacher else None)
-            m.total_loss(*m.infonce_losses(v.float(), t.float(), model.logit_scale), m.gate_loss(gl, xb), 1.0) \
+            m.total_loss(*m.infonce_losses(v.float(), t.float(), model.logit_scale.exp()), m.gate_loss(gl, xb), 1.0) \
                 .backward()
             n = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
             out[f"adamw_{phase}"] = run(opt.step, b, device, 10, 0, f"pedclip {cfg.preset} AdamW {phase} ({n})")
