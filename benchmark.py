@@ -214,7 +214,7 @@ def dmlm(m, cfg) -> dict:
         with ctx:
             out = net(x, ids, am, masked_ids, patch_mask, ema)
         l_dmlm = m.dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
-                             out["target_image"], patch_mask, cfg.var_prior)
+                             out["target_image"], patch_mask)
         l_align = m.align_contrastive_loss(out["image"], out["text"], model.logit_scale.exp()) \
             if cfg.align == "contrastive" else m.align_pairs_loss(out["image"], out["text"])
         optimiser_step(m.total_loss(l_dmlm, l_align, cfg.lam), scaler, opt)

@@ -80,7 +80,6 @@ class Config:
     mask_ratio: float = 0.3  # share of the text tokens (Sec. 2.2) and of the image patches (Sec. 3.6) masked
     image_mask: str = "adaptive"  # adaptive: towards the regions the Appearance names (Sec. 2.2) | random
     target: str = "stopgrad"  # Eq. (3) targets: stopgrad (the encoders' unmasked pass) | ema (momentum copy)
-    var_prior: float = 0.1  # Eq. (3): weight of KL(N(0, sigma^2) || N(0, 1/D)) on the targets' sigma^2 (ours)
     pool: str = "mean"  # Eq. (4)'s image Gaussian: mean of its patches' Eq. (1) Gaussians, as the report's | max
     align: str = "contrastive"  # Eq. (4): contrastive (-W2^2 / 2 as InfoNCE logits) | pairs (literal)
     lam: float = 0.2  # Eq. (5): L = lam L_D-MLM + (1 - lam) L_align (Sec. 3.6)
@@ -337,10 +336,10 @@ def gaussian_kl(mu_p, var_p, mu_q, var_q):  # [..., D] -> [...]
 # Eq. (3), Sec. 2.3: KL(prediction || target) over the masked tokens and patches, averaged over them and D (not
 # summed: a departure, so that lambda = 0.2 weighs it as Eq. 5 intends). How sigma^2 learns (ours: the paper names
 # no stop-gradient or prior): in KL(N(mu^, v^) || N(mu, v)) the best v^ is v whatever the error, the best v is
-# v^ + (mu^ - mu)^2. So the target's v gets the gradient (its mu does not), and `prior` x KL(N(0, v) || N(0, 1/D))
+# v^ + (mu^ - mu)^2. So the target's v gets the gradient (its mu does not), and `prior` (0.1) x KL(N(0, v) || N(0, 1/D))
 # keeps it from growing without bound (KL -> 0). Per dimension the optimum is v = v^ = (1 + sqrt(1 + 4 D e /
 # prior)) / (2 D), e = (mu^ - mu)^2: the harder a position is to predict, the larger its sigma^2.
-def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask, prior: float = 0.0):
+def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask, prior: float = 0.1):
     """pred_* / target_*: (mu, sigma^2), each [B, L, D] (text) / [B, N, D] (image); *_mask [B, L] / [B, N]."""
     def kl(pred, target):  # [B, S]: Eq. (3)'s KL and the prior on the target's variance
         unit = torch.full_like(target[1], 1 / target[1].shape[-1])
@@ -740,7 +739,7 @@ def train(cfg: Config) -> dict:
             with ctx:
                 out = model(x, ids, am, masked_ids, patch_mask, ema)
             l_dmlm = dmlm_loss(out["pred_text"], out["target_text"], text_mask, out["pred_image"],
-                               out["target_image"], patch_mask, cfg.var_prior)  # Eq. (3)
+                               out["target_image"], patch_mask)  # Eq. (3), with the prior on sigma^2
             l_align = align_contrastive_loss(out["image"], out["text"], raw_model.logit_scale.exp()) \
                 if cfg.align == "contrastive" else align_pairs_loss(out["image"], out["text"])  # Eq. (4)
             loss = total_loss(l_dmlm, l_align, cfg.lam)  # Eq. (5)
