@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import importlib
 import resource
 import sys
@@ -90,6 +91,8 @@ def pedclip(m, cfg, vit_only: bool = False) -> dict:
     xb = torch.randint(0, len(m.body_part_list(cfg)), (b,), device=device)
     phases = (("dense", "none", False), ("teacher", cfg.moe_layers, True), ("soft", cfg.moe_layers, False))
     for phase, moe_layers, teacher in phases[:2] if vit_only else phases:
+        model = opt = vit_step = step = v = t = gl = None  # free the last phase's model, optimiser and gradients
+        gc.collect()
         torch.manual_seed(0)
         model = m.build(dataclasses.replace(cfg, moe_layers=moe_layers, pretrained=False), tok).to(device)
         opt = torch.optim.AdamW(m.param_groups(model, 0.1), lr=1e-5, fused=device != "cpu")
