@@ -13,17 +13,10 @@ from PIL import Image
 
 import data_prep
 import evaluate
+from conftest import TINY_FLAGS
 
 pytestmark = pytest.mark.slow  # a few seconds each
 
-TINY = {  # each paper file's demo at its smallest (its flags as it defines them)
-    "pedclip": ["--patch_size=8", "--vit_width=32", "--vit_depth=1", "--vit_heads=2", "--vit_mlp_dim=64",
-                "--embed_dim=32", "--vocab_size=300", "--teacher_epochs=0"],
-    "cxrclip": ["--tiny_width=32", "--embed_dim=32", "--vocab_size=300"],
-    "cxrcml": ["--width=32", "--layers=1", "--patch_size=8", "--n_clusters=4", "--bank_size=32",
-               "--refit_every=1"],
-    "dmlm": ["--patch_size=8", "--vit_width=32", "--vit_depth=1", "--vit_heads=2", "--embed_dim=32"],
-}
 EVAL = ["--bootstrap=50", "--seeds=0", "--num_workers=0", "--threads=1", "--batch_size=64"]
 
 
@@ -31,7 +24,7 @@ def train(paper, data, out, *extra):
     """A few steps of a paper file at its smallest -> its checkpoint."""
     importlib.import_module(paper).main([f"--data={data}", f"--out_dir={out}", "--image_size=32", "--batch_size=16",
                                          "--epochs=1", "--max_steps=2", "--num_workers=0", "--threads=1",
-                                         *TINY[paper], *extra])
+                                         *TINY_FLAGS[paper], *extra])
     return str(out / "ckpt.pt")
 
 
@@ -95,7 +88,7 @@ def rows_of(md):
 def phantom_ckpts(phantom_csv, tmp_path_factory):
     """Each paper file after 2 steps on the phantoms (PeXR is private and MIMIC-CXR too large for a fixture)."""
     out = tmp_path_factory.mktemp("ckpts")
-    return {p: train(p, phantom_csv, out / p) for p in TINY}
+    return {p: train(p, phantom_csv, out / p) for p in TINY_FLAGS}
 
 
 VINDR_CXR = ["Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",

@@ -14,6 +14,7 @@ import torch
 import common
 import evaluate
 import render
+from conftest import TINY_FLAGS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -553,14 +554,6 @@ def data_csv(phantom_csv, tmp_path_factory):
     return _write_csv(tmp_path_factory.mktemp("graded") / "graded.csv", rows)
 
 
-TINY = {  # each paper file's demo at its smallest (its flags as it defines them)
-    "pedclip": ["--patch_size=8", "--vit_width=32", "--vit_depth=1", "--vit_heads=2", "--vit_mlp_dim=64",
-                "--embed_dim=32", "--vocab_size=300", "--teacher_epochs=0"],
-    "cxrclip": ["--tiny_width=32", "--embed_dim=32", "--vocab_size=300"],
-    "cxrcml": ["--width=32", "--layers=1", "--patch_size=8", "--n_clusters=4", "--bank_size=32",
-               "--refit_every=1"],
-    "dmlm": ["--patch_size=8", "--vit_width=32", "--vit_depth=1", "--vit_heads=2", "--embed_dim=32"],
-}
 FAST = ["--num_workers=0", "--batch_size=64", "--bootstrap=200", "--seeds=0", "--fractions=0.5,1",
         "--seg_epochs=2", "--ft_epochs=1", "--ft_batch_size=32", "--threads=1"]
 
@@ -571,7 +564,7 @@ def train(paper, data, out, *extra):
 
     importlib.import_module(paper).main([f"--data={data}", f"--out_dir={out}", "--image_size=32",
                                          "--batch_size=32", "--epochs=1", "--num_workers=0", "--threads=1",
-                                         *TINY[paper], *extra])
+                                         *TINY_FLAGS[paper], *extra])
     return str(out / "ckpt_best.pt") if (out / "ckpt_best.pt").exists() else str(out / "ckpt.pt")
 
 
@@ -580,7 +573,7 @@ def runs(phantom_csv, tmp_path_factory):
     """A finished 1-epoch run of each paper file on the 240 phantoms (with its metrics.json), and a 1-step
     PedCLIP run."""
     out = tmp_path_factory.mktemp("runs")
-    ck = {p: train(p, phantom_csv, out / p) for p in TINY}
+    ck = {p: train(p, phantom_csv, out / p) for p in TINY_FLAGS}
     ck["pedclip_1step"] = train("pedclip", phantom_csv, out / "p1", "--max_steps=1")
     return ck
 
