@@ -91,7 +91,7 @@ def pedclip(m, cfg, vit_only: bool = False) -> dict:
     xb = torch.randint(0, len(m.body_part_list(cfg)), (b,), device=device)
     phases = (("dense", "none", False), ("teacher", cfg.moe_layers, True), ("soft", cfg.moe_layers, False))
     for phase, moe_layers, teacher in phases[:2] if vit_only else phases:
-        model = opt = vit_step = step = v = t = gl = None  # free the last phase's model, optimiser and gradients
+        model = opt = vit_step = step = v = t = gl = None  # free the last phase's model, optimiser, gradients
         gc.collect()
         torch.manual_seed(0)
         model = m.build(dataclasses.replace(cfg, moe_layers=moe_layers, pretrained=False), tok).to(device)
@@ -105,7 +105,8 @@ def pedclip(m, cfg, vit_only: bool = False) -> dict:
 
         if phase != "soft":
             flops = count_flops(vit_step)
-            out[f"vit_{phase}"] = run(vit_step, b, device, 10, flops, f"pedclip {cfg.preset} ViT step {phase}")
+            label = f"pedclip {cfg.preset} ViT step {phase}"
+            out[f"vit_{phase}"] = run(vit_step, b, device, 10, flops, label)
         if vit_only:
             continue
 
@@ -116,23 +117,25 @@ def pedclip(m, cfg, vit_only: bool = False) -> dict:
             optimiser_step(m.total_loss(l_v2t, l_t2v, m.gate_loss(gl, xb), 1.0), scaler, opt)
         flops = count_flops(lambda: step(net=model))  # on the eager model, this process's share
         out[phase] = run(step, b, device, 10, flops, f"pedclip {cfg.preset} {phase}")
-        if phase != "soft":  # AdamW alone, over every parameter (the gradients of one more step stay in place)
+        if phase != "soft":  # AdamW alone, over every parameter (one more step's gradients stay in place)
             with ctx:
                 v, t, gl = model(x, ids, torch.ones_like(ids), expert_index=xb if teacher else None)
-            m.total_loss(*m.infonce_losses(v.float(), t.float(), model.logit_scale.exp()), m.gate_loss(gl, xb), 1.0) \
-                .backward()
+            l_v2t, l_t2v = m.infonce_losses(v.float(), t.float(), model.logit_scale.exp())
+            m.total_loss(l_v2t, l_t2v, m.gate_loss(gl, xb), 1.0).backward()
             n = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
-            out[f"adamw_{phase}"] = run(opt.step, b, device, 10, 0, f"pedclip {cfg.preset} AdamW {phase} ({n})")
+            label = f"pedclip {cfg.preset} AdamW {phase} ({n})"
+            out[f"adamw_{phase}"] = run(opt.step, b, device, 10, 0, label)
     out["vit_teacher_vs_dense_time"] = out["vit_teacher"]["step_ms"] / out["vit_dense"]["step_ms"]
     common.print0(f"ViT step alone, teacher-forced / dense time {out['vit_teacher_vs_dense_time']:.2f}")
     if not vit_only:
         out["teacher_vs_dense_time"] = out["teacher"]["step_ms"] / out["dense"]["step_ms"]
         out["soft_vs_dense_flop_rate"] = out["soft"]["tflops_per_s"] / out["dense"]["tflops_per_s"]
-        extra = {k: out[f"{k}teacher"]["step_ms"] - out[f"{k}dense"]["step_ms"] for k in ("", "vit_", "adamw_")}
-        common.print0(f"whole step, teacher-forced / dense time {out['teacher_vs_dense_time']:.2f}; soft / dense "
-                      f"achieved FLOP/s {out['soft_vs_dense_flop_rate']:.2f}; of the {extra['']:.0f} ms that "
-                      f"MoBE adds to the step, {extra['vit_']:.0f} ms are the ViT's and {extra['adamw_']:.0f} ms "
-                      f"AdamW's")
+        extra = {k: out[f"{k}teacher"]["step_ms"] - out[f"{k}dense"]["step_ms"]
+                 for k in ("", "vit_", "adamw_")}
+        common.print0(f"whole step, teacher-forced / dense time {out['teacher_vs_dense_time']:.2f}; "
+                      f"soft / dense achieved FLOP/s {out['soft_vs_dense_flop_rate']:.2f}; of the "
+                      f"{extra['']:.0f} ms that MoBE adds to the step, {extra['vit_']:.0f} ms are the ViT's "
+                      f"and {extra['adamw_']:.0f} ms AdamW's")
     return out
 
 
@@ -151,8 +154,8 @@ def cxrclip(m, cfg) -> dict:
     def step(net=wrap(model, cfg, world)):
         with ctx:
             v1, v2, u1, u2 = (e.float() for e in net(x, t1, t2))
-        optimiser_step(m.cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0],
-                       scaler, opt)
+        loss = m.cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0]
+        optimiser_step(loss, scaler, opt)
     flops = count_flops(lambda: step(net=model))
     return run(step, 2 * b, device, 10, flops, f"cxrclip {cfg.preset} {cfg.image_encoder} + "
                f"{cfg.text_encoder.split('/')[-1]}, {cfg.image_size} px, {2 * b} pairs")
@@ -184,8 +187,11 @@ def cxrcml(m, cfg) -> dict:
                            scaler, opt)
         flops = count_flops(lambda: step(net=model))
         out[phase] = run(step, b, device, 10, flops, f"cxrcml {cfg.preset} {phase}")
-    out["refit"] = run(lambda: m.refit(mixture, bank, 1, cfg), cfg.bank_size, device, 3,
-                       count_flops(lambda: m.refit(mixture, bank, 1, cfg)), f"cxrcml mixture fit, K={cfg.n_clusters}")
+
+    def fit():
+        return m.refit(mixture, bank, 1, cfg)
+    label = f"cxrcml mixture fit, K={cfg.n_clusters}"
+    out["refit"] = run(fit, cfg.bank_size, device, 3, count_flops(fit), label)
     out["cml_vs_clip"] = (out["cml"]["step_ms"] + out["refit"]["step_ms"] / cfg.refit_every) / \
         out["clip"]["step_ms"]
     common.print0(f"CXR-CML / CLIP step time, refit every {cfg.refit_every} steps: {out['cml_vs_clip']:.3f} "

@@ -1,7 +1,8 @@
-"""render.py: how evaluate.py shows its results: the printed block of each task, the markdown table of the
-checkpoints side by side, and the figures beside it (matplotlib, headless, one PNG each, named in the markdown):
-ROC curves per label with the checkpoints overlaid, the metrics with their 95% CIs, PedCLIP's gate (body part ->
-expert) and D-MLM's sigma^2 of an image and its report. The plots are functions of arrays."""
+"""render.py: how evaluate.py shows its results: the printed block of each task, the markdown table of
+the checkpoints side by side, and the figures beside it (matplotlib, headless, one PNG each, named in the
+markdown): ROC curves per label with the checkpoints overlaid, the metrics with their 95% CIs, PedCLIP's
+gate (body part -> expert) and D-MLM's sigma^2 of an image and its report. The plots are functions of
+arrays."""
 from __future__ import annotations
 
 import math
@@ -137,7 +138,8 @@ def gate_figure(path, counts: np.ndarray, parts: list[str], experts: list[str], 
             ax.imshow(c / np.maximum(c.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1, aspect="auto")
             ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=7)
             ax.set_yticks(range(len(parts)), parts, fontsize=8)
-            ax.set(xlabel="expert of the largest gate weight", ylabel="body part", title=f"MoBE, layer {layer}")
+            ax.set(xlabel="expert of the largest gate weight", ylabel="body part",
+                   title=f"MoBE, layer {layer}")
     figure(path, draw, (0.3 * len(experts) * len(counts) + 2, 0.3 * len(parts) + 2), (1, len(counts)))
 
 
@@ -174,7 +176,8 @@ def figures(results: dict, stem: Path) -> list[str]:
     if curves:
         roc_figure(f"{stem}_roc.png", curves)
         out.append(f"![zero-shot ROC curves per label]({stem.name}_roc.png)")
-    rows = [(f"{t} {k}", [(h, rt[t]["metrics"].get(k), rt[t]["ci"].get(k)) for h, rt in zip(heads, results.values())])
+    rows = [(f"{t} {k}", [(h, rt[t]["metrics"].get(k), rt[t]["ci"].get(k))
+                          for h, rt in zip(heads, results.values())])
             for t, r in first.items() for k in r["metrics"]]
     rows = [r for r in rows if all(v is None or 0 <= v <= 1 for _, v, _ in r[1])]  # AUC, R@K, Dice: one axis
     if rows:
@@ -198,8 +201,8 @@ def paper_figure(ev, path: Path) -> str:
         part = [(r.get("body_part") or "").strip() or "?" for r, k in zip(rows, ok) if k]
         names = sorted(set(part))
         counts = np.zeros((top.shape[1], len(names), len(m.body_parts)))
-        np.add.at(counts, (np.arange(top.shape[1])[None, :], np.array([names.index(p) for p in part])[:, None],
-                           top[ok].astype(int)), 1)
+        part_index = np.array([names.index(p) for p in part])[:, None]
+        np.add.at(counts, (np.arange(top.shape[1])[None, :], part_index, top[ok].astype(int)), 1)
         gate_figure(path, counts, names, list(m.body_parts), list(m.moe_layers))
         return f"![PedCLIP's gate: body part -> expert]({path.name})"
     if ev.paper == "dmlm":

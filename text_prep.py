@@ -1,17 +1,17 @@
 """
 text_prep.py: the three text steps of the papers that need a language model, on a CSV that data_prep.py wrote.
-Each runs a local Hugging Face model (a folder, or a name already in the cache; nothing is downloaded), saves as it
-goes and skips what is done: rerun an interrupted run.
+Each runs a local Hugging Face model (a folder, or a name already in the cache; nothing is downloaded),
+saves as it goes and skips what is done: rerun an interrupted run.
 
     python text_prep.py extract_bodyparts --csv=data/pexr.csv --model=<Llama-3.1-8B-Instruct folder>
     python text_prep.py knowledge --findings=data/mimic_cxr.csv --model=<local LLM>   # -> data/knowledge.json
     python text_prep.py backtranslate --csv=data/mimic_cxr.csv --en_it=<opus-mt-en-it> --it_en=<opus-mt-it-en>
 
-extract_bodyparts  PedCLIP's body-part excerpt (doi:10.1007/978-3-032-04971-1_46, Sec. 2.1) -> columns `excerpt`
-                   and `excerpt_source` (llm / rules / empty). The body parts are pedclip.py's 23 regions, their
-                   other spellings mapped onto them (BODY_PART_WORDS). An answer that does not parse falls back to
-                   a rule-based excerpt, which is not the paper's step: the counts of each source are printed, and
-                   `--rules` (no model at all) has to be asked for.
+extract_bodyparts  PedCLIP's body-part excerpt (doi:10.1007/978-3-032-04971-1_46, Sec. 2.1) -> columns
+                   `excerpt` and `excerpt_source` (llm / rules / empty). The body parts are pedclip.py's 23
+                   regions, their other spellings mapped onto them (BODY_PART_WORDS). An answer that does not
+                   parse falls back to a rule-based excerpt, which is not the paper's step: the counts of each
+                   source are printed, and `--rules` (no model at all) has to be asked for.
 knowledge          D-MLM's definition and radiographic appearance of each finding (arXiv:2507.21794, Sec. 2.1)
                    -> a JSON file that dmlm.py --knowledge reads.
 backtranslate      CXR-CLIP's English -> Italian -> English augmentation (doi:10.1007/978-3-031-43895-0_10,
@@ -121,9 +121,9 @@ BODYPART_PROMPT = (
 
 
 def canonical_part(name: str) -> str:
-    """A body part as a CSV or a language model spells it -> its region in pedclip.BODY_PARTS, else the name in
-    lower case: "cervical_spine", "Cervical spine", "**C-Spine**", "Left knee", "Tib/Fib (left)" -> cervical_spine,
-    knee, lower_leg."""
+    """A body part as a CSV or a language model spells it -> its region in pedclip.BODY_PARTS, else the name
+    in lower case: "cervical_spine", "Cervical spine", "**C-Spine**", "Left knee", "Tib/Fib (left)" ->
+    cervical_spine, knee, lower_leg."""
     k = re.sub(r"\([^)]*\)|[*`#]", " ", name).lower()
     k = re.sub(r"[\s_\-]+", "_", k).strip("_")
     k = re.sub(r"^(left|right|bilateral|both)_", "", k)
@@ -131,8 +131,8 @@ def canonical_part(name: str) -> str:
 
 
 WORD_PART = {w: p for p, ws in BODY_PART_WORDS.items() for w in ws}
-# a region's word or phrase as a whole word, plural allowed; the longest first, so that "femoral neck" is read as
-# one phrase (the hip's) and never as "femoral" + the neck's "neck"
+# a region's word or phrase as a whole word, plural allowed; the longest first, so that "femoral neck" is read
+# as one phrase (the hip's) and never as "femoral" + the neck's "neck"
 PART_WORD_RE = re.compile(r"\b(" + "|".join(map(re.escape, sorted(WORD_PART, key=len, reverse=True)))
                           + r")(?:e?s)?\b")
 # a header starts a line or follows the end of a sentence: "HISTORY: ... C-spine: ... LEFT KNEE: ..."
@@ -184,7 +184,8 @@ def split_report_by_rules(report: str, parts: list[str]) -> dict[str, str]:
     return {p: " ".join(v) for p, v in out.items()}
 
 
-# "<part>: <text>" as models write it: "cervical_spine: ...", "- **Lower leg**: ...", "1. Knee: ...", "**Hip:** ..."
+# "<part>: <text>" as models write it: "cervical_spine: ...", "- **Lower leg**: ...", "1. Knee: ...",
+# "**Hip:** ..."
 ANSWER_LINE = re.compile(r"^\s*(?:[-*+\u2022]\s+|\d{1,2}[.)]\s+)?([^:]{1,60}?)\s*:\s*(.*)$")
 NONE_ANSWERS = ("none", "n/a", "na", "not mentioned", "not described")
 
@@ -192,8 +193,9 @@ NONE_ANSWERS = ("none", "n/a", "na", "not mentioned", "not described")
 def parse_bodypart_answer(answer: str, parts: list[str]) -> dict[str, str] | None:
     """'<part>: <text>' lines -> {part: text}; None (then the rules) unless every asked part has a line.
 
-    A part is read in any spelling canonical_part knows; a line "<part>:" with nothing after it takes the lines
-    below it up to a blank line; two lines of one part ("Left knee: ...", "Right knee: ...") are joined."""
+    A part is read in any spelling canonical_part knows; a line "<part>:" with nothing after it takes the
+    lines below it up to a blank line; two lines of one part ("Left knee: ...", "Right knee: ...") are
+    joined."""
     got: dict[str, list[str]] = {}
     cur = None
     for line in answer.splitlines():
@@ -218,8 +220,8 @@ def extract_bodyparts(csv_path: str, generate, batch_size: int = 8, save_every: 
     Every study with text goes to the LLM, one body part or several (Sec. 2.1 removes the history from every
     report); an answer that does not parse, or generate=None (--rules), falls back to the rules. The text is a
     row's `report`, else its findings + impression; `body_part` in any spelling pedclip.py maps onto its 23
-    regions. Studies whose rows all have an `excerpt_source` are skipped, so an interrupted run continues where
-    it stopped. Prints the count of studies per source."""
+    regions. Studies whose rows all have an `excerpt_source` are skipped, so an interrupted run continues
+    where it stopped. Prints the count of studies per source."""
     rows, cols = read_csv_rows(csv_path)
     cols += [c for c in ("excerpt", "excerpt_source") if c not in cols]
     studies = defaultdict(list)
@@ -255,8 +257,8 @@ def extract_bodyparts(csv_path: str, generate, batch_size: int = 8, save_every: 
             common.write_csv_atomic(csv_path, rows, cols)
     common.write_csv_atomic(csv_path, rows, cols)
     print(f"extract_bodyparts: {len(todo)} studies -> {csv_path}: {stats['llm']} by the language model, "
-          f"{stats['rules']} by the rule-based fallback ({stats['fallback_unparsed']} answers that did not parse, "
-          f"{stats['rules_no_model']} with --rules), {stats['empty']} without text (empty); "
+          f"{stats['rules']} by the rule-based fallback ({stats['fallback_unparsed']} answers that did not "
+          f"parse, {stats['rules_no_model']} with --rules), {stats['empty']} without text (empty); "
           f"{stats['skipped_done']} done before")
     if unparsed:
         print(f"  the first answer that did not parse: {' '.join(unparsed[0].split())[:200]!r}")
@@ -361,33 +363,35 @@ def backtranslate(csv_path: str, en_it, it_en, columns=("findings", "impression"
 # ----------------------------------------------------------------------------------------------------
 # ---- CLI ----
 
+def generation_args(p, batch_size: int):  # what each step passes to generate()
+    p.add_argument("--batch_size", type=int, default=batch_size, help="texts per generate() call")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="the longest answer, in tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog="text_prep.py", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="command", required=True, metavar="<text step>")
     p = sub.add_parser("extract_bodyparts", help="PedCLIP Sec. 2.1: the body-part excerpt of every report",
                        description=inspect.cleandoc(extract_bodyparts.__doc__), formatter_class=raw)
-    p.add_argument("--csv", required=True, help="a CSV in the schema, rewritten with `excerpt`, `excerpt_source`")
+    p.add_argument("--csv", required=True, help="a CSV in the schema, rewritten with excerpt, excerpt_source")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--model", default="", help="a local causal LM (folder or cached name): the paper's step")
-    how.add_argument("--rules", action="store_true", help="no model: the rule-based fallback for every study")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    how.add_argument("--model", default="", help="a local causal LM, folder or cached name (the paper)")
+    how.add_argument("--rules", action="store_true", help="no model: the rule-based fallback everywhere")
+    generation_args(p, 8)
     p = sub.add_parser("knowledge", help="D-MLM Sec. 2.1: definition and appearance of each finding -> JSON",
                        description=inspect.cleandoc(build_knowledge.__doc__), formatter_class=raw)
     p.add_argument("--findings", required=True, help="a CSV (its label columns), a text file or 'A,B,C'")
     p.add_argument("--model", required=True, help="a local causal LM (folder or cached name)")
     p.add_argument("--out", default="data/knowledge.json",
                    help="the JSON to write, kept and completed when it exists (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    generation_args(p, 8)
     p = sub.add_parser("backtranslate", help="CXR-CLIP Sec. 3.2: EN -> IT -> EN, into findings_bt / _bt",
                        description=inspect.cleandoc(backtranslate.__doc__), formatter_class=raw)
     p.add_argument("--csv", required=True, help="a CSV with findings, impression; rewritten with _bt added")
     p.add_argument("--en_it", required=True, help="English -> Italian model, e.g. Helsinki-NLP/opus-mt-en-it")
     p.add_argument("--it_en", required=True, help="Italian -> English model, e.g. Helsinki-NLP/opus-mt-it-en")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    generation_args(p, 32)
     return ap
 
 
