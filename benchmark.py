@@ -180,11 +180,13 @@ def cxrcml(m, cfg) -> dict:
         def step(net=net, cml=phase == "cml"):
             with ctx:
                 v, u = net(x, ids, torch.ones_like(ids))
-            v_all = common.all_gather_with_grad(v.float())
-            loss = m.clip_loss(u.float(), v.float(), common.all_gather_with_grad(u.float()), v_all,
-                               model.logit_scale.exp())
-            optimiser_step(loss + m.triplet_loss(v_all, mixture.predict(v_all), cfg.margin) if cml else loss,
-                           scaler, opt)
+            v, u = v.float(), u.float()
+            v_all, scale = common.all_gather_with_grad(v), model.logit_scale.exp()
+            if cml:  # Eq. (4): L_c + L_m, as cxrcml.train computes it
+                loss = sum(m.cml_loss(v, u, v_all, scale, mixture, cfg.margin))
+            else:
+                loss = m.clip_loss(u, v, common.all_gather_with_grad(u), v_all, scale)
+            optimiser_step(loss, scaler, opt)
         flops = count_flops(lambda: step(net=model))
         out[phase] = run(step, b, device, 10, flops, f"cxrcml {cfg.preset} {phase}")
 

@@ -101,7 +101,7 @@ PRESETS = {
     # Demo: phantoms at 64 px; a 4-layer ViT (8x8 tokens from a conv stem, and [IMG]) whose last MLP is MoBE over the
     # phantoms' 6 body parts, a 2-layer BERT, from scratch; ~2100 images / 64 = 32 steps x 40 epochs, 0-7 teacher-
     # forced (the paper's 10 of 50); one report section per step for the LLM's excerpt. 40 epochs: the rare findings
-    # (31-61 training images each) are learned late; at 30 epochs their zero-shot AUC is still rising.
+    # (31-61 training images each) are learned late.
     "demo": dict(epochs=40, teacher_epochs=8, batch_size=64, lr=1e-3, stem="conv", text_sample="section"),
     # Paper (Sec. 3.1): ViT-B/16 (ImageNet) + BioClinicalBERT, 224 px, one MoBE block of 23 experts in the
     # last layer, 50 epochs (10 teacher-forced), lr 1e-5, global batch 256 (2 GPUs x 128, as in the paper).

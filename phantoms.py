@@ -7,8 +7,8 @@ alignment scores a high zero-shot AUC and one that does not scores 0.5. Nothing 
 paper files call `ensure_phantoms` when they run on the demo data (common.py knows no data set).
 
 Each finding is drawn large enough for the demos' models to see at 64 px (8-px tokens): the demo ViT, trained
-on the labels themselves for 20 epochs, reaches a foreign-body AUC of 0.99 on the coin below and stayed at
-chance (0.47-0.58) on the 6x4-px hollow bar drawn before it; the rare findings stay rare.
+on the labels themselves for 20 epochs, reaches a foreign-body AUC of 0.99 on the coin below, and stays at
+chance (0.47-0.58) on a 6x4-px hollow bar; the rare findings stay rare.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
                     put(name, hilum * lungmask, 0.25, mode="add")
             elif name == "Pneumoperitoneum":
                 # free air: a lucent cap under each dome of the diaphragm, 0.055 of the film deep (3-4 px at
-                # 64 px); a 1-px arc under one dome was below what the demo's ViT resolves (module docstring)
+                # 64 px); a 1-px arc is below what the demo ViT resolves (module docstring)
                 for (ly, lx, ry, rx, _) in lungs:
                     cap = _ellipse(yy, xx, ly + ry * 0.97, lx, 0.055, rx * 0.9, 0.2) * (yy > ly + ry * 0.97)
                     put(name, cap, 0.0)
@@ -260,8 +260,8 @@ def _draw_phantom(part, view, age_years, findings, uncertain, size, rng):
             put("Fracture", line, 0.08)
     if "Foreign Body" in findings:
         fy, fx = findings["Foreign Body"]["pos"]
-        # the classic paediatric foreign body, a swallowed coin or button battery (~2 cm: an eighth of a child's
-        # chest): a disc 0.13 of the film wide, denser than bone, with the battery's inner ring
+        # the classic paediatric foreign body, a swallowed coin or button battery (~2 cm: an eighth of a
+        # child's chest): a disc 0.13 of the film wide, denser than bone, with the battery's inner ring
         put("Foreign Body", _ellipse(yy, xx, fy, fx, 0.065, 0.065, 0.15), 1.0)
         put("Foreign Body", _ellipse(yy, xx, fy, fx, 0.04, 0.04, 0.3), 0.75)
     img = img.astype(np.float32)

@@ -368,9 +368,9 @@ def test_phantom_findings_are_in_the_pixels(phantom_csv):
 
 
 def test_rare_findings_are_drawn_at_a_size_the_demo_tokens_resolve():
-    """At 64 px the demos' tokens are 8 px. The foreign body (a coin) spans at least 3/4 of a token both ways in
-    every body part and view; free air is a cap under each dome of the diaphragm, each >= 3 px deep. (The
-    6x4-px bar and the 1-px arc drawn before stayed at chance for the demo ViT trained on the labels.)"""
+    """At 64 px the demos' tokens are 8 px. The foreign body (a coin) spans at least 3/4 of a token both ways
+    in every body part and view; free air is a cap under each dome of the diaphragm, each >= 3 px deep. (A 6x4-px
+    bar and a 1-px arc stay at chance for the demo ViT trained on the labels; these fail on them.)"""
     from scipy import ndimage
 
     fid = {n: i + 1 for i, n in enumerate(phantoms.PHANTOM_FINDINGS)}
@@ -378,14 +378,14 @@ def test_rare_findings_are_drawn_at_a_size_the_demo_tokens_resolve():
     for part in phantoms.PHANTOM_BODY_PARTS:
         for view in ("AP", "LATERAL"):
             pos = (rng.uniform(0.25, 0.75), rng.uniform(0.3, 0.7))
-            _, mask = phantoms._draw_phantom(part, view, rng.uniform(1, 80), {"Foreign Body": {"pos": pos}}, set(),
-                                             64, rng)
+            finding = {"Foreign Body": {"pos": pos}}
+            _, mask = phantoms._draw_phantom(part, view, rng.uniform(1, 80), finding, set(), 64, rng)
             ys, xs = np.nonzero(mask == fid["Foreign Body"])
             assert np.ptp(ys) + 1 >= 6 and np.ptp(xs) + 1 >= 6, (part, view, np.ptp(ys), np.ptp(xs))
     for age in (1.0, 8.0, 40.0):
         for view, n_domes in (("PA", 2), ("LATERAL", 1)):
-            _, mask = phantoms._draw_phantom("chest", view, age, {"Pneumoperitoneum": {"side": "right"}}, set(),
-                                             64, rng)
+            finding = {"Pneumoperitoneum": {"side": "right"}}
+            _, mask = phantoms._draw_phantom("chest", view, age, finding, set(), 64, rng)
             parts, n = ndimage.label(mask == fid["Pneumoperitoneum"])
             assert n == n_domes, (age, view, n)
             for box in ndimage.find_objects(parts):
