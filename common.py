@@ -206,8 +206,9 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=how)
 
 
-def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, scale=(0.8, 1.1), ratio=(0.75, 4 / 3)):
-    """torchvision's RandomResizedCrop on rng: a box that does not fit is drawn again (10 tries); never padded."""
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, scale=(0.8, 1.1),
+                        ratio=(0.75, 4 / 3)):
+    """torchvision's RandomResizedCrop on rng: a box that does not fit is redrawn (10 tries); never padded."""
     h, w = img.shape
     for _ in range(10):  # a box of scale x the image's area, aspect w / h log-uniform in ratio
         area, r = h * w * rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -297,8 +298,7 @@ class XrayCSV:
 
     A missing file or column is a UserError naming it. Rows are counted in `counter` and skipped when a label
     is not 1 / 0 / -1 / blank, when every column of `require_text` is empty ("labels" among them: and no label
-    is given either), and, read with split="train", when the split cell is empty.
-    """
+    is given either), and, read with split="train", when the split cell is empty."""
 
     def __init__(self, path, split: str | None = None, require=("image",), require_text=(), counter=None):
         self.path = Path(path)
@@ -342,7 +342,8 @@ class XrayCSV:
 
     def labels(self) -> np.ndarray:
         """[N, L] float32 with 1 / 0 / -1 / nan (blank)."""
-        return np.array([r["_labels"] for r in self.rows], np.float32).reshape(len(self), len(self.label_names))
+        return np.array([r["_labels"] for r in self.rows], np.float32).reshape(
+            len(self), len(self.label_names))
 
     def texts(self, i: int) -> list[str]:
         """Row i's report sections that are not empty: findings and impression, else the whole report."""
@@ -527,8 +528,8 @@ def start_run(cfg) -> dict | None:
     changed = [f"--{k}={getattr(cfg, k)} (the run has {v})" for k, v in state["config"].items()
                if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != v]
     if changed:
-        raise UserError(f"--resume continues the run in {ck} with the flags it was started with; these differ: "
-                        f"{', '.join(changed)}. Give the run's values, or start a new run (--overwrite)")
+        raise UserError(f"--resume continues the run in {ck} with the flags it was started with; these differ"
+                        f": {', '.join(changed)}. Give the run's values, or start a new run (--overwrite)")
     if state["loop"]["ended"]:
         print0(f"{ck}: this run has ended ({state['loop']['ended']}); its results are in {cfg.out_dir}/"
                f"metrics.json. Nothing to resume (a new run: --overwrite, or another --out_dir)")
@@ -554,13 +555,12 @@ class Loop:
             loop.end_epoch(val_loss)                  # bad-sample check, best weights, checkpoint
         return loop.close(metrics)                    # metrics.json, or how to --resume a stopped run
 
-    It reads cfg.out_dir, epochs, max_steps, log_every, ckpt_every and, where the paper has it, patience (epochs
+    It reads cfg.out_dir, epochs, max_steps, log_every, ckpt_every and, if the paper has it, patience (epochs
     without a lower validation loss that end the run; 0: off). `ck` (start_run's) restores weights, optimiser,
     schedule, scaler, data position and every rank's RNG: a resumed run equals one never stopped. `extra()`
-    adds the paper's state to each checkpoint. SIGTERM / SIGINT: all ranks checkpoint and stop at one step.
-    """
+    adds the paper's state to each checkpoint. SIGTERM / SIGINT: all ranks checkpoint and stop at one step."""
     STATE = ("step", "epoch", "batch", "skipped", "best_val", "since_best", "log_bytes", "ended")  # resumed
-    SCALE_FLOOR = 1.0  # an fp16 loss scale at or below this no longer calibrates: its overflows are divergence
+    SCALE_FLOOR = 1.0  # an fp16 loss scale at or below this stops calibrating: its overflows are divergence
 
     def __init__(self, cfg, *, name, model, opt, sched, scaler, sampler, counter, ck=None, extra=dict):
         from tqdm import tqdm
@@ -658,7 +658,7 @@ class Loop:
             self.stop_reason = f"{self.signal or 'a signal on another rank'} received"
 
     def end_epoch(self, val_loss: float | None = None):
-        """The bad-sample check, the lowest validation loss's weights to ckpt_best.pt, whether the run has ended
+        """The bad-sample check, the lowest validation loss's weights to ckpt_best.pt, whether the run ended
         (its last epoch, or --patience), a checkpoint. Nothing after a stop mid-epoch (batches() saved it)."""
         if self.stopped:
             return
@@ -727,8 +727,8 @@ class Loop:
 
 def auc_per_label(y: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
     """ROC AUC per label over its 0 / 1 rows (None, undefined, with one class only) and their macro mean:
-    {"per_label": {name: auc or None}, "macro": mean of the defined ones or None}. By the Mann-Whitney rank sum
-    (ties count half, as in roc_auc_score): quick enough for evaluate.py's 1,000 bootstrap resamples."""
+    {"per_label": {name: auc or None}, "macro": mean of the defined ones or None}. By the Mann-Whitney rank
+    sum (ties count half, as in roc_auc_score): quick enough for evaluate.py's 1,000 bootstrap resamples."""
     from scipy.stats import rankdata
 
     y, per = np.asarray(y, dtype=np.float64), {}
@@ -745,8 +745,8 @@ def auc_per_label(y: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
 @torch.no_grad()
 def embed_images(model, rows, device, batch_size: int = 256, counter=None, fn=None, num_workers: int = 0):
     """fn (default model.encode_image) of every row's image with the eval transform, in float32 -> (array
-    [N, ...], readable-row mask [N]). rows: an XrayCSV or a list of its rows; an unreadable image is counted in
-    `counter` and masked out. The one image loop of the end of training and of evaluate.py."""
+    [N, ...], readable-row mask [N]). rows: an XrayCSV or a list of its rows; an unreadable image is counted
+    in `counter` and masked out. The one image loop of the end of training and of evaluate.py."""
     rows = rows.rows if isinstance(rows, XrayCSV) else rows
     tf, size, fn = model.image_transform(False), model.cfg.image_size, fn or model.encode_image
 

@@ -1,7 +1,5 @@
-"""
-CXR-CLIP: Toward Large Scale Chest X-ray Language-Image Pre-training.
-K. You, J. Gu, J. Ham, B. Park, J. Kim, E. K. Hong, W. Baek, B. Roh. MICCAI 2023.
-doi:10.1007/978-3-031-43895-0_10
+"""CXR-CLIP: Toward Large Scale Chest X-ray Language-Image Pre-training. MICCAI 2023.
+K. You, J. Gu, J. Ham, B. Park, J. Kim, E. K. Hong, W. Baek, B. Roh. doi:10.1007/978-3-031-43895-0_10
 
 Map of the method (Sec. 3, 4.2; departures from the paper are stated at their lines and in README.md):
     a study s = {X, T} gives two images x^1, x^2 (two views, else x^2 = A_i(x^1)) and two texts
@@ -18,7 +16,7 @@ icl_loss, tcl_loss, L cxrclip_loss (::test_mvs_icl_*), T label_prompt_text, A_t 
 
 Run:
     python cxrclip.py                                       # demo: phantoms, tiny CNN + BERT, 2 CPU cores
-    python cxrclip.py --preset=paper --data=data/mimic_cxr.csv   # ResNet-50 (ImageNet) + BioClinicalBERT, 224 px
+    python cxrclip.py --preset=paper --data=data/mimic_cxr.csv  # ImageNet ResNet-50 + BioClinicalBERT, 224 px
     torchrun --nproc_per_node=4 cxrclip.py --preset=paper --data=data/mimic_cxr.csv    # 4 GPUs x 32 studies
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         cxrclip.py --preset=paper --data=data/mimic_cxr.csv
@@ -88,15 +86,13 @@ class Config:
     preset: str = "demo"  # set by --preset
 
 
-PRESETS = {
-    # Demo: phantoms at 64 px, a tiny CNN and a 2-layer BERT from scratch (hence lr 2e-3 and clipping); half
-    # of the studies play the image-label data (reports withheld), as CheXpert beside MIMIC-CXR does.
+PRESETS = {  # Demo: phantoms at 64 px, a tiny CNN, a 2-layer BERT from scratch (hence lr 2e-3 and clipping);
+    # half of the studies play the image-label data (reports withheld), as CheXpert beside MIMIC-CXR does.
     "demo": dict(batch_size=32, epochs=40, lr=2e-3, grad_clip=1.0, label_prompt_frac=0.5, threads=1),
     # Paper (Sec. 4.2): 128 studies (256 image-text pairs) per global batch, 4 GPUs x 32. "Early stopped by
-    # validation loss" as the official trainer does it: all 15 epochs, and the best one (ckpt_best.pt) is kept.
+    # validation loss" as the official trainer does: all 15 epochs, and the best one (ckpt_best.pt) is kept.
     "paper": dict(data="", image_size=224, image_encoder="resnet50", pretrained=True, embed_dim=512,
-                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, num_workers=8),
-}
+                  text_encoder="emilyalsentzer/Bio_ClinicalBERT", max_tokens=256, num_workers=8)}
 PHANTOMS = 3000  # images in the demo's phantom data set
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,7 +100,7 @@ PHANTOMS = 3000  # images in the demo's phantom data set
 
 
 class ImageEncoder(nn.Module):
-    """E^i: torchvision's ResNet-50 or Swin-T, or the demo's CNN, as tokens [B, N, C], average pooled to [B, C]."""
+    """E^i: torchvision's ResNet-50 or Swin-T, or the demo's CNN, as tokens [B, N, C], averaged to [B, C]."""
 
     def __init__(self, cfg: Config, pretrained: bool):
         super().__init__()
@@ -125,7 +121,7 @@ class ImageEncoder(nn.Module):
                                      lambda: make(weights="IMAGENET1K_V1")) if pretrained else make()
         if self.kind == "resnet50":  # up to layer4; the pooling and the ImageNet classifier dropped
             self.net, self.out_dim = nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
-        else:  # Swin-T: torchvision's weights (the official code loads microsoft/swin-tiny-patch4-window7-224)
+        else:  # Swin-T: torchvision's weights (the official code uses microsoft/swin-tiny-patch4-window7-224)
             self.net, self.out_dim = nn.Sequential(net.features, net.norm), net.head.in_features
 
     def tokens(self, x):  # [B, 3, H, W] -> [B, N, C] (also for segmentation heads)
@@ -141,7 +137,8 @@ class CXRCLIP(nn.Module):
 
     def __init__(self, cfg: Config, image_encoder, text_encoder, tokenizer):
         super().__init__()
-        self.cfg, self.tokenizer, self.image_encoder, self.text_encoder = cfg, tokenizer, image_encoder, text_encoder
+        self.cfg, self.tokenizer, self.image_encoder, self.text_encoder = (cfg, tokenizer, image_encoder,
+                                                                           text_encoder)
         self.image_proj = nn.Linear(image_encoder.out_dim, cfg.embed_dim)  # f^i, "a linear layer"
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim)  # f^t
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log(1/tau), tau from 0.07 (CLIP)
@@ -156,7 +153,7 @@ class CXRCLIP(nn.Module):
         eos = texts["attention_mask"].sum(1) - 1  # [EOS] (BERT's [SEP]): the last real token, right padding
         return F.normalize(self.text_proj(h[torch.arange(h.shape[0], device=h.device), eos]), dim=-1)
 
-    def forward(self, images, texts1, texts2):  # [x^1; x^2] [2b, 3, H, W], t^1, t^2 -> images v1, v2, texts u1, u2
+    def forward(self, images, texts1, texts2):  # [x^1; x^2] [2b, 3, H, W], t^1, t^2 -> V^1, V^2, U^1, U^2
         return *self.encode_image(images).chunk(2), self.encode_text(texts1), self.encode_text(texts2)
 
     def image_tokens(self, images):
@@ -167,7 +164,7 @@ class CXRCLIP(nn.Module):
 
     @staticmethod
     def zeroshot_prompts(label: str) -> tuple[list[str], list[str]]:
-        """(positive, negative): the first three of ours; `evaluate.py --prompts` takes Sec. 4.3's (others')."""
+        """(positive, negative): our first three; `evaluate.py --prompts` takes Sec. 4.3's (others')."""
         return class_prompts(label, "pos")[:3], class_prompts(label, "neg")[:3]
 
 
@@ -175,28 +172,26 @@ class CXRCLIP(nn.Module):
 # ---- losses (Sec. 3.3) ----
 
 
-# Eq. (1), Sec. 3.3. u, v: [b, D] L2-normalised, row i of u paired with row i of v; symmetric in u and v. Each
-# rank scores its b rows against the n = world * b gathered ones (with gradient): the mean over ranks is Eq. (1).
-def clip_loss(u, v, scale):
-    u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [n, D]
+# Eq. (1), Sec. 3.3. u, v: [b, D] L2-normalised, row i of u paired with row i of v; symmetric in u and v.
+def clip_loss(u, v, scale):  # each rank scores its b rows against the n = world * b gathered ones
+    u_all, v_all = common.all_gather_with_grad(u), common.all_gather_with_grad(v)  # [n, D], with gradient
     target = torch.arange(len(u), device=u.device) + len(u) * common.rank()  # row i's global index
     loss_u = F.cross_entropy(scale * u @ v_all.T, target)  # -log exp(u_i.v_i/tau) / sum_j exp(u_i.v_j/tau)
     loss_v = F.cross_entropy(scale * v @ u_all.T, target)  # -log exp(v_i.u_i/tau) / sum_j exp(v_i.u_j/tau)
-    return 0.5 * (loss_u + loss_v)
+    return 0.5 * (loss_u + loss_v)  # the mean over ranks is Eq. (1)
 
 
-# Eq. (2), Sec. 3.3: the four pairings of a study's images V^1, V^2 and texts U^1, U^2 (the names of Sec. 3.2 and
+# Eq. (2), Sec. 3.3: the 4 pairings of a study's images V^1, V^2 and texts U^1, U^2 (the names of Sec. 3.2 and
 # of ICL / TCL; Sec. 3.3's sentence before Eq. (2) swaps them: L_CLIP is symmetric, so the sum is the same).
 def mvs_loss(v1, v2, u1, u2, scale):
     return 0.25 * (clip_loss(v1, u1, scale) + clip_loss(v2, u1, scale)
                    + clip_loss(v1, u2, scale) + clip_loss(v2, u2, scale))
 
 
-# Sec. 3.3: ICL = L_CLIP(V^1, V^2) (the images of a study attract), TCL = L_CLIP(U^1, U^2) (its texts).
-icl_loss = tcl_loss = clip_loss
+icl_loss = tcl_loss = clip_loss  # Sec. 3.3: ICL = L_CLIP(V^1, V^2), TCL = L_CLIP(U^1, U^2)
 
 
-# Sec. 3.3: L = L_MVS + lambda_I ICL + lambda_T TCL.
+# Sec. 3.3: L = L_MVS + lambda_I ICL + lambda_T TCL; ICL pulls a study's images together, TCL its texts.
 def cxrclip_loss(v1, v2, u1, u2, scale, lambda_icl: float, lambda_tcl: float):
     mvs, icl, tcl = mvs_loss(v1, v2, u1, u2, scale), icl_loss(v1, v2, scale), tcl_loss(u1, u2, scale)
     return mvs + lambda_icl * icl + lambda_tcl * tcl, {"mvs": mvs, "icl": icl, "tcl": tcl}
@@ -207,7 +202,7 @@ def cxrclip_loss(v1, v2, u1, u2, scale, lambda_icl: float, lambda_tcl: float):
 
 
 def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: int, train: bool):
-    """uint8 [H, W] -> float [3, S, S]: for training A_i as the official configuration, else Resize + CenterCrop."""
+    """uint8 [H, W] -> float [3, S, S]: for training A_i as the official config, else Resize + CenterCrop."""
     side = 2 * size if train else size  # training crops from a smaller copy: the same crop, far less work
     if not train or min(img.shape) > side:  # the shorter side to `side`, as torchvision's Resize(int)
         s = side / min(img.shape)
@@ -217,37 +212,38 @@ def transform(img: np.ndarray, rng: np.random.Generator | None = None, *, size: 
         y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
         return common.to_tensor(img[y:y + size, x:x + size])
     img = common.random_resized_crop(img, size, rng, scale=(0.8, 1.1))
-    if rng.random() < 0.5:  # CLAHE (doi:10.1007/BF03178082), albumentations' CLAHE(clip_limit=4.0), 8 x 8 tiles
+    if rng.random() < 0.5:  # CLAHE (doi:10.1007/BF03178082), albumentations' CLAHE(clip_limit=4.0), 8x8 tiles
         img = cv2.createCLAHE(clipLimit=float(rng.uniform(1.0, 4.0)), tileGridSize=(8, 8)).apply(img)
     return common.to_tensor(common.color_jitter(img, rng, brightness=(0.9, 1.1), contrast=(0.8, 1.2)))
 
 
 def sentence_shuffle(text: str, rng: np.random.Generator) -> str:
-    """A_t (Sec. 4.2): whole sentences in a new order (the official shuffle is a no-op); back-references may dangle."""
+    """A_t (Sec. 4.2): whole sentences reordered (the official one is a no-op); back-references may dangle."""
     sents = common.split_sentences(text)
     order = rng.permutation(len(sents))  # a new order: the identity is rolled by one
-    return " ".join(sents[i] for i in (np.roll(order, 1) if (order == np.arange(len(sents))).all() else order))
+    return " ".join(sents[i] for i in (np.roll(order, 1) if (order == np.arange(len(sents))).all()
+                                       else order))
 
 
-# P(y) (Sec. 3.1): sentences per class value, {x} the class as words, {X} capitalised. Our own templates: the
-# paper's radiologists' prompts (the official repository's JSON) are read with --prompt_file.
-PROMPTS = {"pos": ["There is {x}.", "{X} is present.", "{X}.", "{X} is seen.", "{X} is noted.",
-                   "Findings consistent with {x}.", "Findings compatible with {x}.", "Evidence of {x}."],
-           "neg": ["There is no {x}.", "No {x}.", "No evidence of {x}.", "No definite {x}.", "{X} is not seen.",
-                   "Negative for {x}.", "No radiographic evidence of {x}.", "{X} is absent."],
-           "unc": ["Possible {x}.", "{X} cannot be excluded.", "Questionable {x}.", "Findings may represent {x}.",
-                   "Cannot rule out {x}.", "Suspected {x}.", "{X} is not excluded."]}
-# "No Finding" is itself a negation: the templates would say "no no finding" (CheXzero's bug).
-NORMAL = {"pos": ["No acute abnormality.", "No acute findings.", "Normal study.", "No abnormal findings.",
-                  "The study is within normal limits.", "Nothing abnormal is seen."],
-          "neg": ["Abnormal study.", "The study is abnormal.", "There are abnormal findings."],
-          "unc": ["The study may be abnormal.", "Possibly abnormal study."]}
+# P(y) (Sec. 3.1), our own templates: sentences per class value, {x} the class as words, {X} capitalised.
+PROMPTS = {  # the paper's radiologists' prompts (the official repository's JSON) are read with --prompt_file
+    "pos": ["There is {x}.", "{X} is present.", "{X}.", "{X} is seen.", "{X} is noted.",
+            "Findings consistent with {x}.", "Findings compatible with {x}.", "Evidence of {x}."],
+    "neg": ["There is no {x}.", "No {x}.", "No evidence of {x}.", "No definite {x}.", "{X} is not seen.",
+            "Negative for {x}.", "No radiographic evidence of {x}.", "{X} is absent."],
+    "unc": ["Possible {x}.", "{X} cannot be excluded.", "Questionable {x}.", "Findings may represent {x}.",
+            "Cannot rule out {x}.", "Suspected {x}.", "{X} is not excluded."]}
+NORMAL = {  # "No Finding" is itself a negation: the templates would say "no no finding" (CheXzero's bug).
+    "pos": ["No acute abnormality.", "No acute findings.", "Normal study.", "No abnormal findings.",
+            "The study is within normal limits.", "Nothing abnormal is seen."],
+    "neg": ["Abnormal study.", "The study is abnormal.", "There are abnormal findings."],
+    "unc": ["The study may be abnormal.", "Possibly abnormal study."]}
 ALIASES = {"effusion": "pleural effusion"}  # ChestX-ray14's name, as the official code reads the prompt file
 SAMPLED_NEGATIVES = {"nih": 3}  # data sets whose 0 means "not found": n negatives stated (Sec. 4.1, num_negs)
 
 
 def read_prompts(path: str) -> dict:
-    """The official train_prompts_all.json -> {class as words: {"pos" | "neg" | "unc": sentences}}, "" dropped."""
+    """Official train_prompts_all.json -> {class as words: {"pos" | "neg" | "unc": sentences}}, "" dropped."""
     try:
         with open(path, encoding="utf-8") as f:
             return {common.label_text(c): {v: [s for s in ps if s.strip()] for v, ps in d.items()}
@@ -257,7 +253,7 @@ def read_prompts(path: str) -> dict:
 
 
 def class_prompts(label: str, value: str, bank: dict | None = None) -> list[str]:
-    """P(y) of class `label`, value pos / neg / unc: the prompt file's if it has them (none: not stated), else ours."""
+    """P(y) of class `label`, value pos/neg/unc: the prompt file's if listed (none: not stated), else ours."""
     x, bank = common.label_text(label), bank or {}
     if value in (file := bank.get(x) or bank.get(ALIASES.get(x), {})):
         return file[value]
@@ -267,37 +263,38 @@ def class_prompts(label: str, value: str, bank: dict | None = None) -> list[str]
 
 def label_prompt_text(names: list[str], labels, rng: np.random.Generator | None, n_neg=-1, bank=None) -> str:
     """T = Concat({p ~ P(y)}_{y in Y}) (Sec. 3.1): a sampled sentence per class labelled 1, 0 or -1, in random
-    order; n_neg >= 0: only n_neg sampled classes labelled 0 (ChestX-ray14, where 0 means "not found": 3, Sec.
-    4.1). rng None (validation), as the official code: the first sentence of each positive, "No Finding" if none."""
+    order; n_neg >= 0: only n_neg sampled classes labelled 0 (ChestX-ray14, 0 = "not found": 3, Sec. 4.1)."""
     pos, neg, unc = ([names[j] for j, y in enumerate(labels) if y == v] for v in (1, 0, -1))
-    if rng is None:
+    if rng is None:  # validation, as the official code: each positive's first sentence, "No Finding" if none
         pos, neg, unc = pos or ["No Finding"], [], []
     elif 0 <= n_neg < len(neg):
         neg = [neg[j] for j in rng.choice(len(neg), n_neg, replace=False)]
     said = [(n, v) for v, ns in (("pos", pos), ("neg", neg), ("unc", unc)) for n in ns]
-    sents = [str(ps[0] if rng is None else rng.choice(ps)) for n, v in said if (ps := class_prompts(n, v, bank))]
+    sents = [str(ps[0] if rng is None else rng.choice(ps))
+             for n, v in said if (ps := class_prompts(n, v, bank))]
     return " ".join(sents if rng is None else [sents[i] for i in rng.permutation(len(sents))])
 
 
 class StudyDataset(torch.utils.data.Dataset):
-    """(study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1); unreadable images are replaced."""
+    """(study index, sample seed) -> {x1, x2, t1, t2, bad} (Sec. 3.1, Fig. 1); unreadable images replaced."""
 
     def __init__(self, table: common.XrayCSV, cfg: Config, train: bool, bank=None):
         self.t, self.cfg, self.train, self.bank, n = table, cfg, train, bank, len(table.studies)
-        k = round(cfg.label_prompt_frac * n) if train else 0  # the studies that play image-label data, drawn once
+        k = round(cfg.label_prompt_frac * n) if train else 0  # studies that play image-label data, drawn once
         self.label_studies = set(np.random.default_rng(cfg.seed).permutation(n)[:k].tolist())
 
-    def texts(self, idx: int, row: int, rng) -> list[str]:  # t^1, t^2 of study idx, from its first row (Sec. 3.1)
+    def texts(self, idx: int, row: int, rng) -> list[str]:  # t^1, t^2 of study idx (its first row, Sec. 3.1)
         r, sections = self.t.rows[row], self.t.texts(row)
-        # 1. an image-label study: two prompt texts drawn apart (validation: the official fixed text)
-        if (idx in self.label_studies or not sections) and not np.isnan(r["_labels"]).all():
+        if (idx in self.label_studies or not sections) and not np.isnan(r["_labels"]).all():  # 1. image-label
             n_neg, g = SAMPLED_NEGATIVES.get(r.get("dataset", ""), -1), rng if self.train else None
-            return [label_prompt_text(self.t.label_names, r["_labels"], g, n_neg, self.bank) for _ in range(2)]
-        if not self.train:  # validation, the same texts every epoch: findings and impression, or one section twice
+            return [label_prompt_text(self.t.label_names, r["_labels"], g, n_neg, self.bank)
+                    for _ in range(2)]  # 2 prompt texts drawn apart (validation: the official fixed text)
+        if not self.train:  # validation, the same each epoch: findings and impression, or one section twice
             return (sections * 2)[:2]
-        bt = {(r.get(c) or "").strip(): (r.get(c + "_bt") or "").strip() for c in ("findings", "impression", "report")}
+        bt = {(r.get(c) or "").strip(): (r.get(c + "_bt") or "").strip()
+              for c in ("findings", "impression", "report")}
         a_t = [bt.get(s) or sentence_shuffle(s, rng) for s in sections]  # A_t: text_prep.py's, else a shuffle
-        # 2. findings and impression in random order (TCL pairs them, Sec. 3.3), each given A_t with p = 0.5 (official)
+        # 2. both sections in random order (TCL pairs them, Sec. 3.3), each given A_t with p = 0.5 (official)
         if len(sections) == 2:
             return [a_t[i] if rng.random() < 0.5 else sections[i] for i in rng.permutation(2)]
         return [sections[0], a_t[0]]  # 3. one section: t^2 = A_t(t^1) (Sec. 3.1)
@@ -329,8 +326,9 @@ class StudyDataset(torch.utils.data.Dataset):
 
 
 def tokenize(texts, tokenizer, max_tokens: int, device="cpu") -> dict:  # -> input_ids, attention_mask [B, S]
-    return {k: v.to(device) for k, v in tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens,
-                                                  return_tensors="pt", return_token_type_ids=False).items()}
+    return {k: v.to(device) for k, v in tokenizer(list(texts), padding=True, truncation=True,
+                                                  max_length=max_tokens, return_tensors="pt",
+                                                  return_token_type_ids=False).items()}
 
 
 def collate(items, tokenizer, max_tokens: int):  # in the DataLoader worker (which gets no model)
@@ -368,7 +366,8 @@ def build_tokenizer(cfg: Config, table: common.XrayCSV, bank=None):
     if cfg.pretrained and cfg.text_encoder != "tiny":
         from transformers import AutoTokenizer
 
-        return common.load_pretrained(cfg.text_encoder, lambda: AutoTokenizer.from_pretrained(cfg.text_encoder))
+        return common.load_pretrained(cfg.text_encoder,
+                                      lambda: AutoTokenizer.from_pretrained(cfg.text_encoder))
     texts = [t for i in range(len(table)) for t in table.texts(i)]
     texts += [p for n in table.label_names for v in PROMPTS for p in class_prompts(n, v, bank)]
     return common.train_wordpiece(texts, cfg.vocab_size)
@@ -399,9 +398,8 @@ def load(path, map_location="cpu") -> tuple[CXRCLIP, Config]:
 
 
 def setup(cfg: Config):
-    """CUDA and DDP from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), as nanoGPT's train.py does;
-    `python x.py` runs as rank 0 of 1. -> rank, world size, device, autocast context, GradScaler."""
-    ddp = "RANK" in os.environ
+    """CUDA and DDP from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), as nanoGPT's train.py does."""
+    ddp = "RANK" in os.environ  # `python x.py` runs as rank 0 of 1
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -421,11 +419,11 @@ def setup(cfg: Config):
     ctx = torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
     scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=cfg.amp == "fp16")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    return rank, world, device, ctx, scaler
+    return rank, world, device, ctx, scaler  # -> rank, world size, device, autocast context, GradScaler
 
 
 def param_groups(model: nn.Module, wd: float):
-    """Weight decay on weight matrices only, not on biases, norms or tau (the official code decays every parameter)."""
+    """Weight decay on weight matrices only, not on biases, norms or tau (the official code decays all)."""
     return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": wd},
             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
 
@@ -455,10 +453,10 @@ def train(cfg: Config) -> dict:
         phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     text = ("findings", "impression", "report", "labels")  # a study needs a report or labels (Sec. 3.1)
-    tr, va = (common.XrayCSV(cfg.data, split, ("image", "study_id"), text, counter) for split in ("train", "valid"))
+    tr, va = (common.XrayCSV(cfg.data, split, ("image", "study_id"), text, counter)
+              for split in ("train", "valid"))
     te = common.XrayCSV(cfg.data, "test", ("image",), counter=counter)
     bank = read_prompts(cfg.prompt_file) if cfg.prompt_file else {}
-
     # -- model: the checkpoint's tokenizer, or one fitted on the training texts (the same on every rank)
     tok = common.tokenizer_from_vocab(ck["vocab"], ck["lowercase"]) if ck else build_tokenizer(cfg, tr, bank)
     model = raw_model = build(cfg, tok, ck["bert_config"] if ck else None).to(device)
@@ -487,14 +485,13 @@ def train(cfg: Config) -> dict:
                        sampler=sampler, counter=counter, ck=ck, extra=lambda: meta)
     model = torch.compile(model) if cfg.compile else model
     model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
     for epoch in loop.epochs():
         model.train()
         for batch in loop.batches(loader):
             with ctx:
                 v1, v2, u1, u2 = model(*to_device(batch, device))  # each [b, D]
-            loss, parts = cxrclip_loss(v1.float(), v2.float(), u1.float(), u2.float(),
-                                       raw_model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)  # Sec. 3.3
+            loss, parts = cxrclip_loss(v1.float(), v2.float(), u1.float(), u2.float(),  # Sec. 3.3
+                                       raw_model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # the true gradients, for clipping and the check
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
@@ -508,8 +505,10 @@ def train(cfg: Config) -> dict:
             sched.step()
             with torch.no_grad():  # 1/tau <= 100, as CLIP clamps it: after the step, so its gradient lives
                 raw_model.logit_scale.clamp_(0, math.log(100))
-            loop.step_done(loss=loss, **parts, tau=1 / raw_model.logit_scale.exp(), lr=opt.param_groups[0]["lr"])
-        val_loss = validate(raw_model, val_loader, device, ctx, cfg) if val_loader and not loop.stopped else None
+            loop.step_done(loss=loss, **parts, tau=1 / raw_model.logit_scale.exp(),
+                           lr=opt.param_groups[0]["lr"])
+        val_loss = (validate(raw_model, val_loader, device, ctx, cfg) if val_loader and not loop.stopped
+                    else None)
         loop.end_epoch(val_loss)  # ckpt_best.pt: the weights of the lowest validation loss (Sec. 4.2)
     metrics = evaluate(raw_model, te, device, loop) if rank == 0 and not loop.stopped else {}
     result = loop.close(metrics)
@@ -526,13 +525,14 @@ def validate(model: CXRCLIP, loader, device, ctx, cfg: Config) -> float:
     for batch in loader:
         with ctx:
             v1, v2, u1, u2 = (e.float() for e in model(*to_device(batch, device)))
-        total += float(cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), cfg.lambda_icl, cfg.lambda_tcl)[0])
+        total += float(cxrclip_loss(v1, v2, u1, u2, model.logit_scale.exp(), cfg.lambda_icl,
+                                    cfg.lambda_tcl)[0])
     return common.all_reduce_mean(total / max(1, len(loader)))
 
 
 @torch.no_grad()
 def evaluate(model: CXRCLIP, table: common.XrayCSV, device, loop: common.Loop) -> dict:
-    """Zero-shot AUC on the test split with ckpt_best.pt (the lowest validation loss), else the last weights."""
+    """Zero-shot AUC on the test split with ckpt_best.pt (lowest validation loss), else the last weights."""
     best = {"best_epoch": None, "best_val_loss": None}
     if loop.best_val < math.inf:
         ck = common.load_checkpoint(loop.out / "ckpt_best.pt", device)

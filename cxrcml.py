@@ -14,8 +14,9 @@ Map of the method (Sec. 2-3):
     zero-shot AUC of all / base / rare (< 1,000 samples) classes, the average of 5 runs  Sec. 3-4
 Equation -> function -> test (tests/test_cxrcml.py): Eq. (1) StudentTMixture, kmeans_pp (::test_mixture_*,
 ::test_kmeans_*); Eq. (2) student_t_log_density (::test_student_t_*); Eq. (3) triplet_loss (::test_triplet_*);
-L_c clip_loss, Eq. (4) cml_loss, train() (::test_clip_loss_*, ::test_cml_loss_*, ::test_end_to_end_*); CheXzero's
-pixels, weights, prompts (::test_chexzero_*); 5 runs patient_folds, fold_rows, summarize (::test_*fold*, ::test_summ*)
+L_c clip_loss, Eq. (4) cml_loss, train() (::test_clip_loss_*, ::test_cml_loss_*, ::test_end_to_end_*);
+CheXzero's pixels, weights, prompts (::test_chexzero_*); 5 runs patient_folds, fold_rows, summarize
+(::test_*fold*, ::test_summ*)
 
 Run:
     python cxrcml.py                                      # demo: phantoms, tiny CLIP, 2 CPU cores
@@ -109,7 +110,7 @@ PRESETS = {
     # Demo: phantoms at 64 px, a tiny CLIP from scratch. ~2100 training images / 64 = 32 steps per epoch x 30
     # epochs. K = 12, one per phantom class, as the paper's K = 40 is one per CXR-LT class. lr 1e-3 after a
     # 30-step warm-up: the paper's 1e-6 fine-tunes pretrained weights and moves random ones nowhere. The
-    # phantoms' three rare findings have 40-100 positive images, the others 110 or more: rare below 105. Zero-shot
+    # phantoms' three rare findings have 40-100 positive images, the others >= 110: rare below 105. Zero-shot
     # on the training phrase "x is present": a CLIP trained from scratch on meta-labels never reads "no x".
     "demo": dict(n_clusters=12, bank_size=512, refit_every=25, epochs=30, batch_size=64, lr=1e-3,
                  weight_decay=0.05, warmup_steps=30, plateau_patience=3, grad_clip=1.0, rare_below=105,
@@ -211,9 +212,9 @@ class CXRCML(nn.Module):
 
 
 def chexzero_prompts(label: str) -> tuple[list[str], list[str]]:
-    """CheXzero's zero-shot pair "{}" / "no {}" (rajpurkarlab/CheXzero zero_shot.py), with which Table 2 scores its
-    CheXzero baseline (the paper names no other; common.zeroshot_scores ranks as CheXzero's softmax over it). A
-    class that is itself a negation ("No Finding") gets no "no no finding": its positive prompt alone."""
+    """CheXzero's zero-shot pair "{}" / "no {}" (rajpurkarlab/CheXzero zero_shot.py), with which Table 2
+    scores its CheXzero baseline (the paper names no other; common.zeroshot_scores ranks as CheXzero's softmax
+    over it). A class that is a negation ("No Finding") gets no "no no finding": its positive prompt alone."""
     x = common.label_text(label)
     return [x], [] if x.startswith("no ") else [f"no {x}"]
 
@@ -305,7 +306,7 @@ class StudentTMixture:
         return torch.exp(weighted - ll[:, None]), (dof + X.shape[1]) / (dof + maha), ll
 
     def _em(self, X, n: int, dof: float):
-        """n EM steps -> the mean log-likelihood of X under the final parameters (the starts are ranked on it)."""
+        """n EM steps -> the mean log-likelihood of X under the final parameters (starts are ranked on it)."""
         for _ in range(n):
             resp, u, _ = self._e_step(X, dof)
             self._m_step(X, resp, None if math.isinf(dof) else u)
@@ -341,11 +342,11 @@ class StudentTMixture:
 
 
 # Eq. (3), Sec. 2: L_m = sum over triplets of max(0, d(a, p) - d(a, n) + alpha), d Euclidean, a and p in one
-# cluster, n in another. The paper does not say how triplets are mined: batch-hard, one triplet per anchor (its
-# farthest positive and nearest negative, Hermans et al., arXiv:1703.07737). Averaged over the n_a anchors of the
-# global batch that have a triplet, not summed: Eq. (4) with L_m weighted 1 / n_a (1/32 at the paper's batch 32
-# when every anchor has one). Summed, L_m starts near B alpha against L_c's ln B and swamps it (the demo's L_c
-# then stays at ln 64).
+# cluster, n in another. The paper does not say how triplets are mined: batch-hard, one triplet per anchor
+# (its farthest positive and nearest negative, Hermans et al., arXiv:1703.07737). Averaged over the n_a
+# anchors of the global batch that have a triplet, not summed: Eq. (4) with L_m weighted 1 / n_a (1/32 at the
+# paper's batch 32 when every anchor has one). Summed, L_m starts near B alpha against L_c's ln B and swamps
+# it (the demo's L_c then stays at ln 64).
 def triplet_loss(emb, labels, margin: float):
     """emb [n, d] L2-normalised, labels [n] pseudo-labels (None: no mixture yet, L_m = 0) -> scalar."""
     if labels is None:
@@ -356,7 +357,7 @@ def triplet_loss(emb, labels, margin: float):
     pos, neg = same & ~torch.eye(len(labels), dtype=torch.bool, device=emb.device), ~same
     d_ap = D.masked_fill(~pos, -math.inf).amax(1)  # hardest positive; -inf where there is none
     d_an = D.masked_fill(~neg, math.inf).amin(1)  # hardest negative; +inf where there is none
-    valid = (pos.any(1) & neg.any(1)).float()  # [n]: the n_a anchors with a triplet (others add relu(-inf) = 0)
+    valid = (pos.any(1) & neg.any(1)).float()  # [n]: n_a anchors with a triplet (others add relu(-inf) = 0)
     return (F.relu(d_ap - d_an + margin) * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -417,8 +418,8 @@ class MetaLabelDataset(torch.utils.data.Dataset):
 
 
 def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
-    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
-                          return_token_type_ids=False))
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens,
+                          return_tensors="pt", return_token_type_ids=False))
 
 
 def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader worker (which gets no model)
@@ -428,10 +429,10 @@ def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader wor
 
 
 def patient_folds(table: common.XrayCSV, folds: int, seed: int) -> np.ndarray:
-    """Fold index [N] of each row: scikit-learn's StratifiedGroupKFold with the patients as groups (never split)
+    """Fold index [N] of each row: scikit-learn's StratifiedGroupKFold with patients as groups (never split)
     and each patient's rarest positive class (fewest positive images in the table; none: a stratum of its own)
-    as the stratum, so that the few patients of a rare class spread over the folds. The official
-    k_fold_cross.py stratifies images (StratifiedKFold), so one patient's images can train and validate at once."""
+    as the stratum, so the few patients of a rare class spread over the folds. The official k_fold_cross.py
+    stratifies images (StratifiedKFold), so one patient's images can train and validate at once."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     pid = [r.get("patient_id") or r.get("study_id") or f"_row{i}" for i, r in enumerate(table.rows)]
@@ -451,7 +452,7 @@ def patient_folds(table: common.XrayCSV, folds: int, seed: int) -> np.ndarray:
 
 def fold_rows(table: common.XrayCSV, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Sec. 3, the five runs: (training rows, validation rows) of --fold=k: fold k of the training patients
-    validates. The folds come from --fold_seed, so five runs at any --seed use five disjoint validation folds."""
+    validates. Folds come from --fold_seed, so five runs at any --seed use five disjoint validation folds."""
     fold = patient_folds(table, FOLDS, cfg.fold_seed)
     return np.flatnonzero(fold != cfg.fold), np.flatnonzero(fold == cfg.fold)
 
@@ -637,7 +638,8 @@ def train(cfg: Config) -> dict:
             "class_names": names, "rare_classes": rare}  # what load() needs; with the mixture and bank:
     loop = common.Loop(cfg, name="cxrcml", model=raw_model, opt=opt, sched=sched, scaler=scaler,
                        sampler=sampler, counter=counter, ck=ck,
-                       extra=lambda: {**meta, "mixture": mixture.state_dict(), "bank": bank.cpu(), "seen": seen})
+                       extra=lambda: {**meta, "mixture": mixture.state_dict(), "bank": bank.cpu(),
+                                      "seen": seen})
     model = torch.compile(model) if cfg.compile else model
     model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -651,7 +653,7 @@ def train(cfg: Config) -> dict:
             with ctx:
                 v, u = model(x, ids, am)  # image and text embeddings [b, d]
             v, u = v.float(), u.float()
-            v_all = common.all_gather_with_grad(v)  # [B, d]: L_c's columns, L_m's triplets, the bank's entries
+            v_all = common.all_gather_with_grad(v)  # [B, d]: L_c's columns, L_m's triplets, bank entries
             l_c, l_m = cml_loss(v, u, v_all, raw_model.logit_scale.exp(), mixture, cfg.margin)
             loss = l_c + l_m  # Eq. (4): equal weights (Sec. 3)
             scaler.scale(loss).backward()
@@ -671,7 +673,8 @@ def train(cfg: Config) -> dict:
             if seen >= cfg.bank_size and (not mixture.fitted or (loop.step + 1) % cfg.refit_every == 0):
                 refit(mixture, bank, loop.step, cfg)  # Eq. (1)-(2) on the last --bank_size embeddings
             loop.step_done(loss=loss, l_c=l_c, l_m=l_m, lr=opt.param_groups[0]["lr"])
-        val_loss = validation_loss(raw_model, val_loader, mixture, device, ctx, cfg) if not loop.stopped else None
+        val_loss = (validation_loss(raw_model, val_loader, mixture, device, ctx, cfg)
+                    if not loop.stopped else None)
         if val_loss is not None and loop.step >= cfg.warmup_steps:
             sched.step(val_loss)  # Sec. 3: ReduceLROnPlateau on the validation loss
         loop.end_epoch(val_loss)
@@ -691,7 +694,8 @@ def validation_loss(model: CXRCML, loader, mixture: StudentTMixture, device, ctx
         with ctx:
             v, u = model(b["image"].to(device), b["input_ids"].to(device), b["attention_mask"].to(device))
         v, u = v.float(), u.float()
-        l_c, l_m = cml_loss(v, u, common.all_gather_with_grad(v), model.logit_scale.exp(), mixture, cfg.margin)
+        l_c, l_m = cml_loss(v, u, common.all_gather_with_grad(v),
+                            model.logit_scale.exp(), mixture, cfg.margin)
         losses.append(float(l_c + l_m))
     return common.all_reduce_mean(float(np.mean(losses)))
 

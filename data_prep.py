@@ -8,7 +8,7 @@ The schema: one row per image with `image` (a path relative to the CSV), `study_
 wrote the row, so a merged CSV keeps each row's source), and `mask` / `target` where the data set has a
 segmentation or regression task.
 
-    python data_prep.py <data set> --root=<the folder as downloaded> [--out=data/<data set>.csv] [--resize=512]
+    python data_prep.py <data set> --root=<folder as downloaded> [--out=data/<data set>.csv] [--resize=512]
     python data_prep.py <data set> --help     # the files it reads and the split it writes
 
     data set         reads                                                split written
@@ -22,20 +22,19 @@ segmentation or regression task.
     rsna_pneumonia   stage_2_train_labels.csv (boxes -> masks)            70/15/15
     siim             stage_2_train.csv / train-rle.csv (RLE -> masks)     70/15/15
     openi            ecgen-radiology/*.xml, PNGs, view from the DICOMs    all test
-    cxr_lt           CXR-LT 2024 train_labeled.csv (frontal images)       CXR-CML's 80:20 by patient (or MIMIC's)
+    cxr_lt           CXR-LT 2024 train_labeled.csv (frontal images)       CXR-CML's 80:20 (or MIMIC's)
     mimic_edema      edema severity grades (regex + consensus)            consensus images = test
     grazpedwri       GRAZPEDWRI-DX dataset.csv + YOLO boxes -> masks      70/15/15
     boneage          RSNA Bone Age boneage-training-dataset.csv           70/15/15
     covidx           COVIDx CXR train.txt / val.txt / test.txt            70/20/10
     chd_cxr          CHD-CXR, one folder per class                        70/15/15
 
---out defaults to data/<data set>.csv, the file evaluate.py's presets read. A run whose images are not where the
+--out defaults to data/<data set>.csv, which evaluate.py's presets read. A run whose images are not where the
 release puts them (a wrong --root) stops with the first missing path; a few missing images are left out and
 counted. --resize=N writes 8-bit PNG copies whose shorter side is N (DICOM through common.load_image:
 MONOCHROME1 inverted, VOI LUT applied; masks with nearest neighbour) once, in --workers processes, and points
 the CSV at them: decode the full-size films once rather than in every epoch. Splits are drawn with --seed.
-RSNA Pneumonia's images are a subset of NIH ChestX-ray14: a model pre-trained on NIH has seen them.
-"""
+RSNA Pneumonia's images are a subset of NIH ChestX-ray14: a model pre-trained on NIH has seen them."""
 from __future__ import annotations
 
 import argparse
@@ -281,8 +280,8 @@ def convert_mimic_cxr(root: Path, args) -> list[dict]:
     Reads (--root = mimic-cxr-jpg/2.x.x): mimic-cxr-2.0.0-metadata.csv.gz (dicom_id, subject_id, study_id,
     ViewPosition), mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-chexpert.csv.gz (14 labels per study,
     1.0 / 0.0 / -1.0 / blank), images files/pXX/pSUBJECT/sSTUDY/DICOM.jpg, and the reports
-    files/pXX/pSUBJECT/sSTUDY.txt under --reports (MIMIC-CXR's mimic-cxr-reports: MIMIC-CXR-JPG has none; a run
-    stops when over 1% of the studies have no report, and counts them below that). Section headers are
+    files/pXX/pSUBJECT/sSTUDY.txt under --reports (MIMIC-CXR's mimic-cxr-reports: MIMIC-CXR-JPG has none;
+    a run stops when over 1% of the studies have no report, and counts them below that). Section headers are
     normalised as MIMIC-CXR's own parser does ("FINDINGS AND IMPRESSION:", "CONCLUSION:" -> impression; the
     last paragraph is the impression of a report without headers).
     Split: MIMIC's official split, by patient ("validate" -> valid).
@@ -292,9 +291,8 @@ def convert_mimic_cxr(root: Path, args) -> list[dict]:
                       ds)
     split = {r["dicom_id"]: r["split"] for r in read_table(find_file(root, MIMIC_SPLIT, ds),
                                                             ["dicom_id", "split"], ds)}
-    chex = {r["study_id"]: r for r in read_table(find_file(
-        root, ["mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"], ds),
-        ["subject_id", "study_id"] + CHEXPERT_14, ds)}
+    chex = {r["study_id"]: r for r in read_table(find_file(root, ["mimic-cxr-2.0.0-chexpert.csv.gz",
+        "mimic-cxr-2.0.0-chexpert.csv"], ds), ["subject_id", "study_id"] + CHEXPERT_14, ds)}
     reports = Path(args.reports) if args.reports else root
     rdir = reports if reports.name == "files" else reports / "files"  # --reports=<...>/files works too
     rows, sections, no_report = [], {}, []
@@ -309,13 +307,15 @@ def convert_mimic_cxr(root: Path, args) -> list[dict]:
         fi, im = sections.get(sid, ("", ""))
         labels = {k: label_value(chex[sid][k]) if sid in chex else "" for k in CHEXPERT_14}
         sp = SPLIT_NAMES.get(split.get(did, ""), split.get(did, ""))
-        rows.append(row(img, sid, pid, sp, m["ViewPosition"].upper(), "chest", fi, im, report_text(fi, im), labels))
+        rows.append(row(img, sid, pid, sp, m["ViewPosition"].upper(), "chest", fi, im, report_text(fi, im),
+                        labels))
     # MIMIC-CXR-JPG ships no reports: without --reports, or with the wrong folder, every text would be empty
     if len(no_report) > MAX_MISSING_FRAC * len(sections):
         raise common.UserError(
-            f"{ds}: {len(no_report)} of {len(sections)} studies have no report (the first: {', '.join(no_report[:3])}"
-            f"): pass --reports=<MIMIC-CXR's report folder, mimic-cxr-reports, holding files/pXX/pSUBJECT/sSTUDY.txt>"
-            + ("" if args.reports else "; without --reports they are looked for under --root: MIMIC-CXR-JPG has none"))
+            f"{ds}: {len(no_report)} of {len(sections)} studies have no report (the first: "
+            f"{', '.join(no_report[:3])}): pass --reports=<MIMIC-CXR's report folder, mimic-cxr-reports, "
+            f"holding files/pXX/pSUBJECT/sSTUDY.txt>" + ("" if args.reports else "; without --reports they "
+                                                    "are looked for under --root: MIMIC-CXR-JPG has none"))
     empty = sum(not (fi or im) for fi, im in sections.values())
     print(f"{ds}: {len(sections)} studies with images; without a report file: {len(no_report)}"
           + (f" (their rows have no text; the first: {no_report[0]})" if no_report else "")
@@ -380,8 +380,7 @@ CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural 
 def convert_chexpert5x200(root: Path, args) -> list[dict]:
     """CheXpert 5x200, CXR-CLIP's zero-shot test set (after GLoRIA): 5 classes x 200 images.
 
-    Each image is positive for exactly one of Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural
-    Effusion.
+    Each image is positive for just one of Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion.
 
     Reads (--root = the CheXpert folder): chexpert_5x200.csv from the GLoRIA repository (Path, the five
     labels, and "Report Impression" where the file has it) and the CheXpert images it names. The other four
@@ -465,8 +464,7 @@ def convert_vindr(root: Path, args, dataset: str = "vindr_cxr") -> list[dict]:
     annotations/image_labels_test.csv (the 5-radiologist consensus), DICOMs train/*.dicom and test/*.dicom.
     The release spells one label "Other diseases" (train) and "Other disease" (test): one column, "Other
     diseases". The box files (annotations_*.csv) are not needed for the image-level labels.
-    Split: the official test; train 80/20 -> train / valid (no patient ids are published: one image, one
-    patient).
+    Split: the official test; train 80/20 -> train / valid (no patient ids published: one image, one patient).
     """
     rename = {"Other disease": "Other diseases"} if dataset == "vindr_cxr" else {}
     rows = []
@@ -633,8 +631,8 @@ def convert_cxr_lt(root: Path, args) -> list[dict]:
     (40 in 2024; any 0 / 1 column that is not an id is a class). --root = mimic-cxr-jpg/2.x.x: the images
     (fpath, else files/pXX/...) and mimic-cxr-2.0.0-split.csv.gz. Frontal images only (CXR-CML, Sec. 3):
     ViewPosition AP / PA, or ViewCodeSequence_CodeMeaning antero- / postero-anterior.
-    Split (--split): paper  CXR-CML's random 80:20 by patient (Sec. 3), drawn with --seed; test patients of
-                            MIMIC's train split are counted (CheXzero and a mimic_cxr checkpoint trained on them);
+    Split (--split): paper  CXR-CML's 80:20 by patient (Sec. 3), drawn with --seed; test patients of MIMIC's
+                            train split are counted (CheXzero and a mimic_cxr checkpoint trained on them);
                      mimic  MIMIC's test patients -> test, all others -> train: for a checkpoint pre-trained
                             on mimic_cxr, which then never saw a test patient.
     `mimic_split` keeps each patient's MIMIC split. CXR-CML's five runs draw their folds from the training
@@ -671,8 +669,9 @@ def convert_cxr_lt(root: Path, args) -> list[dict]:
     else:
         assign_splits(rows, fractions(args, (0.8, 0.0, 0.2)), args.seed)
         test = {r["patient_id"]: r["mimic_split"] for r in rows if r["split"] == "test"}
-        print(f"cxr_lt: --split=paper: {sum(s == 'train' for s in test.values())} of the {len(test)} test patients "
-              f"are in MIMIC's train split (column mimic_split); --split=mimic tests on MIMIC's test patients")
+        print(f"cxr_lt: --split=paper: {sum(s == 'train' for s in test.values())} of the {len(test)} test "
+              f"patients are in MIMIC's train split (column mimic_split); --split=mimic tests on MIMIC's "
+              f"test patients")
     return rows
 
 
@@ -689,10 +688,9 @@ def convert_mimic_edema(root: Path, args) -> list[dict]:
     --root = mimic-cxr-jpg/2.x.x: mimic-cxr-2.0.0-metadata.csv.gz (each graded study -> its images, all
     views, `view` set), mimic-cxr-2.0.0-split.csv.gz, the images.
     Split: test = the 141 consensus images, as the data set's authors recommend (doi:10.13026/rz5p-rc64);
-    their patients and MIMIC's test patients are left out of train / valid; the other graded studies 75/25
-    by patient -> train / valid (D-MLM's 60:20). `mimic_split` keeps each patient's MIMIC split: a test
-    image whose patient is in MIMIC's train split was seen by a checkpoint pre-trained on mimic_cxr (the
-    count is printed).
+    their patients and MIMIC's test patients are left out of train / valid; the other graded studies 75/25 by
+    patient -> train / valid (D-MLM's 60:20). `mimic_split` keeps each patient's MIMIC split: a test image of
+    a patient in MIMIC's train split was seen by a checkpoint pre-trained on mimic_cxr (the count is printed).
     """
     ds = "mimic_edema"
     lroot = Path(args.label_root) if args.label_root else root
@@ -836,13 +834,15 @@ CONVERTERS = {
 }
 MIMIC_LAYOUT = "--root=mimic-cxr-jpg/2.x.x holding files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg"
 IMAGE_LAYOUT = {  # where each release keeps its images: the error of a run that finds none of them
-    "mimic_cxr": MIMIC_LAYOUT, "cxr_lt": MIMIC_LAYOUT + " (train_labeled.csv's fpath)", "mimic_edema": MIMIC_LAYOUT,
-    "chexpert": "--root=CheXpert-v1.0(-small) holding train/patientN/studyN/viewN_frontal.jpg (the Path column)",
+    "mimic_cxr": MIMIC_LAYOUT, "cxr_lt": MIMIC_LAYOUT + " (train_labeled.csv's fpath)",
+    "mimic_edema": MIMIC_LAYOUT, "chexpert": "--root=CheXpert-v1.0(-small) holding "
+                                             "train/patientN/studyN/viewN_frontal.jpg (the Path column)",
     "chexpert5x200": "--root=the CheXpert folder holding the images chexpert_5x200.csv names",
     "nih": "--root=the ChestX-ray14 folder holding images/*.png or images_0XX/images/*.png",
     "vindr_cxr": "--root=vindr-cxr/1.0.0 holding train/<image_id>.dicom and test/<image_id>.dicom",
     "vindr_pcxr": "--root=vindr-pcxr/1.0.0 holding train/<image_id>.dicom and test/<image_id>.dicom",
-    "rsna_pneumonia": "--root=rsna-pneumonia-detection-challenge holding stage_2_train_images/<patientId>.dcm",
+    "rsna_pneumonia": "--root=rsna-pneumonia-detection-challenge holding "
+                      "stage_2_train_images/<patientId>.dcm",
     "siim": "--root=siim-acr-pneumothorax with <ImageId>.dcm below it (dicom-images-train/<study>/<series>/)",
     "openi": "--root holding NLMCXR_png/<image id>.png (NLMCXR_png.tgz unpacked)",
     "grazpedwri": "--root=the figshare download with <filestem>.png below it (the images_part*.zip unpacked)",
@@ -904,13 +904,14 @@ def resize_copies(rows: list[dict], root: Path, out_dir: Path, size: int, worker
 
 
 def check_images(dataset: str, rows: list[dict], root: Path, sample: int = 1000):
-    """Stop, naming the first missing path and the layout expected, when no image of an even sample of the rows
-    exists (a wrong --root, or the images unpacked elsewhere); finish() then counts the missing ones."""
+    """Stop, naming the first missing path and the layout expected, when no image of an even sample of the
+    rows exists (a wrong --root, or the images unpacked elsewhere); finish() then counts the missing ones."""
     if not rows:
         raise common.UserError(f"{dataset}: the release's files under {root} list no image")
     some = rows[::max(1, len(rows) // sample)]
     if not any(r["image"] and Path(r["image"]).exists() for r in some):
-        first = next((r["image"] for r in some if r["image"]), f"{some[0]['study_id']} (searched below --root)")
+        first = next((r["image"] for r in some if r["image"]),
+                     f"{some[0]['study_id']} (searched below --root)")
         raise common.UserError(f"{dataset}: no image found where the release keeps them (none of {len(some)} "
                                f"checked; the first: {first}): expected {IMAGE_LAYOUT[dataset]}")
 
@@ -942,7 +943,8 @@ def finish(dataset: str, rows: list[dict], args) -> dict:
     splits = [s for s in ("train", "valid", "test") if nrows[s]]
     pos = {s: Counter(k for r in kept if r["split"] == s for k in labels if r.get(k) == "1") for s in splits}
     print(f"{dataset}: wrote {len(kept)} rows to {out}; skipped {missing} with a missing image"
-          + (f" (the first: {gone[0]})" if gone else "") + (f", {unreadable} unreadable" if args.resize else ""))
+          + (f" (the first: {gone[0]})" if gone else "")
+          + (f", {unreadable} unreadable" if args.resize else ""))
     print(f"  {'rows':<32}" + "".join(f"{s:>9}" for s in splits))
     print(f"  {'':<32}" + "".join(f"{nrows[s]:>9}" for s in splits))
     for k in labels:
@@ -966,11 +968,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="data_prep.py", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="command", required=True, metavar="<data set>")
     for name, fn in CONVERTERS.items():
-        doc = inspect.cleandoc(fn.__doc__) + f"\nWrites: data/{name}.csv (--out), `dataset` = {name} on every row."
+        doc = inspect.cleandoc(fn.__doc__) + (f"\nWrites: data/{name}.csv (--out), "
+                                              f"`dataset` = {name} on every row.")
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc, formatter_class=raw)
         p.add_argument("--root", required=True, help="the data set's folder, as downloaded")
-        p.add_argument("--out", default=f"data/{name}.csv", help="the CSV to write, its image paths relative to "
-                       "it (default: %(default)s, the name evaluate.py's presets read)")
+        p.add_argument("--out", default=f"data/{name}.csv", help="the CSV to write, its image paths "
+                       "relative to it (default: %(default)s, the name evaluate.py's presets read)")
         if name in SPLIT_SCHEMES:
             p.add_argument("--split", choices=SPLIT_SCHEMES[name], default=SPLIT_SCHEMES[name][0],
                            help="the split scheme (above); default %(default)s")
@@ -980,10 +983,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resize", type=int, default=0, help="write PNG copies with this shorter side")
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="--resize processes")
         if name == "mimic_cxr":
-            p.add_argument("--reports", default="", help="MIMIC-CXR's report folder (mimic-cxr-reports, holding "
-                           "files/pXX/pN/sN.txt); default: --root")
+            p.add_argument("--reports", default="", help="MIMIC-CXR's report folder (mimic-cxr-reports, "
+                           "holding files/pXX/pN/sN.txt); default: --root")
         if name in ("cxr_lt", "mimic_edema"):
-            p.add_argument("--label_root", default="", help="the label release (folder or file); default: --root")
+            p.add_argument("--label_root", default="",
+                           help="the label release (folder or file); default: --root")
     return ap
 
 

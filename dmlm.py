@@ -1,10 +1,9 @@
-"""
-D-MLM: Distribution-Based Masked Medical Vision-Language Model Using Structured Reports.
+"""D-MLM: Distribution-Based Masked Medical Vision-Language Model Using Structured Reports.
 S. N. Gowda, R. Zhang, X. Gu, Y. Weng, L. Yang. arXiv:2507.21794 (2025).
 
 Map of the method (Sec. 2.1-2.3, 3.5):
     report -> Definition / Appearance (per finding, from a knowledge file) / Observations / Verdicts  Sec. 2.1
-    image I -> ViT-B E^i, structured report T -> ClinicalBERT E^t; each patch / token h_i = N(mu_i, sigma_i^2) Eq. (1)
+    image I -> ViT-B E^i, report T -> ClinicalBERT E^t; each patch / token h_i = N(mu_i, sigma_i^2) Eq. (1)
     mask 30% of the tokens, and 30% of the patches, drawn towards the regions Appearance names  Sec. 2.2, 3.5
     a fusion transformer predicts N(mu^_i, sigma^_i^2) of each masked token from the full image and the
         rest of the report, p(h_i | I, T\\i), and of each masked patch from the full report          Eq. (2)
@@ -13,26 +12,27 @@ Map of the method (Sec. 2.1-2.3, 3.5):
     L_align: 2-Wasserstein distance of the image's and the report's Gaussians                       Eq. (4)
     L = lambda L_D-MLM + (1 - lambda) L_align, lambda = 0.2                                Eq. (5), Sec. 3.6
 Equation -> function -> test (tests/test_dmlm.py::test_...):
-    Eq. (1)   GaussianHead, DMLM.patch_variances, DMLM.token_variances   gaussian_head_*, patch_and_token_*
-    Eq. (2)   DMLM.forward, DMLM.fuse, DMLM.unmasked                     eq2_*, targets_*, vit_*
-    Eq. (3)   gaussian_kl, dmlm_loss, evaluate                           gaussian_kl_*, dmlm_loss_*, harder_*, sigma2_*
-    Eq. (4)   w2_squared_pairwise, align_contrastive_loss, mean_gaussian, DMLM.pooled_image   w2_*, align_*, pooled_*
-    Eq. (5)   total_loss                                                 align_contrastive_*, short_run_*
-    Sec. 2.1  structured_report, zeroshot_prompts                        structured_report_*
-    Sec. 2.2  text_token_mask, image_patch_mask, region_prior            text_mask_*, image_mask_*, region_map_*
+    Eq. (1)   GaussianHead, DMLM.patch_variances, DMLM.token_variances    gaussian_head_*, patch_and_token_*
+    Eq. (2)   DMLM.forward, DMLM.fuse, DMLM.unmasked                                 eq2_*, targets_*, vit_*
+    Eq. (3)   gaussian_kl, dmlm_loss, evaluate                gaussian_kl_*, dmlm_loss_*, harder_*, sigma2_*
+    Eq. (4)   w2_squared_pairwise, align_contrastive_loss, mean_gaussian,            w2_*, align_*, pooled_*
+              DMLM.pooled_image
+    Eq. (5)   total_loss                                                    align_contrastive_*, short_run_*
+    Sec. 2.1  structured_report, zeroshot_prompts                                        structured_report_*
+    Sec. 2.2  text_token_mask, image_patch_mask, region_prior        text_mask_*, image_mask_*, region_map_*
 
 Run:
     python dmlm.py                                          # demo: phantoms, small ViT + BERT, 2 CPU cores
     torchrun --nproc_per_node=2 dmlm.py                     # the same demo in 2 processes
     python text_prep.py knowledge --findings=data/mimic_cxr.csv --model=<LLM folder> --out=data/knowledge.json
     python dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
-    torchrun --nproc_per_node=4 dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
+    torchrun --nproc_per_node=4 \\
+        dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json
     python dmlm.py --align=pairs --target=ema --image_mask=random   # the other readings (Eq. 3-4, Sec. 2.2)
 
-Departures from the paper are stated at their lines and in README.md ("D-MLM").
-"""
+Departures from the paper are stated at their lines and in README.md ("D-MLM")."""
 from __future__ import annotations
 
 import copy
@@ -80,7 +80,7 @@ class Config:
     mask_ratio: float = 0.3  # share of the text tokens (Sec. 2.2) and of the image patches (Sec. 3.6) masked
     image_mask: str = "adaptive"  # adaptive: towards the regions the Appearance names (Sec. 2.2) | random
     target: str = "stopgrad"  # Eq. (3) targets: stopgrad (the encoders' unmasked pass) | ema (momentum copy)
-    pool: str = "mean"  # Eq. (4)'s image Gaussian: mean of its patches' Eq. (1) Gaussians, as the report's | max
+    pool: str = "mean"  # Eq. (4)'s image Gaussian: mean of its patch Gaussians (Eq. 1), as the report's | max
     align: str = "contrastive"  # Eq. (4): contrastive (-W2^2 / 2 as InfoNCE logits) | pairs (literal)
     lam: float = 0.2  # Eq. (5): L = lam L_D-MLM + (1 - lam) L_align (Sec. 3.6)
     # optimisation (Sec. 3.5)
@@ -109,9 +109,9 @@ class Config:
 
 
 PRESETS = {
-    # Demo: phantoms at 64 px; a 2-layer ViT (8x8 tokens from a conv stem), a 2-layer BERT and one fusion layer,
-    # width 64, from scratch at the heads' lr; ~2100 images / 32 = 66 steps x 13 epochs (batch 32: twice the
-    # updates of 64 in the same time). pool=max: a phantom's finding may fill 1 of 64 patches, which a mean dilutes.
+    # Demo: phantoms at 64 px; a 2-layer ViT (8x8 tokens from a conv stem) and BERT, one fusion layer, width
+    # 64, from scratch at the heads' lr; ~2100 images / 32 = 66 steps x 13 epochs (batch 32: twice the updates
+    # of 64 in the same time). pool=max: a phantom's finding may fill 1 of 64 patches, which a mean dilutes.
     "demo": dict(epochs=13, batch_size=32, lr=2e-3, encoder_lr=2e-3, stem="conv", num_workers=0, pool="max"),
     # Paper (Sec. 3.5): ViT-B/16 (ImageNet) + ClinicalBERT, 224 px, D = 768, global batch 128 (4 GPUs x 32),
     # AdamW wd 0.05, warm-up to 3e-4 then cosine, encoders at 1e-5, 100 epochs; 30% masking, lambda = 0.2.
@@ -179,8 +179,8 @@ class ViT(nn.Module):
             self.conv_proj = nn.Conv2d(3, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
             nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * cfg.patch_size ** 2)))
             nn.init.zeros_(self.conv_proj.bias)
-        else:  # demo: strided convs (common.ConvStem); 3x3 ("conv") show a token a masked neighbour's edge pixels,
-            # 2x2 ("hmlp") keep a masked patch hidden and train slower
+        else:  # demo: strided convs (common.ConvStem); 3x3 ("conv") show a token a masked neighbour's
+            # edge pixels, 2x2 ("hmlp") keep a masked patch hidden and train slower
             self.conv_proj = common.ConvStem(C, cfg.patch_size, overlap=cfg.stem == "conv")
         self.class_token = nn.Parameter(torch.zeros(1, 1, C))
         self.encoder = nn.Module()
@@ -199,7 +199,7 @@ class ViT(nn.Module):
 
 class GaussianHead(nn.Module):
     """Eq. (1): features [..., C] -> (mu, sigma^2) [..., D], in float32 under autocast too (bf16 puts a nearly
-    converged KL percents off). Ours (not given): unit mu (the zero-shot cosine); sigma^2 = (softplus + 1e-4) / D,
+    converged KL percents off). Ours (not given): unit mu (zero-shot cosine); sigma^2 = (softplus + 1e-4) / D,
     so sum_d sigma_d^2 is O(1) like ||mu||^2 and W2's variance term (Eq. 4) does not swamp the means."""
 
     def __init__(self, c_in: int, dim: int):
@@ -214,7 +214,7 @@ class GaussianHead(nn.Module):
             return F.normalize(self.mu(h), dim=-1), (F.softplus(self.var(h)) + 1e-4) / self.var.out_features
 
 
-def mean_gaussian(mu, var, keep):  # [B, S, D] each, keep [B, S] -> the kept positions' mean (mu L2-normalised)
+def mean_gaussian(mu, var, keep):  # [B, S, D] each, keep [B, S] -> the kept positions' mean, mu L2-normalised
     w = (keep / keep.sum(1, keepdim=True).clamp(min=1)).to(mu.dtype)[..., None]  # [B, S, 1]
     return F.normalize((mu * w).sum(1), dim=-1), (var * w).sum(1)
 
@@ -230,7 +230,7 @@ class DMLM(nn.Module):
         C, ct, D = cfg.vit_width, text_encoder.config.hidden_size, cfg.embed_dim
         self.image_gauss, self.text_gauss = GaussianHead(C, D), GaussianHead(ct, D)  # Eq. (1): patch, token
         self.mask_token = nn.Parameter(torch.empty(1, 1, C).normal_(std=0.02))  # a masked patch's token
-        # Eq. (2): the paper names no fusion module. Ours: pre-LN layers whose queries are one modality's tokens, keys
+        # Eq. (2): the paper names no fusion module. Ours: pre-LN layers, queries one modality's tokens, keys
         # and values those and the other's (told apart by a modality embedding); a Gaussian head per modality.
         self.fuse_image, self.fuse_text = nn.Linear(C, C), nn.Linear(ct, C)
         self.modality = nn.Parameter(torch.zeros(2, C))
@@ -240,32 +240,33 @@ class DMLM(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # 1/tau of --align=contrastive
 
     def forward(self, images, input_ids, attention_mask, masked_ids, patch_mask, teacher=None):
-        """-> Eq. (4)'s Gaussians (mu, sigma^2) "image", "text" [B, D]; Eq. (3)'s targets "target_image" [B, N,
-        D], "target_text" [B, L, D] (the means from `teacher` with --target=ema); Eq. (2)'s "pred_*". Passes:
-            images -> ViT -> hv;  report -> BERT -> ht       Eq. (1) heads: the targets (Eq. 3), pooled: Eq. (4)
-            images with patch_mask -> ViT -> hv_m -> fusion, context ht (no gradient) -> "pred_image"  Eq. (2)
-            masked_ids -> BERT -> ht_m -> fusion, context hv (no gradient) -> "pred_text"              Eq. (2)"""
+        """-> Eq. (4)'s Gaussians (mu, sigma^2) "image", "text" [B, D]; Eq. (3)'s targets "target_image"
+        [B, N, D], "target_text" [B, L, D] (--target=ema: means from `teacher`); Eq. (2)'s "pred_*". Passes:
+            images -> ViT -> hv;  report -> BERT -> ht  Eq. (1) heads: the targets (Eq. 3), pooled: Eq. (4)
+            images with patch_mask -> ViT -> hv_m -> fusion, context ht (detached) -> "pred_image"  Eq. (2)
+            masked_ids -> BERT -> ht_m -> fusion, context hv (detached) -> "pred_text"              Eq. (2)"""
         hv, ht = self.unmasked(images, input_ids, attention_mask)  # [B, 1+N, C], [B, L, Ct]
         hv_m = self.visual(images, patch_mask, self.mask_token)  # [B, 1+N, C]
         ht_m = self.text(input_ids=masked_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, Ct]
-        # Eq. (2), p(h_i | I, T\i): a masked token from the rest of its report and the FULL image, a masked patch
-        # from the rest of its image and the full report (as MaskVLM); the context detached (ours: faster alignment).
+        # Eq. (2), p(h_i | I, T\i): a masked token from the rest of its report and the FULL image, a patch
+        # from the rest of its image and the full report (as MaskVLM); context detached (ours: aligns faster).
         masked_image, context_image = (self.fuse_image(h) + self.modality[0] for h in (hv_m, hv.detach()))
         masked_text, context_text = (self.fuse_text(h) + self.modality[1] for h in (ht_m, ht.detach()))
         ones = attention_mask.new_ones(hv.shape[:2])
         z_image = self.fuse(masked_image, context_text, torch.cat([ones, attention_mask], 1))  # [B, 1+N, C]
         z_text = self.fuse(masked_text, context_image, torch.cat([attention_mask, ones], 1))  # [B, L, C]
         # Eq. (3)'s targets: Eq. (1)'s Gaussians of the unmasked pass. Their means carry no gradient (else
-        # prediction and target meet at a constant); their variances do, which is how sigma^2 learns (dmlm_loss).
+        # prediction and target meet at a constant); their variances do, and so sigma^2 learns (dmlm_loss).
         patches, tokens = self.image_gauss(hv[:, 1:]), self.text_gauss(ht)  # [B, N, D], [B, L, D] each
         means = (patches[0], tokens[0]) if teacher is None else [  # --target=ema: the momentum copy's means
             g[0] for g in teacher.targets(images, input_ids, attention_mask).values()]
         return {"image": self.pooled_image(hv, patches), "text": mean_gaussian(*tokens, attention_mask),
-                "target_image": (means[0].detach(), patches[1]), "target_text": (means[1].detach(), tokens[1]),
+                "target_image": (means[0].detach(), patches[1]),
+                "target_text": (means[1].detach(), tokens[1]),
                 "pred_image": self.pred_image(z_image[:, 1:]), "pred_text": self.pred_text(z_text)}
 
     def unmasked(self, images, input_ids, attention_mask):
-        """Without dropout (it makes Eq. 3's targets), so Eq. (4)'s gradient sees none: a third pass would cost 1/3."""
+        """No dropout (it makes Eq. 3's targets), so Eq. (4)'s gradient sees none: a third pass costs 1/3."""
         modes = self.visual.training, self.text.training
         self.visual.eval(), self.text.eval()
         hv, ht = self.visual(images), self.text(input_ids=input_ids, attention_mask=attention_mask)
@@ -278,9 +279,9 @@ class DMLM(nn.Module):
         return self.fusion_ln(z)
 
     # Eq. (4) pairs Gaussians over a set of aligned pairs it does not define. Ours: one Gaussian per image and
-    # per report, the mean of its patches' / real tokens' Eq. (1) Gaussians (--pool=mean, paper preset), or the
-    # image head on the channel-wise max of the patch features (--pool=max, demo: one patch marks the image).
-    def pooled_image(self, hv, patches=None):  # [B, 1+N, C] (, its patches' Gaussians) -> (mu, sigma^2) [B, D]
+    # per report, the mean of its patches' / real tokens' Eq. (1) Gaussians (--pool=mean, paper), or the image
+    # head on the channel-wise max of the patch features (--pool=max, demo: one patch marks the image).
+    def pooled_image(self, hv, patches=None):  # [B, 1+N, C] (, its patch Gaussians) -> (mu, sigma^2) [B, D]
         if self.cfg.pool == "max":
             return self.image_gauss(hv[:, 1:].amax(1))
         return mean_gaussian(*(patches or self.image_gauss(hv[:, 1:])), torch.ones_like(hv[:, 1:, 0]))
@@ -294,14 +295,16 @@ class DMLM(nn.Module):
         return self.pooled_image(self.visual(images))[0]
 
     def encode_text(self, texts: list[str]):  # -> [B, D]: the report Gaussian's mean, L2-normalised
-        t = {k: v.to(self.logit_scale.device) for k, v in tokenize(texts, self.tokenizer, self.cfg.max_tokens).items()}
+        t = {k: v.to(self.logit_scale.device)
+             for k, v in tokenize(texts, self.tokenizer, self.cfg.max_tokens).items()}
         return mean_gaussian(*self.text_gauss(self.text(**t).last_hidden_state), t["attention_mask"])[0]
 
     def patch_variances(self, images):  # [B, 3, H, W] -> [B, N]: each patch's sigma^2 (Eq. 1), mean over D
         return self.image_gauss(self.visual(images)[:, 1:])[1].mean(-1).detach()
 
     def token_variances(self, texts: list[str]):  # -> each text's word pieces (no padding), their sigma^2
-        t = {k: v.to(self.logit_scale.device) for k, v in tokenize(texts, self.tokenizer, self.cfg.max_tokens).items()}
+        t = {k: v.to(self.logit_scale.device)
+             for k, v in tokenize(texts, self.tokenizer, self.cfg.max_tokens).items()}
         var = self.text_gauss(self.text(**t).last_hidden_state)[1].mean(-1).detach().cpu().numpy()  # [B, L]
         ids, keep = t["input_ids"].cpu().numpy(), t["attention_mask"].bool().cpu().numpy()
         return [self.tokenizer.convert_ids_to_tokens(i[k].tolist()) for i, k in zip(ids, keep)], \
@@ -317,8 +320,7 @@ class DMLM(nn.Module):
         return zeroshot_prompts(label, self.knowledge)
 
 
-# --target=ema: Eq. (3)'s target means from a momentum copy (BYOL-style); the paper does not say where they come from.
-@torch.no_grad()
+@torch.no_grad()  # --target=ema: Eq. (3)'s target means from a BYOL-style momentum copy (source not given)
 def ema_update(ema: DMLM, model: DMLM, decay: float = 0.996):
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1 - decay)
@@ -333,12 +335,12 @@ def gaussian_kl(mu_p, var_p, mu_q, var_q):  # [..., D] -> [...]
     return 0.5 * (torch.log(var_q) - torch.log(var_p) + (var_p + (mu_p - mu_q) ** 2) / var_q - 1.0).sum(-1)
 
 
-# Eq. (3), Sec. 2.3: KL(prediction || target) over the masked tokens and patches, averaged over them and D (not
-# summed: a departure, so that lambda = 0.2 weighs it as Eq. 5 intends). How sigma^2 learns (ours: the paper names
+# Eq. (3), Sec. 2.3: KL(prediction || target) over masked tokens and patches, averaged over them and D (not
+# summed: a departure, so lambda = 0.2 weighs it as Eq. 5 intends). How sigma^2 learns (ours: the paper names
 # no stop-gradient or prior): in KL(N(mu^, v^) || N(mu, v)) the best v^ is v whatever the error, the best v is
-# v^ + (mu^ - mu)^2. So the target's v gets the gradient (its mu does not), and `prior` (0.1) x KL(N(0, v) || N(0, 1/D))
-# keeps it from growing without bound (KL -> 0). Per dimension the optimum is v = v^ = (1 + sqrt(1 + 4 D e /
-# prior)) / (2 D), e = (mu^ - mu)^2: the harder a position is to predict, the larger its sigma^2.
+# v^ + (mu^ - mu)^2. So the target's v gets the gradient (its mu does not), and `prior` (0.1) x
+# KL(N(0, v) || N(0, 1/D)) stops it growing without bound (KL -> 0). Per dimension the optimum is v = v^ =
+# (1 + sqrt(1 + 4 D e / prior)) / (2 D), e = (mu^ - mu)^2: positions harder to predict get larger sigma^2.
 def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch_mask, prior: float = 0.1):
     """pred_* / target_*: (mu, sigma^2), each [B, L, D] (text) / [B, N, D] (image); *_mask [B, L] / [B, N]."""
     def kl(pred, target):  # [B, S]: Eq. (3)'s KL and the prior on the target's variance
@@ -350,9 +352,8 @@ def dmlm_loss(pred_text, target_text, text_mask, pred_image, target_image, patch
     return per_pair.mean() / pred_text[0].shape[-1]
 
 
-# Eq. (4)'s W: the 2-Wasserstein distance of diagonal Gaussians, squared (smooth at 0):
-# W2^2 = ||mu1 - mu2||^2 + ||sigma1 - sigma2||^2, the squared distance of the vectors [mu, sigma].
-def w2_squared(mu1, var1, mu2, var2):  # [..., D] -> [...]
+# Eq. (4)'s W squared (smooth at 0): for diagonal Gaussians the 2-Wasserstein distance is that of [mu, sigma].
+def w2_squared(mu1, var1, mu2, var2):  # [..., D] -> [...]: ||mu1 - mu2||^2 + ||sigma1 - sigma2||^2
     return ((mu1 - mu2) ** 2).sum(-1) + ((var1.sqrt() - var2.sqrt()) ** 2).sum(-1)
 
 
@@ -369,23 +370,22 @@ def align_pairs_loss(image, text):  # (mu, sigma^2) [b, D] each
     return w2_squared(*text, *image).mean()
 
 
-# Eq. (4) with negatives (--align=contrastive). Minimised alone, Eq. (4) has a trivial optimum: every image and
-# report at one point (W2 = 0; zero-shot impossible), and with lambda = 0.2 it is 80% of the loss; the paper does
-# not say what prevents it. So -W2^2 / 2 is the similarity of a symmetric InfoNCE over the global batch. With unit
-# means -W2^2 / 2 = cos(mu1, mu2) - 1 - ||sigma1 - sigma2||^2 / 2: CLIP's logit plus a variance term (CLIP's 1/tau).
+# Eq. (4) with negatives (--align=contrastive). Eq. (4) alone has a trivial optimum: all images and reports at
+# one point (W2 = 0; zero-shot impossible), and at lambda = 0.2 it is 80% of the loss; the paper does not say
+# what stops it. So -W2^2 / 2 is the similarity of a symmetric InfoNCE over the global batch. With unit means
+# -W2^2 / 2 = cos(mu1, mu2) - 1 - ||sigma1 - sigma2||^2 / 2: CLIP's logit plus a variance term (CLIP's 1/tau).
 def align_contrastive_loss(image, text, scale):
     """image, text: (mu, sigma^2) [b, D] on this rank; each row is scored against the M = world * b gathered
     rows of the other modality, the positive of local row i being global row rank * b + i."""
     all_image = [common.all_gather_with_grad(t) for t in image]  # [M, D] each
     all_text = [common.all_gather_with_grad(t) for t in text]
-    target = torch.arange(len(image[0]), device=image[0].device) + len(image[0]) * common.rank()  # global index
+    target = torch.arange(len(image[0]), device=image[0].device) + len(image[0]) * common.rank()  # global row
     l_i2t = F.cross_entropy(-0.5 * scale * w2_squared_pairwise(*image, *all_text), target)
     l_t2i = F.cross_entropy(-0.5 * scale * w2_squared_pairwise(*text, *all_image), target)
     return 0.5 * (l_i2t + l_t2i)
 
 
-# Eq. (5), Sec. 2.3: L = lambda L_D-MLM + (1 - lambda) L_align.
-def total_loss(l_dmlm, l_align, lam: float):
+def total_loss(l_dmlm, l_align, lam: float):  # Eq. (5), Sec. 2.3: L = lambda L_D-MLM + (1 - lambda) L_align
     return lam * l_dmlm + (1 - lam) * l_align
 
 
@@ -437,7 +437,7 @@ def appearance_of(report: str) -> str:  # the Appearance section of a structured
 
 
 def zeroshot_prompts(label: str, know: dict) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompts structured as in training: the finding's report against a normal one denying it."""
+    """(positive, negative) prompts structured as in training: the finding vs a normal report denying it."""
     x = common.label_text(label)
     d, n = (f"Definition: {e['definition']} Appearance: {e['appearance']} " if e else ""
             for e in (lookup(know, label), lookup(know, "No Finding")))
@@ -450,12 +450,11 @@ def zeroshot_prompts(label: str, know: dict) -> tuple[list[str], list[str]]:
         [n + f"Observations: there is no {x}. Verdicts: normal study, no {x}."]
 
 
-# Sec. 2.2 / 3.5: masking "focused on diagnostically relevant regions identified from the Appearance section", "an
-# adaptive ratio for images based on the paired text"; Sec. 3.6: "a fixed masking ratio of 0.3". Ours: --mask_ratio
-# of the patches, those of the regions the Appearance names 1 + REGION_BOOST times as likely (uniform when it
-# names none). Boxes (top, bottom, left, right) on a FRONTAL film, as fractions.
-REGION_BOOST = 4.0
-REGION_MAP = [
+# Sec. 2.2 / 3.5: masking "focused on diagnostically relevant regions identified from the Appearance section",
+# "an adaptive ratio for images based on the paired text"; Sec. 3.6: "a fixed masking ratio of 0.3". Ours:
+# --mask_ratio of the patches, those of the regions the Appearance names 1 + REGION_BOOST times as likely.
+REGION_BOOST = 4.0  # the draw is uniform when the Appearance names no region
+REGION_MAP = [  # boxes (top, bottom, left, right) on a FRONTAL film, as fractions
     (r"costophrenic|lung base|lower hemithorax|basal|bases", [(0.58, 0.86, 0.12, 0.88)]),
     (r"apex|apices|apical|upper lobe|upper chest", [(0.12, 0.50, 0.12, 0.88)]),
     (r"lower lobe", [(0.48, 0.80, 0.12, 0.88)]),
@@ -515,8 +514,8 @@ def image_tensor(img: np.ndarray, size: int, rng: np.random.Generator | None = N
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image (augmented if `train`), structured report, patch mask, text-mask seed; an
-    unreadable image is replaced by the next readable row, reported in "bad" (the alignment needs b rows)."""
+    """Item (row, sample seed) -> image (augmented if `train`), structured report, patch mask, text-mask seed;
+    the next readable row replaces an unreadable image, reported in "bad" (the alignment needs b rows)."""
 
     def __init__(self, table: common.XrayCSV, cfg: Config, know: dict, train: bool = True):
         self.t, self.cfg, self.train = table, cfg, train
@@ -547,12 +546,12 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
-    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
-                          return_token_type_ids=False))
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens,
+                          return_tensors="pt", return_token_type_ids=False))
 
 
 def collate(items, tokenizer, max_tokens: int, ratio: float) -> dict:
-    """Stacks images and patch masks, tokenises the reports, draws their text masks (in the loader's worker)."""
+    """Stacks images and patch masks, tokenises the reports, draws their text masks (in a loader worker)."""
     images, reports, pmasks, seeds, bad = zip(*items)
     t = tokenize(reports, tokenizer, max_tokens)
     special = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
@@ -599,8 +598,7 @@ def build_tokenizer(cfg: Config, reports: list[str], label_names: list[str], kno
 
 
 def build(cfg: Config, tokenizer, know: dict, bert_config: dict | None = None) -> DMLM:
-    """Config -> DMLM. With --pretrained the ViT starts from torchvision's ImageNet ViT-B/16 and E^t from
-    ClinicalBERT (Sec. 3.5)."""
+    """Config -> DMLM; --pretrained loads torchvision's ImageNet ViT-B/16 and ClinicalBERT E^t (Sec. 3.5)."""
     model = DMLM(cfg, build_text_encoder(cfg, len(tokenizer), bert_config), tokenizer, know)
     if cfg.pretrained and bert_config is None:
         if (cfg.image_size, cfg.patch_size, cfg.stem, cfg.vit_width, cfg.vit_depth, cfg.vit_heads) != \
@@ -677,7 +675,8 @@ def warmup_cosine(total: int, warmup: int):
 def check(cfg: Config):
     """Flag values that cannot work, before anything runs."""
     for k, ok in (("stem", ("patch", "conv", "hmlp")), ("image_mask", ("adaptive", "random")),
-                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs")), ("pool", ("mean", "max"))):
+                  ("target", ("stopgrad", "ema")), ("align", ("contrastive", "pairs")),
+                  ("pool", ("mean", "max"))):
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: expected {' | '.join(ok)}")
     if cfg.image_size % cfg.patch_size:
@@ -693,8 +692,8 @@ def train(cfg: Config) -> dict:
     if cfg.data == Config.data:
         phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
-    # a row needs a text or labels: the structured report is made of both (Sec. 2.1)
-    tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"), counter=counter)
+    tr = common.XrayCSV(cfg.data, "train", require_text=("findings", "impression", "report", "labels"),
+                        counter=counter)  # rows need text or labels (the structured report's parts, Sec. 2.1)
     te = common.XrayCSV(cfg.data, "test", counter=counter)
     know = ck["knowledge"] if ck else load_knowledge(cfg.knowledge)
     if missing := [n for n in tr.label_names if lookup(know, n) is None]:
@@ -711,26 +710,26 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own numbers
     local_batch = cfg.batch_size // world
     sampler = common.EpochSampler(len(train_ds), local_batch, rank, world, cfg.seed)
-    loader = torch.utils.data.DataLoader(train_ds, local_batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=functools.partial(collate, tokenizer=tok,
-                                                                      max_tokens=cfg.max_tokens, ratio=cfg.mask_ratio),
-                                         pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        train_ds, local_batch, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=functools.partial(collate, tokenizer=tok, max_tokens=cfg.max_tokens, ratio=cfg.mask_ratio),
+        pin_memory=device != "cpu", persistent_workers=cfg.num_workers > 0)
     total_steps = cfg.epochs * sampler.batches_per_epoch
     opt = torch.optim.AdamW(param_groups(raw_model, cfg), lr=cfg.lr, fused=device != "cpu")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, max(1, round(
         cfg.warmup_epochs * sampler.batches_per_epoch))))
     common.print0(f"dmlm: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; {len(tr)} "
                   f"training images, {sampler.batches_per_epoch} steps/epoch x {cfg.epochs} epochs, {world} "
-                  f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets, {cfg.pool}-pooled images")
+                  f"process(es) on {device}; {cfg.align} alignment, {cfg.target} targets, "
+                  f"{cfg.pool}-pooled images")
     meta = {"vocab": common.tokenizer_vocab(tok), "lowercase": getattr(tok, "do_lower_case", True),
             "bert_config": raw_model.text.config.to_dict(), "knowledge": know}  # what load() needs
     loop = common.Loop(cfg, name="dmlm", model=raw_model, opt=opt, sched=sched, scaler=scaler,
                        sampler=sampler, counter=counter, ck=ck,
                        extra=lambda: {**meta, "ema": ema.state_dict() if ema is not None else None})
     model = torch.compile(model) if cfg.compile else model
-    # --align=pairs leaves the temperature unused, which DDP must be told
     model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.align == "pairs") \
-        if world > 1 else model
+        if world > 1 else model  # --align=pairs leaves the temperature unused, which DDP must be told
 
     for epoch in loop.epochs():
         model.train()
@@ -758,10 +757,11 @@ def train(cfg: Config) -> dict:
                 raw_model.logit_scale.clamp_(0, math.log(100))
             if ema is not None:
                 ema_update(ema, raw_model)
-            q = torch.cat([out["pred_text"][1].mean(-1)[text_mask], out["pred_image"][1].mean(-1)[patch_mask]])
+            q = torch.cat([out["pred_text"][1].mean(-1)[text_mask],
+                           out["pred_image"][1].mean(-1)[patch_mask]])
             q = q.detach().quantile(q.new_tensor([0.1, 0.5, 0.9]))  # the spread of the predicted sigma^2
-            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, sigma2_p10=q[0], sigma2_p50=q[1], sigma2_p90=q[2],
-                           lr=opt.param_groups[0]["lr"])
+            loop.step_done(loss=loss, dmlm=l_dmlm, align=l_align, sigma2_p10=q[0], sigma2_p50=q[1],
+                           sigma2_p90=q[2], lr=opt.param_groups[0]["lr"])
         loop.end_epoch()  # no model selection (the paper names none): the last weights are evaluated
     metrics = evaluate(raw_model, te, device) if rank == 0 and not loop.stopped else {}
     result = loop.close(metrics)
@@ -772,13 +772,14 @@ def train(cfg: Config) -> dict:
 
 @torch.no_grad()
 def evaluate(model: DMLM, table: common.XrayCSV, device) -> dict:
-    """Zero-shot AUC; and Spearman's rho between each masked token's / patch's predicted sigma^2 (Eq. 2, mean over
-    D) and its error ||mu^ - mu||^2 (Eq. 3), masks fixed by row, over both modalities and each."""
+    """Zero-shot AUC; and Spearman's rho between each masked token's / patch's predicted sigma^2 (Eq. 2,
+    mean over D) and its error ||mu^ - mu||^2 (Eq. 3), masks fixed by row, over both modalities and each."""
     c, pairs = model.eval().cfg, {"text": [], "image": []}  # (sigma^2, error) of each masked position
-    loader = torch.utils.data.DataLoader(PairDataset(table, c, model.knowledge, train=False), c.batch_size,
-                                         sampler=[(i, i) for i in range(len(table))],  # sample seed = row
-                                         collate_fn=functools.partial(collate, tokenizer=model.tokenizer,
-                                                                      max_tokens=c.max_tokens, ratio=c.mask_ratio))
+    loader = torch.utils.data.DataLoader(
+        PairDataset(table, c, model.knowledge, train=False), c.batch_size,
+        sampler=[(i, i) for i in range(len(table))],  # sample seed = row
+        collate_fn=functools.partial(collate, tokenizer=model.tokenizer, max_tokens=c.max_tokens,
+                                     ratio=c.mask_ratio))
     for batch in loader:
         x, ids, am, masked_ids, text_mask, patch_mask = (batch[k].to(device) for k in BATCH_KEYS)
         out = model(x, ids, am, masked_ids, patch_mask)

@@ -13,9 +13,9 @@ side by side with paired bootstrap p-values (render.py draws the tables and figu
     zeroshot_multiclass  the class of the highest mean cosine to its prompts, on images positive for one class
     retrieval            image -> text R@1/5/10: one frontal image per study against one report section per
                          study, identical texts merged (CXR-CLIP Sec. 4.1 and its evaluator)
-    probe, finetune      a linear head on frozen features (--probe: logreg, C chosen on valid | head, CXR-CLIP's,
-                         its epoch chosen on valid); image encoder + head, D-MLM's recipe (Sec. 3.5); on
-                         --fractions of the training images x --seeds
+    probe, finetune      a linear head on frozen features (--probe: logreg, C chosen on valid | head,
+                         CXR-CLIP's, its epoch chosen on valid); image encoder + head, D-MLM's recipe
+                         (Sec. 3.5); on --fractions of the training images x --seeds
     segmentation         a light decoder on the frozen image_tokens of the images with a finding: Dice
     regression, grading  ridge on frozen embeddings, alpha chosen on valid: MAE (PedCLIP: bone age); ordinal
                          grades (D-MLM: edema 0-3), frozen or fine-tuned: ACC, F1, kappa, one-vs-rest AUC
@@ -37,14 +37,14 @@ data/<data set>.csv (--preset=NAME --help shows its values):
     D-MLM T3 COVID-19; T4 edema      covidx --root=R; mimic_edema --label_root=L   dmlm_covidx; dmlm_edema
     PedCLIP T1-2 PCXR / CHD / GRAZ   vindr_pcxr / chd_cxr / grazpedwri        pedclip_pcxr / _chd / _graz
     PedCLIP T2 bone age              boneage --root=R                         pedclip_boneage
-The checkpoints: python cxrclip.py --preset=paper --data=data/mimic_cxr.csv; python text_prep.py knowledge
---findings=data/mimic_cxr.csv --model=<LLM>, then python dmlm.py --preset=paper --data=data/mimic_cxr.csv
---knowledge=data/knowledge.json; for k in 0..4: python cxrcml.py --preset=paper --data=data/cxr_lt.csv --fold=k
---out_dir=out/cxrcml_fold$k (python cxrcml.py summarize out/cxrcml_fold*: their mean); python text_prep.py
-extract_bodyparts --csv=data/pexr.csv --model=<LLM>, then python pedclip.py --preset=paper --data=data/pexr.csv.
+Checkpoints: python cxrclip.py --preset=paper --data=data/mimic_cxr.csv; python text_prep.py extract_bodyparts
+--csv=data/pexr.csv --model=<LLM>, then python pedclip.py --preset=paper --data=data/pexr.csv; for k in 0..4:
+python cxrcml.py --preset=paper --data=data/cxr_lt.csv --fold=k --out_dir=out/cxrcml_fold$k (python cxrcml.py
+summarize out/cxrcml_fold*: their mean); python text_prep.py knowledge --findings=data/mimic_cxr.csv
+--model=<LLM>, then python dmlm.py --preset=paper --data=data/mimic_cxr.csv --knowledge=data/knowledge.json.
 Not covered: PeXR and PedCLIP's Arthritis set (private; its concepts: --task=probe --labels=<concepts>
---fractions=1); D-MLM's Covid-19 segmentation (no converter). D-MLM fine-tunes its segmentation, with no recipe
-given: here the decoder reads frozen tokens. RSNA's images are a subset of NIH ChestX-ray14.
+--fractions=1); D-MLM's Covid-19 segmentation (no converter). D-MLM fine-tunes its segmentation, with no
+recipe given: here the decoder reads frozen tokens. RSNA's images are a subset of NIH ChestX-ray14.
 Output: printed, and <out>/eval_<tasks>.json, .md and .png (--out: the checkpoint's folder, or ./results). A
 user error (a missing file or column, a bad flag) is one line and exit status 2.
 """
@@ -98,7 +98,7 @@ class Config:
     probe: str = "logreg"  # logreg (scikit-learn, C from --probe_c on valid) | head (CXR-CLIP's linear head)
     probe_features: str = "backbone"  # backbone (what the projection reads) | embedding (the shared space)
     probe_c: str = "0.01,0.1,1,10,100"  # logreg / grading: C candidates, the best valid AUC per label wins
-    probe_epochs: int = 300  # head: epochs, the lowest valid loss kept (CXR-CLIP's configs: 300 at 10%, 30 at 100%)
+    probe_epochs: int = 300  # head: epochs, min valid loss kept (CXR-CLIP's configs: 300 at 10%, 30 at 100%)
     probe_lr: float = 5e-5  # head: AdamW lr, weight decay 1e-4, cosine, batch 256 (CXR-CLIP's configs)
     mode: str = "frozen"  # grading: frozen (logistic regression, C from --probe_c on valid) | finetune
     target_column: str = "target"  # regression / grading target
@@ -109,7 +109,7 @@ class Config:
     ft_batch_size: int = 32  # fine-tuning batch size
     seg_epochs: int = 20  # segmentation decoder epochs
     bootstrap: int = 1000  # patient resamples for the confidence intervals and p-values (0: none)
-    prompts: str = ""  # zero-shot prompts: chexzero (CheXzero's "{}" / "no {}") | a JSON {class: {"pos", "neg"}}
+    prompts: str = ""  # zero-shot: chexzero (CheXzero's "{}" / "no {}") | a JSON {class: {"pos", "neg"}}
     figures: bool = True  # write the figures (PNG) beside the markdown
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 256  # images per forward pass
@@ -121,10 +121,10 @@ class Config:
 CHEXPERT_5 = "Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion"
 CXRCLIP_T2 = dict(task="zeroshot,probe", probe="head", fractions="0.1,1", seeds="1234")  # ZS, 10%, 100%
 DMLM_T125 = dict(task="finetune,zeroshot,segmentation", seeds="0,1,2,3,4")  # Tables 1, 2, 5; 5 runs (PRIOR)
-PEDCLIP_T12 = dict(task="zeroshot,probe", fractions="1")  # Tables 1, 2; no probe recipe given: logreg on valid
+PEDCLIP_T12 = dict(task="zeroshot,probe", fractions="1")  # Tables 1-2; no probe recipe given: logreg on valid
 PRESETS = {  # the papers' protocols on data_prep.py's CSVs (the map in the manual above)
     "demo": {},  # the phantoms the four demos train on
-    "cxrclip_vindr": dict(data="data/vindr_cxr.csv", min_pos=10, **CXRCLIP_T2,  # Sec. 4.1: >= 10 test positives
+    "cxrclip_vindr": dict(data="data/vindr_cxr.csv", min_pos=10, **CXRCLIP_T2,  # Sec. 4.1: 10+ test positives
                           exclude="Other disease,Other diseases,Other lesion,No finding"),
     "cxrclip_rsna": dict(data="data/rsna_pneumonia.csv", **CXRCLIP_T2),
     "cxrclip_siim": dict(data="data/siim.csv", **CXRCLIP_T2),
@@ -142,9 +142,9 @@ PRESETS = {  # the papers' protocols on data_prep.py's CSVs (the map in the manu
                        views="frontal"),  # Table 4; the severity set [5] grades frontal images
     "pedclip_pcxr": dict(data="data/vindr_pcxr.csv", exclude="No finding", **PEDCLIP_T12),  # its 14 findings
     "pedclip_chd": dict(data="data/chd_cxr.csv", **PEDCLIP_T12),
-    "pedclip_graz": dict(data="data/grazpedwri.csv", **{**PEDCLIP_T12, "task": "zeroshot,probe,segmentation"}),
-    "pedclip_boneage": dict(data="data/boneage.csv", task="regression"),
-}
+    "pedclip_graz": dict(data="data/grazpedwri.csv",
+                         **{**PEDCLIP_T12, "task": "zeroshot,probe,segmentation"}),
+    "pedclip_boneage": dict(data="data/boneage.csv", task="regression")}
 PHANTOMS = 3000  # images in the demos' phantom data set (the same as the paper files draw)
 PAPERS = ("pedclip", "cxrclip", "cxrcml", "dmlm")
 # the module whose input is the image feature before the projection to the shared space (a linear probe's)
@@ -209,8 +209,8 @@ def class_metrics(gt: np.ndarray, pred: np.ndarray, k: int) -> dict:
     f1 = np.where(true + predicted > 0, 2 * tp / np.maximum(true + predicted, 1), 0.0)
     w = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2 / max(1, (k - 1) ** 2)
     expected = (w * np.outer(true, predicted)).sum() / max(n, 1)
-    return {"acc": float(tp.sum() / max(n, 1)), "f1_macro": float(f1.mean()), "confusion": C.astype(int).tolist(),
-            "kappa_quadratic": float(1 - (w * C).sum() / expected) if expected > 0 else None}
+    return {"acc": float(tp.sum() / max(n, 1)), "f1_macro": float(f1.mean()), "confusion": C.astype(
+            int).tolist(), "kappa_quadratic": float(1 - (w * C).sum() / expected) if expected > 0 else None}
 
 
 def recall_hits(sim: np.ndarray, target: np.ndarray, ks=(1, 5, 10)) -> np.ndarray:
@@ -247,10 +247,9 @@ def label_strata(Y: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def bootstrap(stat, groups: np.ndarray, n: int, seed: int = 0, strata=None) -> dict[str, np.ndarray]:
-    """stat(idx) -> {metric: value} on the rows idx (repeats allowed). n resamples of whole patients with
-    replacement, within `strata` (label_strata) when given -> {metric: [n] values, nan where undefined: a
-    skipped resample}. The draws depend only on (seed, groups, strata): two checkpoints evaluated on the same
-    rows see the same resamples (paired_p)."""
+    """stat(idx) -> {metric: value} on rows idx (repeats allowed). n resamples of whole patients with
+    replacement, within `strata` (label_strata) if given -> {metric: [n] values, nan for a skipped resample}.
+    Draws depend only on (seed, groups, strata): checkpoints on the same rows share them (paired_p)."""
     rng, n_groups = np.random.default_rng(seed), int(groups.max()) + 1 if len(groups) else 0
     members = [np.flatnonzero(strata == s) for s in np.unique(strata)] if strata is not None else \
         [np.arange(n_groups)]
@@ -319,7 +318,7 @@ def retrieval_text(row: dict, how: str) -> str:
 
 @dataclass
 class Part:
-    """A split's readable rows (after --views), their embeddings [n, D], for probes the projection's input [n, C]."""
+    """A split's readable rows (after --views), embeddings [n, D], for probes the projection input [n, C]."""
     rows: list[dict]
     emb: np.ndarray
     feat: np.ndarray | None = None
@@ -361,7 +360,7 @@ class Evaluator:
         self.cfg, self.model, self.paper, self.ckpt, self.device = cfg, model, paper, ckpt, device
         self.table: common.XrayCSV | None = None  # the whole CSV, read on first use
         self.parts: dict[tuple, Part] = {}  # (split, views) -> Part; tests fill it with hand-made features
-        self.label_names_all, self.columns, self.proj = None, None, None  # proj: what a probe reads the input of
+        self.label_names_all, self.columns, self.proj = None, None, None  # proj: probes read its input
         if "probe" in csv_list(cfg.task) and cfg.probe_features == "backbone" and model is not None:
             try:
                 self.proj = model.get_submodule(PRE_PROJECTION[paper])
@@ -388,7 +387,7 @@ class Evaluator:
         return rows
 
     def part(self, split: str, views: str, required: bool = True) -> Part | None:
-        """The Part of (split, views), embedded on first use; None for a missing split that is not required."""
+        """The Part of (split, views), embedded on first use; None for a missing split if not required."""
         if (split, views) not in self.parts:
             rows, dim = self.rows(split, views, required), []
             if not rows:
@@ -421,8 +420,7 @@ class Evaluator:
         return apply_label_policy(Y, names, c.blank, c.uncertain, c.no_finding)
 
     def label_names(self, rows: list[dict]) -> tuple[list[str], list[str]]:
-        """The labels to evaluate (--labels, --exclude, --min_pos on the evaluation rows) and those that
-        --min_pos dropped."""
+        """The labels to evaluate (--labels, --exclude, --min_pos on `rows`) and those --min_pos dropped."""
         names = csv_list(self.cfg.labels) or list(self.label_names_all)
         unknown = [n for n in names if n not in self.label_names_all]
         if unknown:
@@ -472,24 +470,23 @@ def label_stat(Y: np.ndarray, S: np.ndarray, T: np.ndarray, is_rare: np.ndarray)
 def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     test = ev.part(ev.cfg.split, views)
     names, few = ev.label_names(test.rows)
-    # F1 / ACC thresholds: max-F1 on the valid split (MedKLIP, which D-MLM follows, takes it on the test set
-    # itself); without a valid positive, 0 on the score: the pair softmax's 0.5
+    # F1 / ACC thresholds: max-F1 on the valid split (MedKLIP, which D-MLM follows, uses the test set itself)
     valid = ev.part("valid", views, required=False) if ev.cfg.split != "valid" else None
     emb = test.emb if valid is None else np.concatenate([test.emb, valid.emb])
     Y, S = ev.labels(test.rows, names), common.zeroshot_scores(ev.model, emb, names)  # prompts encoded once
     T = [best_f1_threshold(y, s) for y, s in zip(ev.labels(valid.rows, names).T, S[len(Y):].T)] if valid else []
-    fallback = [n for n, t in zip(names, T) if t is None] if valid else names
+    fallback = [n for n, t in zip(names, T) if t is None] if valid else names  # at 0: the pair softmax's 0.5
     T, S, rare = np.array([t or 0.0 for t in T] or np.zeros(len(names))), S[:len(Y)], ev.rare_labels(names)
     stat = label_stat(Y, S, T, np.array([n in rare for n in names]))
     per, (f1, acc) = common.auc_per_label(Y, S, names)["per_label"], f1_acc_per_column(Y, S, T)
     res = {"metrics": stat(np.arange(len(Y))), "n_images": len(Y), "rare_labels": rare, "per_label": {
         n: {"auc": per[n], "f1": macro(f1[j:j + 1]), "acc": macro(acc[j:j + 1]), "threshold": float(T[j]),
-            "n_pos": int((Y[:, j] == 1).sum()), "n_neg": int((Y[:, j] == 0).sum())} for j, n in enumerate(names)},
-        "_roc": (names, Y, S), "_strata": Y,
-        "note": "score cos(positive prompts) - cos(negative prompts); F1 / ACC at the threshold maximising F1 on "
-                "the valid split" + (f" (0, the pair's 0.5, for {fallback}: no valid split or no valid positive)"
-                                     if fallback else "") + "; a label with one class is left out of the macro"
-                + (f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else "")}
+            "n_pos": int((Y[:, j] == 1).sum()), "n_neg": int((Y[:, j] == 0).sum())}
+        for j, n in enumerate(names)}, "_roc": (names, Y, S), "_strata": Y,
+        "note": "score cos(positive prompts) - cos(negative prompts); F1 / ACC at the threshold maximising "
+                "F1 on the valid split" + (f" (0, the pair's 0.5, for {fallback}: no valid split or no valid "
+                "positive)" if fallback else "") + "; a label with one class is left out of the macro" + (
+                    f"; --min_pos={ev.cfg.min_pos} dropped {few}" if few else "")}
     return res, stat, test.rows
 
 
@@ -515,8 +512,8 @@ def task_zeroshot_multiclass(ev: Evaluator, views: str) -> tuple[dict, callable,
 
     def stat(idx):
         return {k: v for k, v in class_metrics(gt[idx], pred[idx], K).items() if k in ("acc", "f1_macro")}
-    res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes, "_strata": np.eye(K)[gt],
-           "confusion": class_metrics(gt, pred, K)["confusion"],
+    res = {"metrics": stat(np.arange(len(one))), "n_images": len(one), "classes": classes,
+           "_strata": np.eye(K)[gt], "confusion": class_metrics(gt, pred, K)["confusion"],
            "note": "images positive for exactly one class; prediction: argmax over the classes of the mean "
                    "cosine to the class's positive prompts; the label policy does not apply"}
     return res, stat, [test.rows[i] for i in one]
@@ -535,7 +532,7 @@ def task_retrieval(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         raise common.UserError(f"retrieval: fewer than 2 studies with a {how} text and a {views} image in "
                                f"split {ev.cfg.split!r}")
     own = [retrieval_text(test.rows[i], how) for i in q]
-    index = {t: k for k, t in enumerate(dict.fromkeys(own))}  # identical texts: one candidate (CXR-CLIP's code)
+    index = {t: k for k, t in enumerate(dict.fromkeys(own))}  # identical texts merged (CXR-CLIP's code)
     texts, target = list(index), np.array([index[t] for t in own])
     hits = recall_hits(test.emb[q].astype(np.float64) @ encode_texts(ev.model, texts).T, target)  # [Q, 3]
 
@@ -571,10 +568,10 @@ def over_fractions(ev: Evaluator, n_train: int, name: str, run, score) -> tuple[
     def stat(idx):
         return {pct(f): macro([score(runs[f, s][0], idx) for s in seeds], keep[f]) for f in fracs}
     return {"metrics": stat(np.arange(n_test)), "seeds": seeds,
-            "seed_std": {pct(f): float(np.std([full[f, s] for s, k in zip(seeds, keep[f]) if k])) if any(keep[f])
-                         else None for f in fracs},
-            "n_train": {f"{f * 100:g}%": len(subsample(n_train, f, 0)) for f in fracs},
-            "chosen": {f"{f * 100:g}%, seed {s}": c for (f, s), (_, c) in runs.items() if c is not None}}, stat
+            "seed_std": {pct(f): float(np.std([full[f, s] for s, k in zip(seeds, keep[f]) if k]))
+                         if any(keep[f]) else None for f in fracs},
+            "n_train": {f"{f * 100:g}%": len(subsample(n_train, f, 0)) for f in fracs}, "chosen": {
+                f"{f * 100:g}%, seed {s}": c for (f, s), (_, c) in runs.items() if c is not None}}, stat
 
 
 def fit(model, X: np.ndarray, y: np.ndarray):
@@ -604,23 +601,23 @@ def probe_scores(Xtr, Ytr, Xva, Yva, Xte, cands: list[float], seed: int = 0) -> 
     for j in range(Ytr.shape[1]):
         m, mv = np.isin(Ytr[:, j], (0, 1)), np.isin(Yva[:, j], (0, 1)) if Xva is not None else np.zeros(0, bool)
         if ok := 0 < Ytr[m, j].sum() < m.sum():
-            clf, c = choose_on_valid(
-                cands, lambda c: fit(LogisticRegression(C=c, max_iter=2000, random_state=seed), Xtr[m], Ytr[m, j]),
-                lambda clf: macro(auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:])) if mv.any()
-                else None, 1.0)
+            clf, c = choose_on_valid(cands, lambda c: fit(
+                LogisticRegression(C=c, max_iter=2000, random_state=seed), Xtr[m], Ytr[m, j]),
+                lambda clf: macro(auc_columns(Yva[mv, j:j + 1], clf.predict_proba(Xva[mv])[:, 1:]))
+                if mv.any() else None, 1.0)
             out[:, j] = clf.predict_proba(Xte)[:, 1]
         chosen.append(c if ok else None)
     return out, chosen
 
 
 def linear_head(Xtr, Ytr, Xva, Yva, Xte, cfg: Config, seed: int, device: str) -> tuple[np.ndarray, int]:
-    """CXR-CLIP's linear probe (its finetune_10 / _100 configs): a linear layer on frozen features, BCE over the
-    known labels, AdamW (--probe_lr, weight decay 1e-4), batches of 256, cosine over --probe_epochs, the epoch of
-    the lowest valid loss kept (else the last) -> (P(1) on Xte [n, L], nan where training had one class; that
-    epoch). A departure: the features are taken once, unaugmented, where the official code augments each epoch."""
+    """CXR-CLIP's linear probe (its finetune_10 / _100 configs): a linear layer on frozen features, BCE over
+    the known labels, AdamW (--probe_lr, weight decay 1e-4), batches of 256, cosine over --probe_epochs, the
+    epoch of the lowest valid loss kept (else the last) -> (P(1) on Xte [n, L], nan where training had one
+    class; that epoch). A departure: features taken once, unaugmented; official code augments each epoch."""
     torch.manual_seed(seed)
-    x, y, xv, yv, xt = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=device) if a is not None else None
-                        for a in (Xtr, Ytr, Xva, Yva, Xte))
+    x, y, xv, yv, xt = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=device) if a is not None
+                        else None for a in (Xtr, Ytr, Xva, Yva, Xte))
     head, bs, g = nn.Linear(x.shape[1], y.shape[1]).to(device), min(256, len(x)), torch.Generator().manual_seed(seed)
     opt, steps = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=1e-4), len(x) // bs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.probe_epochs * steps))
@@ -670,12 +667,12 @@ def task_probe(ev: Evaluator, views: str, finetune: bool = False) -> tuple[dict,
     res, stat = over_fractions(ev, len(train.rows), "auc", run, score)
     feats = "features before the projection" if train.feat is not None else "embeddings"
     how = (f"image encoder + linear head fine-tuned, masked BCE, {c.ft_epochs} epochs" if finetune else
-           f"linear head on frozen {feats}, the best of {c.probe_epochs} epochs by the valid loss (chosen: the "
-           f"epoch)" if c.probe == "head" else f"logistic regression per label on frozen, standardised {feats}, "
-           f"C from {c.probe_c} by the valid AUC (chosen: C per label)")
-    res.update(n_images=len(test.rows), _strata=Yte, note=f"{how}; macro AUC over the labels defined in a run, "
-               f"mean over seeds" + ("" if finetune or valid else "; no valid split: C = 1 / the last epoch")
-               + (f"; --min_pos={c.min_pos} dropped {few}" if few else ""))
+           f"linear head on frozen {feats}, the best of {c.probe_epochs} epochs by the valid loss (chosen: "
+           f"the epoch)" if c.probe == "head" else f"logistic regression per label on frozen, standardised "
+           f"{feats}, C from {c.probe_c} by the valid AUC (chosen: C per label)")
+    res.update(n_images=len(test.rows), _strata=Yte, note=f"{how}; macro AUC over the labels defined in "
+               f"a run, mean over seeds" + ("" if finetune or valid else "; no valid split: C = 1 / the last "
+               "epoch") + (f"; --min_pos={c.min_pos} dropped {few}" if few else ""))
     return res, stat, test.rows
 
 
@@ -706,7 +703,7 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out
             except common.BadImageError:  # left out of the batch
                 pass
         return torch.stack(xs or [torch.zeros(3, size, size)]), torch.tensor(ok, dtype=torch.long)
-    head, scale = nn.Linear(dim, n_out).to(ev.device), math.sqrt(dim)  # unit-norm embedding: unit-scale inputs
+    head, scale = nn.Linear(dim, n_out).to(ev.device), math.sqrt(dim)  # unit-norm embedding: unit-scale input
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": c.ft_lr},
                              {"params": head.parameters(), "lr": c.head_lr}], weight_decay=0.05)
     per_epoch = max(1, len(rows) // c.ft_batch_size)
@@ -714,9 +711,9 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out
         "cuda", torch.bfloat16, enabled=ev.device.startswith("cuda"))
     for e in range(c.ft_epochs):
         epoch[0] = e  # read by the workers, which each epoch's DataLoader forks anew
-        for x, idx in torch.utils.data.DataLoader(
-                range(len(rows)), c.ft_batch_size, shuffle=True, num_workers=c.num_workers, collate_fn=load,
-                drop_last=len(rows) >= c.ft_batch_size, generator=torch.Generator().manual_seed(seed * 1000 + e)):
+        for x, idx in torch.utils.data.DataLoader(range(len(rows)), c.ft_batch_size, shuffle=True,
+                num_workers=c.num_workers, collate_fn=load, drop_last=len(rows) >= c.ft_batch_size,
+                generator=torch.Generator().manual_seed(seed * 1000 + e)):
             if not len(idx):  # every image of the batch unreadable
                 continue
             x, y = x.to(ev.device), t[idx].to(ev.device)
@@ -738,16 +735,15 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out
 
 
 def numeric_targets(ev: Evaluator, views: str) -> list[tuple[Part | None, np.ndarray]]:
-    """(part, its --target_column as numbers) of the rows that have one, for train, valid (None, [] when the CSV
-    has none) and the evaluation split."""
-    parts, col = [ev.part("train", views), ev.part("valid", views, False) if ev.cfg.split != "valid" else None,
-                  ev.part(ev.cfg.split, views)], ev.cfg.target_column
+    """(part, --target_column as numbers) of the rows with one: train, valid (None, [] if absent), --split."""
+    parts, col = [ev.part("train", views), ev.part("valid", views, False) if ev.cfg.split != "valid"
+                  else None, ev.part(ev.cfg.split, views)], ev.cfg.target_column
     if col not in ev.columns:
         raise common.UserError(f"--target_column={col}: no such column in {ev.cfg.data}")
     out = []
     for p in parts:
-        v = np.array([float(x) if x.strip() and x.strip().lstrip("-").replace(".", "", 1).isdigit() else np.nan
-                      for x in (r.get(col) or "" for r in (p.rows if p else []))], dtype=np.float64)
+        v = np.array([float(x) if x.strip() and x.strip().lstrip("-").replace(".", "", 1).isdigit() else
+                      np.nan for x in (r.get(col) or "" for r in (p.rows if p else []))], dtype=np.float64)
         k = np.flatnonzero(np.isfinite(v))
         out.append((Part([p.rows[i] for i in k], p.emb[k]) if p else None, v[k]))
     return out
@@ -764,8 +760,8 @@ def task_regression(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     def stat(idx):
         return {"mae": float(err[idx].mean()), "mae_predict_mean": float(base[idx].mean())}
     res = {"metrics": stat(np.arange(len(yte))), "n_train": len(ytr), "n_images": len(yte), "chosen": alpha,
-           "note": f"MAE in the units of {ev.cfg.target_column!r} (bone age: months); ridge regression on the "
-                   f"frozen, standardised embeddings (PedCLIP's linear probing), alpha by the valid MAE"
+           "note": f"MAE in the units of {ev.cfg.target_column!r} (bone age: months); ridge regression on "
+                   f"the frozen, standardised embeddings (PedCLIP's linear probing), alpha by the valid MAE"
                    + ("" if len(yva) else " (no valid split: 1)") + "; mae_predict_mean: the training mean's"}
     return res, stat, te.rows
 
@@ -786,9 +782,9 @@ def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     if c.mode == "finetune":
         prob = finetune_predict(ev, tr.rows, ktr, K, te.rows, 0, te.emb.shape[1])
     else:
-        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)],
-                                 lambda C: fit(LogisticRegression(C=C, max_iter=2000), tr.emb, ktr),
-                                 lambda m: float((m.predict(va.emb) == kva).mean()) if len(kva) else None, 1.0)
+        clf, C = choose_on_valid([float(v) for v in csv_list(c.probe_c)], lambda C: fit(
+            LogisticRegression(C=C, max_iter=2000), tr.emb, ktr),
+            lambda m: float((m.predict(va.emb) == kva).mean()) if len(kva) else None, 1.0)
         prob = np.zeros((len(kte), K))
         prob[:, clf.classes_] = clf.predict_proba(te.emb)
     pred, onehot = prob.argmax(1), np.eye(K)[kte]
@@ -798,10 +794,11 @@ def task_grading(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
         m = class_metrics(kte[idx], pred[idx], K)
         return {"acc": m["acc"], "f1_macro": m["f1_macro"], "kappa_quadratic": m["kappa_quadratic"],
                 "auc_ovr_macro": macro(auc_columns(onehot[idx], prob[idx]), keep)}
-    res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": c.mode, "chosen": C, "_strata": onehot,
-           "confusion": class_metrics(kte, pred, K)["confusion"], "n_train": len(ktr), "n_images": len(kte),
-           "note": "grades in the order of --classes; auc_ovr_macro: each grade against the rest (D-MLM Table "
-                   "4), macro over the grades present" + (f"; frozen: C by the valid accuracy" + (
+    res = {"metrics": stat(np.arange(len(kte))), "classes": classes, "mode": c.mode, "chosen": C,
+           "_strata": onehot, "confusion": class_metrics(kte, pred, K)["confusion"], "n_train": len(ktr),
+           "n_images": len(kte),
+           "note": "grades in the order of --classes; auc_ovr_macro: each grade against the rest (D-MLM "
+                   "Table 4), macro over the grades present" + (f"; frozen: C by the valid accuracy" + (
                        "" if len(kva) else " (no valid split: 1)") if c.mode == "frozen" else "")}
     return res, stat, te.rows
 
@@ -817,8 +814,8 @@ def load_mask(row: dict, csv_dir: Path, size: int) -> np.ndarray:
 
 
 def finding_masks(ev: Evaluator, rows: list[dict], size: int) -> tuple[list[int], np.ndarray]:
-    """The rows whose mask holds a finding, and those masks bit-packed [n, size * size / 8], read one at a time:
-    the masks without a finding (most of RSNA's 26,684) are never all in memory."""
+    """The rows whose mask holds a finding, and those masks bit-packed [n, size * size / 8], read one at a
+    time: the masks without a finding (most of RSNA's 26,684) are never all in memory."""
     keep, packed, bad = [], [], 0
     for i, r in enumerate(rows):
         try:
@@ -887,8 +884,9 @@ def task_segmentation(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     return res, stat, te_rows
 
 
-TASK_FNS = {"zeroshot": task_zeroshot, "zeroshot_multiclass": task_zeroshot_multiclass, "retrieval": task_retrieval,
-            "probe": task_probe, "finetune": lambda ev, views: task_probe(ev, views, finetune=True),
+TASK_FNS = {"zeroshot": task_zeroshot, "zeroshot_multiclass": task_zeroshot_multiclass,
+            "retrieval": task_retrieval, "probe": task_probe,
+            "finetune": lambda ev, views: task_probe(ev, views, finetune=True),
             "segmentation": task_segmentation, "regression": task_regression, "grading": task_grading}
 
 
@@ -934,8 +932,9 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
                                f"of pedclip.py, cxrclip.py, cxrcml.py or dmlm.py); got {cfg.ckpt!r}")
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--task={cfg.task}: choose from {', '.join(TASKS)} (comma-separated)")
-    for k, ok in {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"), "mode": (
-            "frozen", "finetune"), "probe": ("logreg", "head"), "probe_features": ("backbone", "embedding")}.items():
+    for k, ok in {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"),
+                  "mode": ("frozen", "finetune"), "probe": ("logreg", "head"),
+                  "probe_features": ("backbone", "embedding")}.items():
         if getattr(cfg, k) not in ok:
             raise common.UserError(f"--{k}={getattr(cfg, k)}: choose from {' | '.join(ok)}")
     try:
@@ -944,8 +943,9 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
     except ValueError:
         fracs = seeds = cs = []
     if not (fracs and seeds and cs and all(0 < f <= 1 for f in fracs) and min(cs) > 0):
-        raise common.UserError(f"--fractions={cfg.fractions} / --seeds={cfg.seeds} / --probe_c={cfg.probe_c}: "
-                               f"expected shares in (0, 1], integers, values > 0: e.g. 0.01,0.1,1 / 0,1,2 / 1,10")
+        raise common.UserError(
+            f"--fractions={cfg.fractions} / --seeds={cfg.seeds} / --probe_c={cfg.probe_c}: "
+            f"expected shares in (0, 1], integers, values > 0: e.g. 0.01,0.1,1 / 0,1,2 / 1,10")
     heads = [t for t in tasks if t not in ("zeroshot", "zeroshot_multiclass", "retrieval")]
     if cfg.split == "train" and heads:
         raise common.UserError(f"--split=train: {', '.join(heads)} fit their heads on the training split")

@@ -26,8 +26,7 @@ Run:
     python pedclip.py --moe_layers=none                   # ablation: the plain ViT ("MLP", Fig. 5)
     python pedclip.py --preset=paper --moe_layers=4       # ablation: MoBE in an early layer (Fig. 4)
 
-Departures from the paper are stated at their lines and in README.md ("PedCLIP").
-"""
+Departures from the paper are stated at their lines and in README.md ("PedCLIP")."""
 from __future__ import annotations
 
 import collections
@@ -98,10 +97,10 @@ class Config:
 
 
 PRESETS = {
-    # Demo: phantoms at 64 px; a 4-layer ViT (8x8 tokens from a conv stem, and [IMG]) whose last MLP is MoBE over the
-    # phantoms' 6 body parts, a 2-layer BERT, from scratch; ~2100 images / 64 = 32 steps x 40 epochs, 0-7 teacher-
-    # forced (the paper's 10 of 50); one report section per step for the LLM's excerpt. 40 epochs: the rare findings
-    # (31-61 training images each) are learned late.
+    # Demo: phantoms at 64 px; a 4-layer ViT (8x8 tokens from a conv stem, and [IMG]) whose last MLP is MoBE
+    # over the phantoms' 6 body parts, a 2-layer BERT, from scratch; ~2100 images / 64 = 32 steps x 40 epochs,
+    # 0-7 teacher-forced (the paper's 10 of 50); one report section per step for the LLM's excerpt. 40 epochs:
+    # the rare findings (31-61 training images each) are learned late.
     "demo": dict(epochs=40, teacher_epochs=8, batch_size=64, lr=1e-3, stem="conv", text_sample="section"),
     # Paper (Sec. 3.1): ViT-B/16 (ImageNet) + BioClinicalBERT, 224 px, one MoBE block of 23 experts in the
     # last layer, 50 epochs (10 teacher-forced), lr 1e-5, global batch 256 (2 GPUs x 128, as in the paper).
@@ -130,8 +129,7 @@ class MoBE(nn.Module):
             sum_e s_e B_e(V) = [s_1 g(V W1_1 + b1_1) | ... | s_E g(V W1_E + b1_E)] [W2_1; ...; W2_E] + s . b2,
         with [W1_1 | ... | W1_E] = w1.view(C, E*H) and [W2_1; ...; W2_E] = w2.view(E*H, C) (views, no copy);
       * teacher forcing sorts the images by expert, gathers the used experts' weights once and runs each on
-        its group of images (`routed`): the plain MLP's cost.
-    """
+        its group of images (`routed`): the plain MLP's cost."""
 
     def __init__(self, dim: int, hidden: int, n_experts: int):
         super().__init__()
@@ -202,8 +200,8 @@ class PedCLIP(nn.Module):
         for i, m in zip(self.moe_layers, self.mobe):  # the gate reads [IMG] as the MLP would: after ln_2
             self.visual.encoder.layers[i].mlp = m
         self.text = text_encoder
-        # The paper's sim is the cosine of v_[IMG] and t_[CLS] themselves (Sec. 2.3); ours (a departure) first maps
-        # each by a linear projection to a shared space, as CLIP does: the two encoders' widths need not agree.
+        # The paper's sim is the cosine of v_[IMG] and t_[CLS] themselves (Sec. 2.3); ours (a departure) first
+        # projects each linearly into a shared space, as CLIP does: the two encoders' widths need not agree.
         self.image_proj = nn.Linear(cfg.vit_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, cfg.embed_dim, bias=False)
         # 1/tau of Eq. (3)-(4), learnable as in CLIP (the paper gives no value): tau starts at 0.07
@@ -241,7 +239,8 @@ class PedCLIP(nn.Module):
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
     def encode_text(self, texts: list[str]):  # -> [B, D]
-        return self.encode_tokens(**{k: v.to(self.logit_scale.device) for k, v in self.tokenize(texts).items()})
+        return self.encode_tokens(**{k: v.to(self.logit_scale.device)
+                                     for k, v in self.tokenize(texts).items()})
 
     def tokenize(self, texts) -> dict:
         return tokenize(texts, self.tokenizer, self.cfg.max_tokens)
@@ -255,7 +254,7 @@ class PedCLIP(nn.Module):
     @staticmethod
     def zeroshot_prompts(label: str):
         """(positive prompts, negative prompts) for zero-shot classification. "No Finding" is itself a
-        negation (the generic template would say "no no finding", CheXzero's bug): it is scored by normal-study
+        negation (the generic template gives "no no finding", CheXzero's bug): it is scored by normal-study
         phrases alone, with no negative, as CXR-CLIP's official prompts do. Reports seldom say "abnormal
         study", and a text encoder learns such a phrase only from them: one trained on reports from scratch
         put "Abnormal study." beside "Normal study." (cosine 0.98), so the difference cancelled the signal."""
@@ -272,9 +271,9 @@ class PedCLIP(nn.Module):
 
 # Eq. (3) and (4): InfoNCE over the global batch, image -> text and text -> image.
 def infonce_losses(img, txt, scale):
-    """img, txt [b, D] L2-normalised on this rank, scale = 1/tau -> (l_v2t, l_t2v), each the mean over the b local
-    pairs. Each local image is scored against all M = world * b texts (gathered with gradient) and vice versa; the
-    positive of local row i is global column rank * b + i. DDP's gradient averaging gives the global mean."""
+    """img, txt [b, D] L2-normalised on this rank, scale = 1/tau -> (l_v2t, l_t2v): means over the b local
+    pairs. Each local image is scored against all M = world * b texts (gathered with gradient) and vice versa;
+    local row i's positive is global column rank * b + i. DDP's gradient averaging gives the global mean."""
     all_img, all_txt = common.all_gather_with_grad(img), common.all_gather_with_grad(txt)  # [M, D]
     target = torch.arange(len(img), device=img.device) + len(img) * common.rank()  # row i's global index
     l_v2t = F.cross_entropy(scale * img @ all_txt.t(), target)  # Eq. (3): sim(x_v^i, x_t^j) / tau
@@ -317,57 +316,56 @@ def lambda_at(epoch: int, cfg: Config) -> float:
 
 # Sec. 3.1: "The MoBE block consists of 23 experts each for one of the 23 anatomical regions". The paper does
 # not name them; these are the regions a paediatric radiology department images (our list).
-BODY_PARTS = [
-    "skull", "face", "neck", "cervical_spine", "thoracic_spine", "lumbar_spine", "whole_spine", "chest",
-    "abdomen", "pelvis", "hip", "femur", "knee", "lower_leg", "ankle", "foot", "shoulder", "clavicle",
-    "humerus", "elbow", "forearm", "wrist", "hand",
-]
-# The words that name each region in a report or in a CSV `body_part` (lower case; a word names one region only, and
-# a longer phrase wins over a word inside it: "femoral neck" is the hip's, "radial head" the elbow's). They map a
-# `body_part` spelt otherwise onto its expert, and text_prep.py's excerpt step reads the reports with them.
+BODY_PARTS = ["skull", "face", "neck", "cervical_spine", "thoracic_spine", "lumbar_spine", "whole_spine",
+              "chest", "abdomen", "pelvis", "hip", "femur", "knee", "lower_leg", "ankle", "foot", "shoulder",
+              "clavicle", "humerus", "elbow", "forearm", "wrist", "hand"]
+# The words naming each region in a report or a CSV `body_part` (lower case; a word names one region only, and
+# a longer phrase beats a word inside it: "femoral neck" is the hip's, "radial head" the elbow's). They map a
+# `body_part` spelt otherwise onto its expert; text_prep.py's excerpt step reads reports with them.
 BODY_PART_WORDS = {p: ws.split(", ") for p, ws in dict(
     skull="skull, head, cranium, cranial, calvarium, calvaria, calvarial, fontanelle",
-    face="face, facial, facial bones, sinus, paranasal, mandible, mandibular, maxilla, maxillary, orbit, orbital, "
-         "nasal bone, zygoma, zygomatic, temporomandibular",
+    face="face, facial, facial bones, sinus, paranasal, mandible, mandibular, maxilla, maxillary, orbit, "
+         "orbital, nasal bone, zygoma, zygomatic, temporomandibular",
     neck="neck, soft tissue neck, airway, adenoid, adenoidal, nasopharynx, nasopharyngeal, retropharyngeal, "
          "epiglottis, larynx, laryngeal",
-    cervical_spine="cervical spine, c-spine, c spine, cspine, cervical vertebra, cervical vertebrae, odontoid, "
-                   "atlantoaxial, prevertebral",
+    cervical_spine="cervical spine, c-spine, c spine, cspine, cervical vertebra, cervical vertebrae, "
+                   "odontoid, atlantoaxial, prevertebral",
     thoracic_spine="thoracic spine, t-spine, t spine, tspine, thoracic vertebra, thoracic vertebrae",
-    lumbar_spine="lumbar spine, l-spine, l spine, lspine, lumbar, lumbosacral, lumbar vertebra, lumbar vertebrae",
-    whole_spine="whole spine, spine, spinal, entire spine, scoliosis, kyphosis, vertebra, vertebrae, vertebral",
-    chest="chest, thorax, cxr, lung, pulmonary, heart, cardiac, cardiomediastinal, cardiothymic, thymus, thymic, "
-          "pleura, pleural, rib, diaphragm, hemidiaphragm, hilar, hila, mediastinum, mediastinal, airspace, "
-          "costophrenic, pneumothorax, pneumonia, sternum, sternal, trachea, tracheal",
+    lumbar_spine="lumbar spine, l-spine, l spine, lspine, lumbar, lumbosacral, lumbar vertebra, "
+                 "lumbar vertebrae",
+    whole_spine="whole spine, spine, spinal, entire spine, scoliosis, kyphosis, vertebra, vertebrae, "
+                "vertebral",
+    chest="chest, thorax, cxr, lung, pulmonary, heart, cardiac, cardiomediastinal, cardiothymic, thymus, "
+          "thymic, pleura, pleural, rib, diaphragm, hemidiaphragm, hilar, hila, mediastinum, mediastinal, "
+          "airspace, costophrenic, pneumothorax, pneumonia, sternum, sternal, trachea, tracheal",
     abdomen="abdomen, abdominal, abdo, kub, bowel, stomach, gastric, liver, colon, kidney, renal, bladder",
-    pelvis="pelvis, pelvic, sacroiliac, sacrum, sacral, iliac, ilium, iliac spine, ischium, ischial, pubic, pubis, "
-           "symphysis, coccyx",
-    hip="hip, femoral head, femoral neck, acetabulum, acetabular, trochanter, trochanteric, intertrochanteric, "
-        "capital femoral epiphysis",
+    pelvis="pelvis, pelvic, sacroiliac, sacrum, sacral, iliac, ilium, iliac spine, ischium, ischial, pubic, "
+           "pubis, symphysis, coccyx",
+    hip="hip, femoral head, femoral neck, acetabulum, acetabular, trochanter, trochanteric, "
+        "intertrochanteric, capital femoral epiphysis",
     femur="femur, femoral, femoral shaft, thigh",
-    knee="knee, patella, patellar, tibial plateau, femoral condyle, tibial spine, tibial tubercle, tibial tuberosity, "
-         "suprapatellar, intercondylar, distal femur, proximal tibia, proximal fibula",
+    knee="knee, patella, patellar, tibial plateau, femoral condyle, tibial spine, tibial tubercle, "
+         "tibial tuberosity, suprapatellar, intercondylar, distal femur, proximal tibia, proximal fibula",
     lower_leg="lower leg, leg, tibia, tibial, fibula, fibular, tib/fib, tib-fib, tib fib",
-    ankle="ankle, malleolus, malleoli, malleolar, talus, talar, talar neck, mortise, tibiotalar, syndesmosis, "
-          "distal tibia, distal tibial, distal fibula, distal fibular",
-    foot="foot, feet, metatarsal, metatarsus, metatarsal head, calcaneus, calcaneal, toe, hallux, tarsal, navicular, "
-         "cuboid, cuneiform",
+    ankle="ankle, malleolus, malleoli, malleolar, talus, talar, talar neck, mortise, tibiotalar, "
+          "syndesmosis, distal tibia, distal tibial, distal fibula, distal fibular",
+    foot="foot, feet, metatarsal, metatarsus, metatarsal head, calcaneus, calcaneal, toe, hallux, tarsal, "
+         "navicular, cuboid, cuneiform",
     shoulder="shoulder, glenohumeral, glenoid, acromion, acromial, acromioclavicular, scapula, scapular, "
              "scapular spine, humeral head, humeral neck, surgical neck, proximal humerus, proximal humeral",
     clavicle="clavicle, clavicular, collarbone",
     humerus="humerus, humeral, humeral shaft, upper arm",
-    elbow="elbow, olecranon, radial head, radial neck, capitellum, capitellar, trochlea, epicondyle, epicondylar, "
-          "supracondylar, fat pad, radiocapitellar, humeral condyle, coronoid, distal humerus, distal humeral, "
-          "proximal radius, proximal ulna",
+    elbow="elbow, olecranon, radial head, radial neck, capitellum, capitellar, trochlea, epicondyle, "
+          "epicondylar, supracondylar, fat pad, radiocapitellar, humeral condyle, coronoid, distal humerus, "
+          "distal humeral, proximal radius, proximal ulna",
     forearm="forearm, radius, ulna, radial, ulnar, arm",
     wrist="wrist, carpal, carpus, scaphoid, lunate, triquetrum, hamate, capitate, trapezium, radiocarpal, "
           "distal radius, distal radial, distal ulna, distal ulnar, distal radioulnar",
-    hand="hand, metacarpal, metacarpal head, phalanx, phalanges, phalangeal, finger, thumb, digit, interphalangeal, "
-         "metacarpophalangeal, bone age",
-).items()}
+    hand="hand, metacarpal, metacarpal head, phalanx, phalanges, phalangeal, finger, thumb, digit, "
+         "interphalangeal, metacarpophalangeal, bone age").items()}
 # A CSV `body_part` (lower case, spaces and hyphens as "_"), singular or plural -> the region's expert.
-BODY_PART_SYNONYMS = {k + s: p for p, ws in BODY_PART_WORDS.items() for k in (w.replace(" ", "_").replace("-", "_")
-                      for w in ws) for s in ("", "es" if k.endswith(("s", "x")) else "s")}
+BODY_PART_SYNONYMS = {k + s: p for p, ws in BODY_PART_WORDS.items() for k in (
+    w.replace(" ", "_").replace("-", "_") for w in ws) for s in ("", "es" if k.endswith(("s", "x")) else "s")}
 PHANTOM_BODY_PARTS = ["chest", "wrist", "hand", "knee", "elbow", "hip"]
 
 
@@ -379,8 +377,9 @@ def body_part_list(cfg: Config) -> list[str]:
 
 
 def body_part_labels(table: common.XrayCSV, parts: list[str]) -> np.ndarray:
-    """CSV body_part -> expert index x_b per row; values that are no expert: one UserError naming each and its rows."""
-    names = [(r.get("body_part") or "").strip().lower().replace(" ", "_").replace("-", "_") for r in table.rows]
+    """CSV body_part -> expert index x_b per row; unknown values: one UserError naming each and its rows."""
+    names = [(r.get("body_part") or "").strip().lower().replace(" ", "_").replace("-", "_")
+             for r in table.rows]
     names = [v if v in parts else BODY_PART_SYNONYMS.get(v, v) for v in names]
     unknown = {}  # the CSV's value -> its rows
     for r, v in zip(table.rows, names):
@@ -389,9 +388,9 @@ def body_part_labels(table: common.XrayCSV, parts: list[str]) -> np.ndarray:
     if unknown:
         where = "; ".join(f"{v!r} in row(s) {', '.join(map(str, rows[:5]))}" + (
             f" and {len(rows) - 5} more" if len(rows) > 5 else "") for v, rows in unknown.items())
-        raise common.UserError(f"{table.path}: body part {where}: none of the experts {parts} (other spellings "
-                               f"mapped onto them: {sorted(BODY_PART_SYNONYMS)}); --body_parts=a,b,c chooses the "
-                               f"experts")
+        raise common.UserError(f"{table.path}: body part {where}: none of the experts {parts} (other "
+                               f"spellings mapped onto them: {sorted(BODY_PART_SYNONYMS)}); "
+                               f"--body_parts=a,b,c chooses the experts")
     return np.array([parts.index(v) for v in names], dtype=np.int64)
 
 
@@ -401,15 +400,16 @@ def excerpt_sources(cfg: Config, table: common.XrayCSV):
     if "excerpt_source" not in table.columns:
         return
     n = collections.Counter((r["excerpt_source"] or "").strip() or "empty" for r in table.rows)
-    common.print0("excerpt_source of the training rows: " + ", ".join(f"{k} {c}" for k, c in sorted(n.items())))
+    common.print0("excerpt_source of the training rows: "
+                  + ", ".join(f"{k} {c}" for k, c in sorted(n.items())))
     if cfg.preset == "paper" and n["rules"]:
         common.print0(f"note: {n['rules']} of {len(table)} training excerpts are rule-made, not the language "
                       f"model's of Sec. 2.1")
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """Item (row, sample seed) -> image x_v, text x_t, body-part index x_b. An unreadable image is replaced by the
-    next readable row, reported in "bad" (counted): every rank keeps its batch size, as the gathered InfoNCE needs."""
+    """Item (row, sample seed) -> image x_v, text x_t, body-part index x_b. An unreadable image is replaced by
+    the next readable row, reported in "bad" (counted): each rank keeps its batch size (gathered InfoNCE)."""
 
     def __init__(self, table: common.XrayCSV, parts: list[str], cfg: Config):
         self.t, self.cfg, self.body_part = table, cfg, body_part_labels(table, parts)
@@ -450,8 +450,8 @@ def image_tensor(img: np.ndarray, rng=None, *, size: int) -> torch.Tensor:
 
 
 def tokenize(texts, tokenizer, max_tokens: int) -> dict:  # -> input_ids, attention_mask [B, S], right-padded
-    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
-                          return_token_type_ids=False))
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens,
+                          return_tensors="pt", return_token_type_ids=False))
 
 
 def collate(items, tokenizer, max_tokens: int) -> dict:  # in the DataLoader worker, which gets no model
@@ -485,7 +485,7 @@ def build_text_encoder(cfg: Config, vocab_size: int, bert_config: dict | None = 
 
 
 def build_tokenizer(cfg: Config, table: common.XrayCSV):
-    """BioClinicalBERT's tokenizer (paper), or WordPiece fitted on the training texts and the prompts (demo)."""
+    """BioClinicalBERT's tokenizer (paper), or WordPiece fitted on the training texts and prompts (demo)."""
     if cfg.pretrained and cfg.text_encoder != "tiny":
         from transformers import AutoTokenizer
 
@@ -497,8 +497,7 @@ def build_tokenizer(cfg: Config, table: common.XrayCSV):
 
 
 def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> PedCLIP:
-    """Config -> PedCLIP. With --pretrained the ViT starts from torchvision's ImageNet ViT-B/16 and phi_t from
-    BioClinicalBERT (Sec. 3.1)."""
+    """Config -> PedCLIP; --pretrained: torchvision's ImageNet ViT-B/16 and BioClinicalBERT (Sec. 3.1)."""
     model = PedCLIP(cfg, build_text_encoder(cfg, len(tokenizer), bert_config), tokenizer, body_part_list(cfg))
     if cfg.pretrained and bert_config is None:
         if (cfg.patch_size, cfg.stem, cfg.vit_width, cfg.vit_depth, cfg.vit_heads, cfg.vit_mlp_dim) != \
@@ -517,7 +516,7 @@ def build(cfg: Config, tokenizer, bert_config: dict | None = None) -> PedCLIP:
 def vit_state_from_torchvision(tv_state: dict, model: PedCLIP) -> dict:
     """torchvision's ImageNet ViT state dict -> model.visual's: no classifier, position embeddings resized to
     --image_size (torchvision's interpolate_embeddings), each MoBE layer's pretrained MLP copied into all its
-    experts (the paper does not say how they start; ours keeps the ImageNet features), the gate's random init."""
+    experts (the paper does not say how they start; ours keeps ImageNet features), the gate's random init."""
     out = interpolate_embeddings(model.cfg.image_size, model.cfg.patch_size, tv_state, reset_heads=True)
     for i, m in zip(model.moe_layers, model.mobe):
         p, E = f"encoder.layers.encoder_layer_{i}.mlp.", m.b1.shape[0]
@@ -600,7 +599,8 @@ def train(cfg: Config) -> dict:
         phantoms.ensure_phantoms(cfg.data, PHANTOMS)
     counter = common.BadSampleCounter(cfg.max_bad_frac)
     try:  # Sec. 2.1: x_t is the excerpt of the image's body part, which data_prep writes to `excerpt`
-        tr = common.XrayCSV(cfg.data, "train", ("image", "body_part", cfg.text_column), (cfg.text_column,), counter)
+        tr = common.XrayCSV(cfg.data, "train", ("image", "body_part", cfg.text_column), (cfg.text_column,),
+                            counter)
     except common.UserError as e:
         if f"no column {cfg.text_column!r}" in str(e) and cfg.text_column == "excerpt":
             e = common.UserError(f"{e}. The paper pairs each image with the report excerpt of its body "
