@@ -306,7 +306,7 @@ def views_of(cfg: Config, task: str) -> str:
 
 
 def view_set(views: str) -> set[str] | None:  # --views -> the accepted view names (upper case), None for all
-    return None if views == "all" else set(FRONTAL_VIEWS) if views == "frontal" else set(csv_list(views.upper()))
+    return None if views == "all" else set(FRONTAL_VIEWS if views == "frontal" else csv_list(views.upper()))
 
 
 def retrieval_text(row: dict, how: str) -> str:
@@ -365,7 +365,7 @@ class Evaluator:
             try:
                 self.proj = model.get_submodule(PRE_PROJECTION[paper])
             except (AttributeError, KeyError):
-                print(f"note: no {PRE_PROJECTION.get(paper)} in this {paper} model; probes read the embedding")
+                print(f"note: no {PRE_PROJECTION.get(paper)} in this {paper} model; probes use the embedding")
 
     def rows(self, split: str, views: str, required: bool = True) -> list[dict]:
         """The rows of `split` whose view is in --views (all rows for --views=all)."""
@@ -474,7 +474,7 @@ def task_zeroshot(ev: Evaluator, views: str) -> tuple[dict, callable, list]:
     valid = ev.part("valid", views, required=False) if ev.cfg.split != "valid" else None
     emb = test.emb if valid is None else np.concatenate([test.emb, valid.emb])
     Y, S = ev.labels(test.rows, names), common.zeroshot_scores(ev.model, emb, names)  # prompts encoded once
-    T = [best_f1_threshold(y, s) for y, s in zip(ev.labels(valid.rows, names).T, S[len(Y):].T)] if valid else []
+    T = list(map(best_f1_threshold, ev.labels(valid.rows, names).T, S[len(Y):].T)) if valid else []
     fallback = [n for n, t in zip(names, T) if t is None] if valid else names  # at 0: the pair softmax's 0.5
     T, S, rare = np.array([t or 0.0 for t in T] or np.zeros(len(names))), S[:len(Y)], ev.rare_labels(names)
     stat = label_stat(Y, S, T, np.array([n in rare for n in names]))
@@ -692,7 +692,7 @@ def finetune_predict(ev: Evaluator, rows: list[dict], targets: np.ndarray, n_out
     c, multilabel, epoch = ev.cfg, np.ndim(targets) == 2, [0]
     torch.manual_seed(seed)
     model = importlib.import_module(ev.paper).load(ev.ckpt)[0].to(ev.device).train()
-    tf, size, t = model.image_transform(True), model.cfg.image_size, torch.as_tensor(np.asarray(targets, float))
+    tf, size, t = model.image_transform(True), model.cfg.image_size, torch.tensor(np.asarray(targets, float))
 
     def load(idx):  # a batch in a DataLoader worker, augmented by a generator per (seed, epoch, image)
         xs, ok = [], []
@@ -928,8 +928,8 @@ def check_config(cfg: Config) -> tuple[list[str], list[str]]:
     """The flags a typo could break, checked before any work: -> (checkpoints, tasks)."""
     ckpts, tasks = csv_list(cfg.ckpt), csv_list(cfg.task)
     if not ckpts or len(set(ckpts)) < len(ckpts):
-        raise common.UserError(f"--ckpt=PATH[,PATH...] is required, each checkpoint once (a ckpt.pt or ckpt_best.pt "
-                               f"of pedclip.py, cxrclip.py, cxrcml.py or dmlm.py); got {cfg.ckpt!r}")
+        raise common.UserError(f"--ckpt=PATH[,PATH...] is required, each checkpoint once (a ckpt.pt or "
+                               f"ckpt_best.pt of pedclip.py, cxrclip.py, cxrcml.py or dmlm.py); got {cfg.ckpt!r}")
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--task={cfg.task}: choose from {', '.join(TASKS)} (comma-separated)")
     for k, ok in {"blank": ("drop", "zero"), "uncertain": ("drop", "ones", "zeros", "gloria"),
